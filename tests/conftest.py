@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import FAMILIES, build_model, build_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+    """family -> directory of a tiny random checkpoint (config.json + safetensors + tokenizer)."""
+    root = tmp_path_factory.mktemp("models")
+    return {f: build_model(root / f, f, tokenizer_dir) for f in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tiny_models: dict[str, Path]) -> Path:
+    return tiny_models["llama"]
