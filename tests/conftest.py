@@ -1,10 +1,17 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.tiny_models import FAMILIES, build_model, build_tokenizer
+
+# Triton kernels run through Triton's interpreter where there is no GPU (CI); the variable must be
+# set before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
