@@ -24,6 +24,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_logprobs: int = 20
+    enable_prefix_caching: bool = True
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)
 
     def __post_init__(self) -> None:

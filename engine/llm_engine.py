@@ -1,0 +1,340 @@
+"""The engine loop: validate and admit requests, then step schedule -> execute -> update -> output.
+
+``LLMEngine`` is not thread-safe: one thread owns it and calls ``step``. ``prepare_request``
+is the exception: it only reads immutable state, so the service calls it on its own threads
+to reject bad input before anything is admitted.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from engine.config import EngineArgs
+from engine.detokenizer import IncrementalDetokenizer
+from engine.model_config import ModelConfig
+from engine.model_runner import ModelRunner
+from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from scheduler.config import SchedulerConfig
+from scheduler.outputs import RequestUpdate
+from scheduler.request import Request, RequestStatus
+from scheduler.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+_THROUGHPUT_WINDOW_S = 10.0
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    """A validated, tokenized request, ready for ``add_prepared_request``."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int = 0
+    cache_salt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass(slots=True)
+class _Choice:
+    """One of the n sequences of a request (its own scheduler request)."""
+
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class _RequestState:
+    prepared: PreparedRequest
+    choices: list[_Choice]
+    metrics: RequestMetrics
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.choices)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.model_config = ModelConfig.from_pretrained(
+            args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=args.device
+        )
+        self.tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
+        self.runner = ModelRunner(self.model_config, args)
+        self.runner.load_model()
+        self.num_kv_blocks = self.runner.initialize_kv_cache()
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_model_len=self.model_config.max_model_len,
+                block_size=args.block_size,
+                num_blocks=self.num_kv_blocks,
+                enable_prefix_caching=args.enable_prefix_caching,
+                sliding_window=self.model_config.sliding_window,
+                max_waiting_requests=args.max_waiting_requests,
+            )
+        )
+        eos = list(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
+            eos.append(self.tokenizer.eos_token_id)
+        self._eos_token_id = eos[0] if eos else None
+        self._extra_eos_ids = frozenset(eos[1:])
+        self._requests: dict[str, _RequestState] = {}
+        self._choice_of: dict[str, tuple[_RequestState, _Choice]] = {}
+        self._pending_aborted: list[RequestOutput] = []
+        self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
+        return cls(args)
+
+    # ------------------------------------------------------------------ admission
+    @property
+    def vocab_size(self) -> int:
+        return max(self.model_config.vocab_size, self.tokenizer.vocab_size)
+
+    def prepare_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> PreparedRequest:
+        """Validate and tokenize; raise ``ValueError`` naming the bad field. Thread-safe."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            text: str | None = prompt
+            token_ids = self.tokenizer.encode(prompt)
+            if not token_ids:
+                raise ValueError("prompt encodes to zero tokens")
+        else:
+            text = None
+            token_ids = list(prompt)
+            if not token_ids:
+                raise ValueError("prompt_token_ids must not be empty")
+            for tid in token_ids:
+                if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < self.vocab_size:
+                    raise ValueError(
+                        f"prompt_token_ids: token id {tid!r} is outside the vocabulary (size {self.vocab_size})"
+                    )
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params must be a SamplingParams")
+        params.verify(vocab_size=self.vocab_size, max_logprobs=self.args.max_logprobs)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        max_len = self.model_config.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(
+                f"prompt is {len(token_ids)} tokens, which leaves no room to generate within "
+                f"max_model_len ({max_len})"
+            )
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=max_len - len(token_ids))
+        elif len(token_ids) + params.max_tokens > max_len:
+            raise ValueError(
+                f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                f"exceeds max_model_len ({max_len})"
+            )
+        blocks_needed = -(-(len(token_ids) + params.max_tokens) // self.args.block_size)
+        if blocks_needed > self.num_kv_blocks:
+            raise ValueError(
+                f"max_tokens: prompt + max_tokens needs {blocks_needed} KV blocks but the cache has "
+                f"only {self.num_kv_blocks}"
+            )
+        return PreparedRequest(request_id, text, token_ids, params, priority, cache_salt)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> None:
+        self.add_prepared_request(self.prepare_request(request_id, prompt, params, priority, cache_salt))
+
+    def add_prepared_request(self, prepared: PreparedRequest) -> None:
+        """Admit a prepared request (all n choices, or none: raises ``QueueFullError``)."""
+        if prepared.request_id in self._requests:
+            raise ValueError(f"request_id {prepared.request_id!r} is already in use")
+        params = prepared.params
+        choices = []
+        for i in range(params.n):
+            child_params = params if params.n == 1 else replace(
+                params, n=1, seed=None if params.seed is None else params.seed + i
+            )
+            child_id = prepared.request_id if params.n == 1 else f"{prepared.request_id}#{i}"
+            request = Request(
+                request_id=child_id,
+                prompt_token_ids=list(prepared.prompt_token_ids),
+                max_tokens=child_params.max_tokens,
+                sampling_params=child_params,
+                eos_token_id=self._eos_token_id,
+                min_tokens=child_params.min_tokens,
+                stop_token_ids=frozenset(child_params.stop_token_ids) | self._extra_eos_ids_for(child_params),
+                ignore_eos=child_params.ignore_eos,
+                priority=prepared.priority,
+                cache_salt=prepared.cache_salt,
+                arrival_time=prepared.arrival_time,
+            )
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                prepared.prompt_token_ids,
+                skip_special_tokens=child_params.skip_special_tokens,
+                stop=child_params.stop,
+                include_stop_str_in_output=child_params.include_stop_str_in_output,
+            )
+            choices.append(_Choice(i, request, detok))
+        self.scheduler.add_requests([c.request for c in choices])
+        state = _RequestState(prepared, choices, RequestMetrics(arrival_time=prepared.arrival_time))
+        self._requests[prepared.request_id] = state
+        for c in choices:
+            self._choice_of[c.request.request_id] = (state, c)
+
+    def _extra_eos_ids_for(self, params: SamplingParams) -> frozenset[int]:
+        # Extra end-of-sequence ids (e.g. Llama 3's <|eot_id|>) behave like EOS, not like stop ids.
+        return frozenset() if params.ignore_eos else self._extra_eos_ids
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Abort requests by id (unknown ids are ignored); their final outputs come from the
+        next ``step``."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for rid in ids:
+            state = self._requests.get(rid)
+            if state is None:
+                continue
+            unfinished = [c for c in state.choices if c.finish_reason is None]
+            self.scheduler.finish_requests([c.request.request_id for c in unfinished], RequestStatus.FINISHED_ABORTED)
+            for c in unfinished:
+                c.finish_reason = "abort"
+            self._pending_aborted.append(
+                self._make_output(state, [CompletionOutput(c.index, "", [], finish_reason="abort") for c in unfinished])
+            )
+            self._retire(state)
+
+    # ------------------------------------------------------------------ the step
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending_aborted)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; return what is new for each request that made progress."""
+        outputs, self._pending_aborted = self._pending_aborted, []
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return outputs
+        runner_output = self.runner.execute(scheduler_output)
+        updates = self.scheduler.update(scheduler_output, runner_output)
+        outputs.extend(self._process_updates(updates, runner_output.logprobs))
+        return outputs
+
+    def _process_updates(self, updates: list[RequestUpdate], logprobs: dict[str, list]) -> list[RequestOutput]:
+        now = time.monotonic()
+        by_state: dict[str, tuple[_RequestState, list[CompletionOutput]]] = {}
+        num_new = 0
+        for update in updates:
+            entry = self._choice_of.get(update.request_id)
+            if entry is None:
+                continue
+            state, choice = entry
+            num_new += len(update.new_token_ids)
+            delta = self._advance_choice(choice, update, logprobs.get(update.request_id))
+            if state.metrics.first_token_time is None and update.new_token_ids:
+                state.metrics.first_token_time = now
+                state.metrics.first_scheduled_time = choice.request.first_scheduled_time
+            by_state.setdefault(state.prepared.request_id, (state, []))[1].append(delta)
+        if num_new:
+            self._recent_tokens.append((now, num_new))
+        outputs = []
+        for state, deltas in by_state.values():
+            if state.finished:
+                state.metrics.finished_time = now
+                self._retire(state)
+            outputs.append(self._make_output(state, deltas))
+        return outputs
+
+    def _advance_choice(self, choice: _Choice, update: RequestUpdate, logprobs: list | None) -> CompletionOutput:
+        request = choice.request
+        text = choice.detokenizer.update(update.new_token_ids)
+        new_ids = list(update.new_token_ids)
+        finish_reason, stop_reason = update.finish_reason, update.stop_reason
+        if choice.detokenizer.finished_by_stop is not None and finish_reason != "stop":
+            finish_reason, stop_reason = "stop", choice.detokenizer.finished_by_stop
+            if not request.is_finished:
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+        elif finish_reason is not None:
+            text += choice.detokenizer.flush()
+        entries = None
+        if request.sampling_params.logprobs is not None and logprobs is not None:
+            entries = [self._decorate(e) for e in logprobs[: len(new_ids)]]
+            for tid, entry in zip(new_ids, entries):
+                choice.cumulative_logprob += entry[tid].logprob
+        choice.finish_reason, choice.stop_reason = finish_reason, stop_reason
+        return CompletionOutput(
+            index=choice.index,
+            text=text,
+            token_ids=new_ids,
+            cumulative_logprob=choice.cumulative_logprob if entries is not None else None,
+            logprobs=entries,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+        )
+
+    def _decorate(self, entry: dict[int, Logprob]) -> dict[int, Logprob]:
+        for tid, lp in entry.items():
+            if lp.decoded_token is None:
+                lp.decoded_token = self.tokenizer.decode([tid], skip_special_tokens=False)
+        return entry
+
+    def _make_output(self, state: _RequestState, deltas: list[CompletionOutput]) -> RequestOutput:
+        first = state.choices[0].request
+        return RequestOutput(
+            request_id=state.prepared.request_id,
+            prompt=state.prepared.prompt,
+            prompt_token_ids=state.prepared.prompt_token_ids,
+            outputs=deltas,
+            finished=state.finished,
+            num_cached_tokens=max(first.num_cached_tokens, 0),
+            metrics=state.metrics,
+        )
+
+    def _retire(self, state: _RequestState) -> None:
+        self._requests.pop(state.prepared.request_id, None)
+        for c in state.choices:
+            self._choice_of.pop(c.request.request_id, None)
+
+    # ------------------------------------------------------------------ introspection
+    def cache_info(self) -> dict[str, object]:
+        return {
+            "block_size": self.args.block_size,
+            "num_kv_blocks": self.num_kv_blocks,
+            "attention_backend": getattr(self.runner, "attention_backend_name", "torch"),
+            "enable_prefix_caching": self.args.enable_prefix_caching,
+        }
+
+    def get_load(self) -> dict[str, float | int]:
+        stats = self.scheduler.stats()
+        now = time.monotonic()
+        while self._recent_tokens and now - self._recent_tokens[0][0] > _THROUGHPUT_WINDOW_S:
+            self._recent_tokens.popleft()
+        return {
+            **stats,
+            "generation_tokens_per_s": sum(n for _, n in self._recent_tokens) / _THROUGHPUT_WINDOW_S,
+        }
