@@ -23,7 +23,7 @@ from engine.tokenizer import Tokenizer
 from scheduler.config import SchedulerConfig
 from scheduler.outputs import RequestUpdate
 from scheduler.request import Request, RequestStatus
-from scheduler.scheduler import Scheduler
+from scheduler.scheduler import QueueFullError, Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,11 @@ class LLMEngine:
                 include_stop_str_in_output=child_params.include_stop_str_in_output,
             )
             choices.append(_Choice(i, request, detok))
-        self.scheduler.add_requests([c.request for c in choices])
+        limit = self.args.max_waiting_requests
+        if limit is not None and self.scheduler.num_waiting + len(choices) > limit:
+            raise QueueFullError(f"the waiting queue is full ({limit} requests)")
+        for c in choices:
+            self.scheduler.add_request(c.request)
         state = _RequestState(prepared, choices, RequestMetrics(arrival_time=prepared.arrival_time))
         self._requests[prepared.request_id] = state
         for c in choices:
@@ -272,8 +276,10 @@ class LLMEngine:
 
     def _advance_choice(self, choice: _Choice, update: RequestUpdate, logprobs: list | None) -> CompletionOutput:
         request = choice.request
+        num_before = len(choice.detokenizer.output_token_ids)
         text = choice.detokenizer.update(update.new_token_ids)
-        new_ids = list(update.new_token_ids)
+        # A stop string ends the output at the token that completed it.
+        new_ids = choice.detokenizer.output_token_ids[num_before:]
         finish_reason, stop_reason = update.finish_reason, update.stop_reason
         if choice.detokenizer.finished_by_stop is not None and finish_reason != "stop":
             finish_reason, stop_reason = "stop", choice.detokenizer.finished_by_stop
@@ -334,7 +340,13 @@ class LLMEngine:
         now = time.monotonic()
         while self._recent_tokens and now - self._recent_tokens[0][0] > _THROUGHPUT_WINDOW_S:
             self._recent_tokens.popleft()
+        queries = stats.prefix_cache_queries
         return {
-            **stats,
+            "num_running": stats.num_running,
+            "num_waiting": stats.num_waiting,
+            "kv_blocks_used": stats.num_kv_blocks_used,
+            "kv_blocks_total": stats.num_kv_blocks_total,
+            "prefix_cache_hit_rate": stats.prefix_cache_hits / queries if queries else 0.0,
+            "num_preemptions": stats.num_preemptions,
             "generation_tokens_per_s": sum(n for _, n in self._recent_tokens) / _THROUGHPUT_WINDOW_S,
         }

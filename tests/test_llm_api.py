@@ -21,7 +21,7 @@ def _assert_idle(llm: LLM) -> None:
     engine = llm.engine
     assert not engine.has_unfinished_requests()
     assert engine.scheduler.get_num_unfinished_requests() == 0
-    assert engine.scheduler.block_manager.num_free_blocks == engine.num_kv_blocks
+    assert engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_total_blocks
     engine.scheduler.check_integrity()
 
 

@@ -46,8 +46,8 @@ def hf_reference(tiny_models: dict[str, Path]) -> dict[str, tuple[list[list[int]
 
 ENGINE_SETTINGS = {
     "default": dict(block_size=16, num_kv_blocks=64),
-    "chunked_prefill_block4": dict(block_size=4, num_kv_blocks=256, max_num_batched_tokens=8),
-    "preemption": dict(block_size=4, num_kv_blocks=20, max_num_batched_tokens=32),
+    "chunked_prefill_block4": dict(block_size=4, num_kv_blocks=256, max_num_batched_tokens=8, max_num_seqs=8),
+    "preemption": dict(block_size=4, num_kv_blocks=20, max_num_batched_tokens=32, max_num_seqs=32, max_model_len=72),
 }
 
 
@@ -61,8 +61,8 @@ def test_greedy_matches_transformers(family: str, setting: str, tiny_models, hf_
     for o, exp in zip(outputs, expected):
         assert o.outputs[0].finish_reason == ("stop" if exp[-1] == 1 else "length")
     if setting == "preemption":
-        assert llm.engine.scheduler.stats()["num_preemptions"] > 0
-    assert llm.engine.scheduler.block_manager.num_free_blocks == llm.engine.num_kv_blocks
+        assert llm.engine.scheduler.stats().num_preemptions > 0
+    assert llm.engine.scheduler.block_manager.num_free_blocks == llm.engine.scheduler.block_manager.num_total_blocks
     llm.engine.scheduler.check_integrity()
 
 
@@ -70,7 +70,7 @@ def test_greedy_matches_transformers(family: str, setting: str, tiny_models, hf_
 def test_logprobs_match_transformers_log_softmax(family: str, tiny_models) -> None:
     path = tiny_models[family]
     prompts = _prompts(512, seed=1)[:4]
-    llm = LLM(str(path), block_size=4, num_kv_blocks=128)
+    llm = LLM(str(path), block_size=4, num_kv_blocks=256)
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, logprobs=5))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     for prompt, out in zip(prompts, outputs):

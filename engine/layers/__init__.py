@@ -1,0 +1,1 @@
+"""Model building blocks: linear layers with pluggable quantization, rotary embedding, norms, activations."""

@@ -1,0 +1,165 @@
+"""Linear layers whose weights and matmul come from a pluggable quantization method.
+
+A ``LinearMethod`` owns how a layer stores its weights (dense, AWQ-packed, ...) and how it
+computes ``y = x W^T + b``. Layers only know their shapes and how checkpoint tensors land in
+their parameters: every parameter carries a ``weight_loader(param, loaded, shard_id=None)``.
+
+A fused layer (q|k|v, gate|up) stacks several checkpoint projections along the output
+features. Each parameter that is split along output features says on which axis
+(``output_dim``) and how many output features one stored element packs (``packed_factor``,
+e.g. 8 for 4-bit values in int32), so shards land in the right slice whatever the format::
+
+    qkv_proj.weight (dense, output_dim=0):     [ q rows | k rows | v rows ] x in_features
+    qkv_proj.qweight (packed, output_dim=1):   in_features x [ q/8 | k/8 | v/8 ]
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# quant_method name (as in a checkpoint's quantization_config) -> factory(config, prefix).
+QuantMethodFactory = Callable[[dict[str, Any], str], "LinearMethod"]
+_QUANT_METHODS: dict[str, QuantMethodFactory] = {}
+
+
+class LinearMethod(ABC):
+    """How a linear layer stores its weights and applies them.
+
+    - ``create_weights`` registers the layer's parameters (uninitialised; the loader fills
+      them), on the current default device and dtype. Parameters split along output features
+      get ``output_dim`` and ``packed_factor`` with ``set_weight_attrs``.
+    - ``apply`` returns ``x @ W^T + b`` for ``x [..., in_features]`` in the model dtype.
+    - ``process_weights_after_loading`` runs once after every checkpoint tensor is in (repack,
+      transpose, ...).
+    """
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None: ...
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        return None
+
+
+class DenseLinearMethod(LinearMethod):
+    """Unquantized weights ``[out_features, in_features]`` in the model dtype."""
+
+    def create_weights(self, layer: nn.Module, in_features: int, out_features: int, bias: bool) -> None:
+        weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        set_weight_attrs(weight, output_dim=0)
+        layer.register_parameter("weight", weight)
+        if bias:
+            b = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            set_weight_attrs(b, output_dim=0)
+            layer.register_parameter("bias", b)
+        else:
+            layer.register_parameter("bias", None)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+def register_quant_method(name: str) -> Callable[[QuantMethodFactory], QuantMethodFactory]:
+    """Register a factory for checkpoints whose ``quantization_config.quant_method == name``."""
+
+    def register(factory: QuantMethodFactory) -> QuantMethodFactory:
+        _QUANT_METHODS[name] = factory
+        return factory
+
+    return register
+
+
+def get_linear_method(quantization_config: dict[str, Any] | None, prefix: str) -> LinearMethod:
+    """The method for the layer named ``prefix`` (a factory may keep some layers dense)."""
+    if quantization_config is None:
+        return DenseLinearMethod()
+    name = quantization_config.get("quant_method")
+    if name not in _QUANT_METHODS:
+        supported = ", ".join(sorted(_QUANT_METHODS)) or "none"
+        raise ValueError(f"unsupported quantization method {name!r}; supported: {supported}")
+    return _QUANT_METHODS[name](quantization_config, prefix)
+
+
+def set_weight_attrs(param: nn.Parameter, **attrs: Any) -> None:
+    for key, value in attrs.items():
+        setattr(param, key, value)
+
+
+class LinearBase(nn.Module):
+    """A linear layer loaded from one checkpoint tensor per parameter."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        quantization_config: dict[str, Any] | None = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.quant_method = get_linear_method(quantization_config, prefix)
+        self.quant_method.create_weights(self, in_features, out_features, bias)
+        for param in self.parameters(recurse=False):
+            set_weight_attrs(param, weight_loader=self.weight_loader)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        assert shard_id is None, f"{type(self).__name__} has no shards, got {shard_id!r}"
+        if param.shape != loaded.shape:
+            raise ValueError(
+                f"shape mismatch: parameter {tuple(param.shape)}, checkpoint {tuple(loaded.shape)}"
+            )
+        param.data.copy_(loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x)
+
+
+class FusedLinear(LinearBase):
+    """Several projections of the same input stacked along output features, loaded shard by
+    shard: ``output_sizes`` maps each shard id ("q"/"k"/"v", or 0/1 for gate/up) to its size,
+    in stacking order."""
+
+    def __init__(
+        self,
+        in_features: int,
+        output_sizes: dict[Any, int],
+        bias: bool = False,
+        quantization_config: dict[str, Any] | None = None,
+        prefix: str = "",
+    ) -> None:
+        super().__init__(in_features, sum(output_sizes.values()), bias, quantization_config, prefix)
+        self.output_sizes = dict(output_sizes)
+        self.shard_offsets: dict[Any, int] = {}
+        offset = 0
+        for shard_id, size in self.output_sizes.items():
+            self.shard_offsets[shard_id] = offset
+            offset += size
+        for param in self.parameters(recurse=False):
+            set_weight_attrs(param, shard_ids=tuple(self.output_sizes))
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        if shard_id not in self.output_sizes:
+            raise ValueError(f"unknown shard {shard_id!r}; expected one of {list(self.output_sizes)}")
+        dim = getattr(param, "output_dim", None)
+        if dim is None:  # not split by output features: every shard carries the same tensor
+            super().weight_loader(param, loaded)
+            return
+        packed = getattr(param, "packed_factor", 1)
+        size = self.output_sizes[shard_id] // packed
+        target = param.data.narrow(dim, self.shard_offsets[shard_id] // packed, size)
+        if target.shape != loaded.shape:
+            raise ValueError(
+                f"shape mismatch in shard {shard_id!r}: expected {tuple(target.shape)}, "
+                f"checkpoint {tuple(loaded.shape)}"
+            )
+        target.copy_(loaded)

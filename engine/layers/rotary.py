@@ -1,0 +1,70 @@
+"""Rotary position embedding, neox style (rotate_half), with "linear" and "llama3" frequency scaling.
+
+Frequencies are computed in float32 with the same operations, in the same order, as the
+reference Hugging Face implementation, so float32 results match it to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def compute_inv_freq(head_dim: int, theta: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
+    """``[head_dim // 2]`` float32 inverse frequencies."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope_scaling is None:
+        return inv_freq
+    rope_type = rope_scaling["rope_type"]
+    if rope_type == "linear":
+        return inv_freq / rope_scaling["factor"]
+    if rope_type == "llama3":
+        return _llama3_inv_freq(inv_freq, rope_scaling)
+    raise ValueError(f"unsupported rope scaling type {rope_type!r}")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    # Long wavelengths are divided by factor, short ones kept, the band between interpolated.
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates q ``[T, H, D]`` and k ``[T, Hkv, D]`` by their tokens' positions ``[T]``.
+
+    cos/sin are cached per position for ``max_position`` positions (float32, half width).
+    """
+
+    def __init__(
+        self, head_dim: int, max_position: int, theta: float, rope_scaling: dict[str, Any] | None
+    ) -> None:
+        super().__init__()
+        inv_freq = compute_inv_freq(head_dim, theta, rope_scaling)
+        freqs = torch.arange(max_position, dtype=torch.int64).float()[:, None] * inv_freq.to(torch.float32)
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos_cache[positions]
+        sin = self.sin_cache[positions]
+        cos = torch.cat((cos, cos), dim=-1).to(q.dtype)[:, None, :]
+        sin = torch.cat((sin, sin), dim=-1).to(q.dtype)[:, None, :]
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

@@ -1,0 +1,168 @@
+"""The Llama family in one module: Llama 2/3, Mistral (sliding window), Qwen2/2.5 (qkv bias),
+Qwen3 (per-head q/k RMSNorm). The differences are flags of ``ModelConfig``.
+
+The model runs on a flattened batch: ``input_ids`` and ``positions`` are ``[num_tokens]``,
+the new tokens of all scheduled requests concatenated, no padding. Attention finds which
+request each token belongs to, and where its KV lives, in the forward context.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from engine.attention.metadata import get_forward_context
+from engine.layers.activation import SiluAndMul
+from engine.layers.linear import FusedLinear, LinearBase
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from engine.model_config import ModelConfig
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, prefix: str) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.sliding_window = config.sliding_window
+        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.qkv_proj = FusedLinear(
+            config.hidden_size,
+            {"q": q_size, "k": kv_size, "v": kv_size},
+            bias=config.attention_bias,
+            quantization_config=config.quantization_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = LinearBase(
+            q_size,
+            config.hidden_size,
+            bias=config.o_proj_bias,
+            quantization_config=config.quantization_config,
+            prefix=f"{prefix}.o_proj",
+        )
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+        self.rotary = rotary
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # bound by the runner
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(list(self.qkv_proj.output_sizes.values()), dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        assert self.kv_cache is not None, "KV cache not bound: call bind_kv_cache() first"
+        context = get_forward_context()
+        out = context.backend.forward(
+            self, q, k, v, self.kv_cache, context.metadata, self.scale, self.sliding_window
+        )
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, prefix: str) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = FusedLinear(
+            config.hidden_size,
+            {0: size, 1: size},
+            bias=config.mlp_bias,
+            quantization_config=config.quantization_config,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = LinearBase(
+            size,
+            config.hidden_size,
+            bias=config.mlp_bias,
+            quantization_config=config.quantization_config,
+            prefix=f"{prefix}.down_proj",
+        )
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, prefix: str) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, rotary, f"{prefix}.self_attn")
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config, f"{prefix}.mlp")
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        # Passing the weight skips nn.Embedding's random init: the loader overwrites it anyway.
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, _weight=torch.empty(config.vocab_size, config.hidden_size)
+        )
+        self.embed_tokens.weight.requires_grad_(False)
+        rotary = RotaryEmbedding(
+            config.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, rotary, f"model.layers.{i}") for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden)
+        return self.norm(hidden)
+
+
+class LlamaForCausalLM(nn.Module):
+    # Checkpoint projection -> (our fused projection, shard id).
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        # The output projection stays dense in quantized checkpoints.
+        self.lm_head = LinearBase(config.hidden_size, config.vocab_size, prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``[num_tokens]`` ids and positions -> final hidden states ``[num_tokens, hidden]``."""
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states at the sampled positions ``[n, hidden]`` -> float32 logits ``[n, vocab]``."""
+        return self.lm_head(hidden).float()
+
+    def attention_layers(self) -> list[LlamaAttention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def bind_kv_cache(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Give each layer its (k_cache, v_cache)."""
+        layers = self.attention_layers()
+        assert len(kv_caches) == len(layers), f"{len(kv_caches)} caches for {len(layers)} layers"
+        for layer, cache in zip(layers, kv_caches, strict=True):
+            layer.kv_cache = cache
