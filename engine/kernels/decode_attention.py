@@ -1,0 +1,240 @@
+"""Paged decode attention, split over the KV length (flash-decoding): one query token per
+request; each split folds its share of the keys into a partial (output, log-sum-exp), and a
+second kernel combines the splits. CUDA-graph safe: no host syncs, and the split boundaries are
+computed on the device from ``seq_lens``, so one captured launch serves any lengths.
+
+::
+
+    request r, kv head h:   keys [kv_lo ............................ seq_len)
+    splits (NUM_SPLITS=3):  | split 0      | split 1      | split 2 |
+                            each a multiple of BLOCK_N long, the last one short or empty
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from engine.kernels.paged_attention import (
+    LOG2E,
+    MASKED_MAX,
+    attend_kv_tile,
+    check_paged_shapes,
+    dot_precision,
+)
+
+# Hopper H200/H100 SXM; used when there is no CUDA device to ask (the interpreter).
+DEFAULT_NUM_SMS = 132
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    num_heads, qk_scale, window,
+    stride_q_row, stride_q_head, stride_o_row, stride_o_head,
+    stride_kc_block, stride_kc_slot, stride_kc_head,
+    stride_vc_block, stride_vc_slot, stride_vc_head,
+    stride_bt_req,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, MIXED: tl.constexpr,
+):
+    """Grid ``(num_reqs, num_kv_heads, NUM_SPLITS)``.
+
+    Request r's query is row r; with MIXED it is row ``query_start_loc[r]`` and requests that
+    do not have exactly one new token are left to the prefill kernel.
+
+    A program takes the GROUP query heads of one kv head as BLOCK_H (>= 16, padded) rows, so each
+    K/V tile is read once per group, and walks its split BLOCK_N keys at a time; only the split's
+    last, partial tile is masked. With NUM_SPLITS == 1 it writes the final output directly;
+    otherwise the normalised partial output and its log2-sum-exp go to ``part_out``
+    ``[num_reqs, num_heads, NUM_SPLITS, HEAD_DIM]`` and ``part_lse`` ``[num_reqs, num_heads,
+    NUM_SPLITS]`` (an empty split writes lse = -inf).
+    """
+    req = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if MIXED:
+        row = tl.load(query_start_loc_ptr + req)
+        if tl.load(query_start_loc_ptr + req + 1) - row != 1:
+            return
+    else:
+        row = req
+    seq_len = tl.load(seq_lens_ptr + req)
+    if USE_WINDOW:
+        kv_lo = tl.maximum(seq_len - window, 0)
+    else:
+        kv_lo = 0
+    split_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_lo = kv_lo + split * split_len
+    split_hi = tl.minimum(split_lo + split_len, seq_len)
+    full_hi = split_lo + tl.maximum(split_hi - split_lo, 0) // BLOCK_N * BLOCK_N
+
+    rows = tl.arange(0, BLOCK_H)
+    head = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = row * stride_q_row + head * stride_q_head
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
+
+    block_table_ptr = block_tables_ptr + req * stride_bt_req
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], MASKED_MAX, dtype=tl.float32)
+    for start in range(split_lo, full_hi, BLOCK_N):
+        acc, l_i, m_i = attend_kv_tile(
+            acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
+            start, split_lo, split_hi, kv_head,
+            stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
+            qk_scale, window, BLOCK_N, HEAD_DIM, BLOCK_SIZE, False, USE_WINDOW, DOT_PRECISION,
+        )
+    for start in range(full_hi, split_hi, BLOCK_N):
+        acc, l_i, m_i = attend_kv_tile(
+            acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
+            start, split_lo, split_hi, kv_head,
+            stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
+            qk_scale, window, BLOCK_N, HEAD_DIM, BLOCK_SIZE, True, USE_WINDOW, DOT_PRECISION,
+        )
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        o_rows = row * stride_o_row + head * stride_o_head
+        tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None])
+    else:
+        part = (req * num_heads + head) * NUM_SPLITS + split
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse_ptr + part, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, query_start_loc_ptr,
+    num_heads, stride_o_row, stride_o_head,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, MIXED: tl.constexpr,
+):
+    """Grid ``(num_reqs, num_heads)``: weight each split's output by exp2(lse - max lse) and
+    normalise; a request with no keys at all (a padded row) gets zeros. Rows as in the split
+    kernel."""
+    req = tl.program_id(0)
+    head = tl.program_id(1)
+    if MIXED:
+        row = tl.load(query_start_loc_ptr + req)
+        if tl.load(query_start_loc_ptr + req + 1) - row != 1:
+            return
+    else:
+        row = req
+    splits = tl.arange(0, SPLITS_P2)
+    split_ok = splits < NUM_SPLITS
+    offs_d = tl.arange(0, HEAD_DIM)
+    part = (req * num_heads + head) * NUM_SPLITS + splits
+    lse = tl.load(part_lse_ptr + part, mask=split_ok, other=float("-inf"))
+    weight = tl.exp2(lse - tl.maximum(tl.max(lse, 0), MASKED_MAX))
+    part_ptrs = part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :]
+    parts = tl.load(part_ptrs, mask=split_ok[:, None], other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * parts, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(out_ptr + row * stride_o_row + head * stride_o_head + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return DEFAULT_NUM_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_num_splits(
+    num_reqs: int,
+    num_kv_heads: int,
+    max_seq_len: int | None,
+    *,
+    sms: int = DEFAULT_NUM_SMS,
+    waves: int = 2,
+    min_split_len: int = 128,
+    max_splits: int = 64,
+) -> int:
+    """Splits per (request, kv head) so that about ``waves * sms`` programs run, no split is
+    shorter than ``min_split_len`` keys, and big batches (which fill the GPU alone) get one.
+    ``max_seq_len=None`` (a CUDA graph, replayed at any length) drops the length bound: the
+    surplus splits of short sequences exit at once."""
+    programs = max(num_reqs * num_kv_heads, 1)
+    splits = min(triton.cdiv(waves * sms, programs), max_splits)
+    if max_seq_len is not None:
+        splits = min(splits, triton.cdiv(max(max_seq_len, 1), min_split_len))
+    return max(1, splits)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    out: torch.Tensor | None = None,
+    *,
+    query_start_loc: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
+    """Attention of one new token per request at position ``seq_lens[r] - 1`` over the paged
+    caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` (which already hold that token's
+    key and value). ``query`` is ``[num_reqs, num_heads, head_dim]``; or, given
+    ``query_start_loc``, a mixed batch ``[num_tokens, num_heads, head_dim]`` of which only the
+    rows of requests with exactly one new token are computed (and written to ``out``).
+    ``num_splits`` defaults to ``decode_num_splits(..., max_seq_len)``. No host syncs."""
+    check_paged_shapes(query, key_cache, value_cache)
+    num_heads, head_dim = query.shape[1:]
+    num_reqs = seq_lens.shape[0]
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    mixed = query_start_loc is not None
+    assert block_tables.shape[0] == num_reqs
+    if mixed:
+        assert query_start_loc.shape == (num_reqs + 1,)
+    else:
+        assert query.shape[0] == num_reqs
+    if out is None:
+        out = torch.empty_like(query)
+    if num_reqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = decode_num_splits(num_reqs, num_kv_heads, max_seq_len, sms=num_sms(query.device))
+    block_n = block_n or (32 if head_dim > 128 else 64)
+    if num_splits > 1:
+        part_out = query.new_empty((num_reqs, num_heads, num_splits, head_dim), dtype=torch.float32)
+        part_lse = query.new_empty((num_reqs, num_heads, num_splits), dtype=torch.float32)
+    else:
+        part_out = part_lse = out  # not read: the split kernel writes ``out`` itself
+    qsl = query_start_loc if mixed else seq_lens  # not read unless MIXED
+    _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
+        query, key_cache, value_cache, out, part_out, part_lse,
+        block_tables, seq_lens, qsl,
+        num_heads, scale * LOG2E, sliding_window or 0,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
+        HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
+        USE_WINDOW=bool(sliding_window), DOT_PRECISION=dot_precision(query.dtype), MIXED=mixed,
+        num_warps=num_warps or 4, num_stages=num_stages or 2,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_reqs, num_heads)](
+            part_out, part_lse, out, qsl, num_heads, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            MIXED=mixed, num_warps=4 if head_dim * num_splits >= 4096 else 1,
+        )
+    return out
