@@ -85,7 +85,8 @@ class LLMEngine:
                 num_blocks=self.num_kv_blocks,
                 enable_prefix_caching=args.enable_prefix_caching,
                 sliding_window=self.model_config.sliding_window,
-                max_waiting_requests=args.max_waiting_requests,
+                # The bound is enforced in add_prepared_request, which knows about the n choices.
+                max_waiting_requests=None,
             )
         )
         eos = list(self.model_config.eos_token_ids)
@@ -96,6 +97,7 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._choice_of: dict[str, tuple[_RequestState, _Choice]] = {}
         self._pending_aborted: list[RequestOutput] = []
+        self._deferred_choices: dict[str, list[Request]] = {}
         self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque()
 
     @classmethod
@@ -154,10 +156,11 @@ class LLMEngine:
                 f"exceeds max_model_len ({max_len})"
             )
         blocks_needed = -(-(len(token_ids) + params.max_tokens) // self.args.block_size)
-        if blocks_needed > self.num_kv_blocks:
+        usable = self.scheduler.config.num_usable_blocks
+        if self.model_config.sliding_window is None and blocks_needed > usable:
             raise ValueError(
                 f"max_tokens: prompt + max_tokens needs {blocks_needed} KV blocks but the cache has "
-                f"only {self.num_kv_blocks}"
+                f"only {usable}"
             )
         return PreparedRequest(request_id, text, token_ids, params, priority, cache_salt)
 
@@ -204,11 +207,17 @@ class LLMEngine:
             )
             choices.append(_Choice(i, request, detok))
         limit = self.args.max_waiting_requests
-        if limit is not None and self.scheduler.num_waiting + len(choices) > limit:
+        num_deferred = sum(len(d) for d in self._deferred_choices.values())
+        if limit is not None and self.scheduler.num_waiting + num_deferred + len(choices) > limit:
             raise QueueFullError(f"the waiting queue is full ({limit} requests)")
-        for c in choices:
+        # With prefix caching, choices 1..n-1 wait until choice 0 has computed the prompt, then
+        # start from its cached blocks: the prompt's KV is computed once and shared.
+        share_prompt = len(choices) > 1 and self.args.enable_prefix_caching
+        for c in choices[:1] if share_prompt else choices:
             self.scheduler.add_request(c.request)
         state = _RequestState(prepared, choices, RequestMetrics(arrival_time=prepared.arrival_time))
+        if share_prompt:
+            self._deferred_choices[choices[0].request.request_id] = [c.request for c in choices[1:]]
         self._requests[prepared.request_id] = state
         for c in choices:
             self._choice_of[c.request.request_id] = (state, c)
@@ -226,6 +235,7 @@ class LLMEngine:
             if state is None:
                 continue
             unfinished = [c for c in state.choices if c.finish_reason is None]
+            self._deferred_choices.pop(state.choices[0].request.request_id, None)
             self.scheduler.finish_requests([c.request.request_id for c in unfinished], RequestStatus.FINISHED_ABORTED)
             for c in unfinished:
                 c.finish_reason = "abort"
@@ -246,6 +256,9 @@ class LLMEngine:
             return outputs
         runner_output = self.runner.execute(scheduler_output)
         updates = self.scheduler.update(scheduler_output, runner_output)
+        for update in updates:
+            for sibling in self._deferred_choices.pop(update.request_id, ()):
+                self.scheduler.add_request(sibling)
         outputs.extend(self._process_updates(updates, runner_output.logprobs))
         return outputs
 

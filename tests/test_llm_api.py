@@ -133,3 +133,27 @@ def test_min_tokens_suppresses_eos(llm: LLM) -> None:
     assert len(out.token_ids) == 6 and eos not in out.token_ids
     early = llm.generate("x", SamplingParams(temperature=0.0, max_tokens=6, logit_bias={eos: 100.0}))[0].outputs[0]
     assert early.token_ids == [eos] and early.finish_reason == "stop"
+
+
+def test_n_choices_share_the_prompt_blocks(llm: LLM) -> None:
+    prompt = [7, 8, 9, 10, 11, 12, 13, 14, 15]  # two full blocks of 4, then one token
+    before = llm.engine.scheduler.stats().prefix_cache_hits
+    out = llm.generate([prompt], SamplingParams(n=3, temperature=0.8, max_tokens=5, seed=3, ignore_eos=True))[0]
+    assert all(len(c.token_ids) == 5 for c in out.outputs)
+    # Choices 1 and 2 start from choice 0's two cached prompt blocks.
+    assert llm.engine.scheduler.stats().prefix_cache_hits - before == 2 * 8
+    _assert_idle(llm)
+
+
+def test_full_queue_admits_no_choice(llama_dir: Path) -> None:
+    from scheduler.scheduler import QueueFullError
+
+    llm = LLM(str(llama_dir), block_size=4, num_kv_blocks=64, max_model_len=64, max_waiting_requests=2)
+    engine = llm.engine
+    engine.add_request("a", [5, 6], SamplingParams(max_tokens=2))
+    with pytest.raises(QueueFullError):
+        engine.add_request("b", [5, 6], SamplingParams(n=2, max_tokens=2))
+    assert engine.scheduler.get_num_unfinished_requests() == 1
+    while engine.has_unfinished_requests():
+        engine.step()
+    _assert_idle(llm)
