@@ -8,6 +8,8 @@ import torch
 
 from tests.tiny_models import FAMILIES, build_model, build_tokenizer
 
+pytest_plugins = ("tests.service_fixtures",)  # the real-server fixtures of the service tests
+
 # Triton kernels run through Triton's interpreter where there is no GPU (CI); the variable must be
 # set before any kernel module is imported.
 if not torch.cuda.is_available():

@@ -1,0 +1,219 @@
+"""The ``sluice.v1.Generation`` servicer: admission with status codes, then streaming deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from scheduler.scheduler import QueueFullError
+from service import validation
+from service.async_engine import AsyncLLM, EngineUnavailableError, RequestIdInUseError
+from service.request_stream import RequestStream
+from service.responses import rejection, responses_of
+from sluice import __version__
+from sluice.v1 import generation_pb2 as pb
+from sluice.v1 import generation_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_METADATA_KEY = "sluice-request-id"
+# Responses buffered per GenerateStream call; past this, deltas coalesce in each request's stream.
+_STREAM_BUFFER = 16
+
+
+class Rejection(Exception):
+    """A request refused before acceptance, with the gRPC status that says why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    """Serves one ``AsyncLLM``; answers UNAVAILABLE until ``attach`` and while draining."""
+
+    def __init__(self, max_n: int) -> None:
+        self.max_n = max_n
+        self.llm: AsyncLLM | None = None
+
+    def attach(self, llm: AsyncLLM) -> None:
+        self.llm = llm
+
+    # ------------------------------------------------------------------ admission
+    def _engine(self) -> AsyncLLM:
+        if self.llm is None:
+            raise Rejection(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
+        return self.llm
+
+    def _submit(self, request: pb.GenerateRequest, request_id: str) -> RequestStream:
+        llm = self._engine()
+        try:
+            prompt = validation.prompt_of(request, llm.engine.vocab_size)
+            params = validation.sampling_params_of(request, self.max_n)
+            prepared = llm.prepare(request_id, prompt, params, request.priority)
+        except ValueError as exc:
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        try:
+            return llm.submit(prepared)
+        except RequestIdInUseError as exc:
+            raise Rejection(grpc.StatusCode.ALREADY_EXISTS, str(exc)) from exc
+        except EngineUnavailableError as exc:
+            raise Rejection(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+
+    @staticmethod
+    async def _accepted(stream: RequestStream) -> None:
+        try:
+            await stream.wait_accepted()
+        except QueueFullError as exc:
+            raise Rejection(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except EngineUnavailableError as exc:
+            raise Rejection(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
+        except ValueError as exc:  # the engine's own last checks
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+
+    # ------------------------------------------------------------------ streaming RPCs
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            stream = self._submit(request, request.request_id or uuid.uuid4().hex)
+        except Rejection as r:
+            await context.abort(r.code, r.message)
+        try:
+            try:
+                await self._accepted(stream)
+            except Rejection as r:
+                await context.abort(r.code, r.message)
+            await context.send_initial_metadata(((REQUEST_ID_METADATA_KEY, stream.request_id),))
+            async for delta in stream:
+                for response in responses_of(delta, stream):
+                    yield response
+        finally:
+            stream.close()
+
+    async def GenerateStream(self, request_iterator: AsyncIterator[pb.GenerateStreamRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        # Bounded, so that a slow reader leaves deltas to coalesce in each request's stream.
+        outbox: asyncio.Queue[pb.GenerateResponse | None] = asyncio.Queue(_STREAM_BUFFER)
+        tasks: dict[str, asyncio.Task[None]] = {}
+
+        async def run(stream: RequestStream) -> None:
+            try:
+                await self._accepted(stream)
+                async for delta in stream:
+                    for response in responses_of(delta, stream):
+                        await outbox.put(response)
+            except Rejection as r:
+                await outbox.put(rejection(stream.request_id, r.code, r.message))
+            except Exception as exc:
+                logger.exception("GenerateStream: request %s failed", stream.request_id)
+                await outbox.put(rejection(stream.request_id, grpc.StatusCode.INTERNAL, str(exc)))
+            finally:
+                stream.close()
+
+        def start(request: pb.GenerateRequest) -> pb.GenerateResponse | None:
+            rid = request.request_id
+            try:
+                if not rid:
+                    raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
+                                    "request_id is required on GenerateStream")
+                stream = self._submit(request, rid)
+            except Rejection as r:
+                return rejection(rid, r.code, r.message)
+            task = tasks[rid] = asyncio.create_task(run(stream))
+            task.add_done_callback(lambda t: tasks.pop(rid) if tasks.get(rid) is t else None)
+            return None
+
+        async def read() -> None:
+            try:
+                async for message in request_iterator:
+                    if message.HasField("cancel"):
+                        rid = message.cancel.request_id
+                        if rid in tasks and self.llm is not None:
+                            self.llm.abort([rid])
+                    elif (refused := start(message.generate)) is not None:
+                        await outbox.put(refused)
+            except Exception:
+                logger.exception("GenerateStream: reading requests failed")
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            await outbox.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await outbox.get()) is not None:
+                yield response
+        finally:
+            reader.cancel()
+            for task in list(tasks.values()):
+                task.cancel()
+
+    # ------------------------------------------------------------------ unary RPCs
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        if self.llm is None:
+            return pb.AbortResponse()
+        return pb.AbortResponse(aborted_request_ids=self.llm.abort(list(request.request_ids)))
+
+    async def Tokenize(self, request: pb.TokenizeRequest,
+                       context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        llm = await self._unary_engine(context)
+        add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        token_ids = llm.engine.tokenizer.encode(request.text, add_special_tokens=add_special)
+        return pb.TokenizeResponse(token_ids=token_ids)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
+        llm = await self._unary_engine(context)
+        vocab_size = llm.engine.vocab_size
+        bad = [t for t in request.token_ids if t >= vocab_size]
+        if bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"token_ids: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        text = llm.engine.tokenizer.decode(list(request.token_ids), skip_special_tokens=skip)
+        return pb.DetokenizeResponse(text=text)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        llm = await self._unary_engine(context)
+        config, cache = llm.engine.model_config, llm.engine.cache_info()
+        quantization = (config.quantization_config or {}).get("quant_method", "")
+        return pb.ModelInfo(
+            name=config.name,
+            path=str(config.path),
+            architecture=config.architecture,
+            vocab_size=llm.engine.vocab_size,
+            max_model_len=config.max_model_len,
+            dtype=str(config.dtype).removeprefix("torch."),
+            quantization=quantization,
+            attention_backend=str(cache["attention_backend"]),
+            block_size=int(cache["block_size"]),
+            num_kv_blocks=int(cache["num_kv_blocks"]),
+            sluice_version=__version__,
+            max_n=self.max_n,
+        )
+
+    async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.Load:
+        llm = await self._unary_engine(context)
+        try:
+            load = await llm.get_load()
+        except EngineUnavailableError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return pb.Load(
+            num_running=load["num_running"],
+            num_waiting=load["num_waiting"],
+            kv_blocks_used=load["kv_blocks_used"],
+            kv_blocks_total=load["kv_blocks_total"],
+            tokens_per_second=load["generation_tokens_per_s"],
+            prefix_cache_hit_rate=load["prefix_cache_hit_rate"],
+        )
+
+    async def _unary_engine(self, context: grpc.aio.ServicerContext) -> AsyncLLM:
+        try:
+            return self._engine()
+        except Rejection as r:
+            await context.abort(r.code, r.message)
+            raise
