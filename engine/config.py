@@ -16,6 +16,7 @@ class EngineArgs:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"
     seed: int = 0
+    load_format: str = "auto"  # auto: the checkpoint's safetensors; dummy: random weights (benchmarks)
     max_model_len: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None  # fixed number of KV blocks; default: from memory
@@ -25,6 +26,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     max_logprobs: int = 20
     enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto | flash_attn | triton | torch
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)
 
     def __post_init__(self) -> None:
@@ -38,6 +40,10 @@ class EngineArgs:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.attention_backend not in ("auto", "flash_attn", "triton", "torch"):
+            raise ValueError(
+                f"attention_backend must be one of auto, flash_attn, triton, torch; got {self.attention_backend!r}"
+            )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be one of auto, float32, float16, bfloat16; got {self.dtype!r}")
 

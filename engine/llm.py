@@ -29,7 +29,10 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
+        cache_salt: str | None = None,
     ) -> list[RequestOutput]:
+        """Generate for every prompt; ``cache_salt`` keeps these prompts' prefix-cache blocks
+        apart from those of requests with another salt (per-tenant isolation)."""
         prompt_list = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -45,7 +48,7 @@ class LLM:
         priorities = list(priority) if priority is not None else [0] * len(prompt_list)
         # Validate everything first so that a bad prompt admits nothing.
         prepared = [
-            self.engine.prepare_request(str(next(self._ids)), p, sp, prio)
+            self.engine.prepare_request(str(next(self._ids)), p, sp, prio, cache_salt)
             for p, sp, prio in zip(prompt_list, params_list, priorities)
         ]
         results: dict[str, RequestOutput] = {}

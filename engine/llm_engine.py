@@ -290,7 +290,11 @@ class LLMEngine:
     def _advance_choice(self, choice: _Choice, update: RequestUpdate, logprobs: list | None) -> CompletionOutput:
         request = choice.request
         num_before = len(choice.detokenizer.output_token_ids)
-        text = choice.detokenizer.update(update.new_token_ids)
+        if request.sampling_params.detokenize:
+            text = choice.detokenizer.update(update.new_token_ids)
+        else:
+            text = ""
+            choice.detokenizer.output_token_ids.extend(update.new_token_ids)
         # A stop string ends the output at the token that completed it.
         new_ids = choice.detokenizer.output_token_ids[num_before:]
         finish_reason, stop_reason = update.finish_reason, update.stop_reason
@@ -298,7 +302,7 @@ class LLMEngine:
             finish_reason, stop_reason = "stop", choice.detokenizer.finished_by_stop
             if not request.is_finished:
                 self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
-        elif finish_reason is not None:
+        elif finish_reason is not None and request.sampling_params.detokenize:
             text += choice.detokenizer.flush()
         entries = None
         if request.sampling_params.logprobs is not None and logprobs is not None:
@@ -338,6 +342,10 @@ class LLMEngine:
         self._requests.pop(state.prepared.request_id, None)
         for c in state.choices:
             self._choice_of.pop(c.request.request_id, None)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block; safe while requests run (theirs stay in use)."""
+        return self.scheduler.reset_prefix_cache()
 
     # ------------------------------------------------------------------ introspection
     def cache_info(self) -> dict[str, object]:

@@ -25,11 +25,20 @@ from engine.models import get_model_class
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_model(config: ModelConfig) -> nn.Module:
-    """Build ``config``'s model on its device and dtype, load its weights, return it in eval mode."""
+def load_model(config: ModelConfig, load_format: str = "auto") -> nn.Module:
+    """Build ``config``'s model on its device and dtype, load its weights, return it in eval mode.
+
+    ``load_format="dummy"`` fills the weights with random values instead of reading the checkpoint
+    (benchmarks of real shapes without real weights: speed does not depend on the values).
+    """
     with _default_dtype(config.dtype), config.device:
         model = get_model_class(config.architecture)(config)
-    load_weights(model, config.path)
+    if load_format == "dummy":
+        _init_dummy_weights(model)
+    elif load_format == "auto":
+        load_weights(model, config.path)
+    else:
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     for module in model.modules():
         quant_method = getattr(module, "quant_method", None)
         if quant_method is not None:
@@ -118,3 +127,15 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+@torch.no_grad()
+def _init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if not param.dtype.is_floating_point:
+            param.random_(0, 2**31 - 1, generator=generator)
+        elif name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, 0.02, generator=generator)

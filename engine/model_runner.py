@@ -49,6 +49,8 @@ class ModelRunner:
         self.args = engine_args
         self.device = model_config.device
         self.block_size = engine_args.block_size
+        if attention_backend is None and engine_args.attention_backend != "auto":
+            attention_backend = engine_args.attention_backend
         self.attention_backend = select_attention_backend(self.device, attention_backend)
         self.attention_backend_name = self.attention_backend.name
         self.sampler = Sampler(model_config.eos_token_ids, seed=engine_args.seed)
@@ -56,7 +58,7 @@ class ModelRunner:
         self.kv_caches: KVCaches = []
 
     def load_model(self) -> None:
-        self.model = load_model(self.model_config)
+        self.model = load_model(self.model_config, self.args.load_format)
 
     def initialize_kv_cache(self) -> int:
         """Size, allocate and bind the KV cache; return its number of blocks."""

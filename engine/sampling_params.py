@@ -33,6 +33,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only, no text (and so no stop strings)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -80,6 +81,8 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, lo=0)
             if self.logprobs > max_logprobs:
                 raise ValueError(f"logprobs must be <= {max_logprobs}, got {self.logprobs}")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop must be a list of non-empty strings")
         for tid in self.stop_token_ids:

@@ -1,0 +1,92 @@
+"""Shared pieces of the benchmarks: model directories of real shapes, and result files.
+
+A shape directory holds a ``config.json`` and a small byte-level tokenizer; the engine runs it
+with ``load_format="dummy"`` (random weights): speed does not depend on the weights' values.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+# name -> (transformers config class, its arguments); see ../shared/gpu/README.md for the two real ones.
+SHAPES: dict[str, tuple[str, dict]] = {
+    "qwen3-0.6b": ("Qwen3Config", dict(
+        hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+        max_position_embeddings=40960, rope_theta=1000000.0)),
+    "llama-3.1-8b": ("LlamaConfig", dict(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+        max_position_embeddings=131072, rope_theta=500000.0)),
+    # Small enough for a 2-core CPU.
+    "cpu-small": ("LlamaConfig", dict(
+        hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, vocab_size=4096, tie_word_embeddings=True, max_position_embeddings=4096)),
+}
+
+
+def write_shape_dir(shape: str, out_dir: Path) -> Path:
+    """Write ``config.json`` and a tokenizer for ``shape`` into ``out_dir``."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    cls_name, kwargs = SHAPES[shape]
+    config = getattr(transformers, cls_name)(**kwargs, bos_token_id=0, eos_token_id=1)
+    config.architectures = [cls_name.replace("Config", "ForCausalLM")]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out_dir)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["sluice benchmark tokenizer"], trainer=trainer)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out_dir)
+    return out_dir
+
+
+def environment() -> dict[str, object]:
+    """Date, commit, device and package versions, for every result file."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    versions = {}
+    for pkg in ("torch", "triton", "transformers", "grpcio", "protobuf"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "cpu_count": __import__("os").cpu_count(),
+        "python": sys.version.split()[0],
+        "packages": versions,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), **result}, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * q / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
