@@ -3,7 +3,8 @@
 ::
 
     asyncio loop                                   engine thread (owns the LLMEngine)
-      submit / abort / get_load ──▶ inbox ──▶  run queued calls, then engine.step()
+      submit / abort / get_load /
+      reset_prefix_cache        ──▶ inbox ──▶  run queued calls, then engine.step()
       RequestStream (per request) ◀── loop.call_soon_threadsafe(one batch per step)
 
 The engine thread sleeps on a condition while it has nothing to run. Everything on the asyncio
@@ -107,9 +108,9 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ requests (loop side)
     def prepare(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                priority: int = 0) -> PreparedRequest:
+                priority: int = 0, cache_salt: str | None = None) -> PreparedRequest:
         """Validate and tokenize without touching engine state; ``ValueError`` names the field."""
-        return self.engine.prepare_request(request_id, prompt, params, priority)
+        return self.engine.prepare_request(request_id, prompt, params, priority, cache_salt)
 
     def submit(self, prepared: PreparedRequest) -> RequestStream:
         """Queue a prepared request for the engine and return its stream. Admission happens on
@@ -127,9 +128,9 @@ class AsyncLLM:
         return stream
 
     async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       priority: int = 0, cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its deltas; leaving early aborts it."""
-        stream = self.submit(self.prepare(request_id, prompt, params, priority))
+        stream = self.submit(self.prepare(request_id, prompt, params, priority, cache_salt))
         try:
             await stream.wait_accepted()
             async for delta in stream:
@@ -147,9 +148,17 @@ class AsyncLLM:
 
     async def get_load(self) -> dict[str, Any]:
         """The engine's load, read on its own thread between steps."""
+        return await self._call_between_steps(self.engine.get_load)
+
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block, on the engine thread between steps (the cache is
+        the engine thread's alone); requests running now keep their blocks."""
+        return await self._call_between_steps(self.engine.reset_prefix_cache)
+
+    def _call_between_steps(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
         if self.dead_reason or self._thread is None or self._stopping:
             raise EngineUnavailableError(self._unavailable_reason())
-        return await self._call_in_engine(self.engine.get_load)
+        return self._call_in_engine(fn)
 
     def _unavailable_reason(self) -> str:
         if self.dead_reason:

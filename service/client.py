@@ -30,10 +30,12 @@ Prompt = str | Sequence[int] | pb.GenerateRequest
 
 
 def make_request(prompt: str | Sequence[int], *, request_id: str | None = None, priority: int = 0,
-                 **sampling: Any) -> pb.GenerateRequest:
+                 cache_salt: str | None = None, **sampling: Any) -> pb.GenerateRequest:
     """A ``GenerateRequest`` for a text or token-id prompt. Without ``request_id`` a fresh one is
-    made here, so that the caller can cancel the request by id."""
-    request = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, priority=priority, **sampling)
+    made here, so that the caller can cancel the request by id. Requests share cached prompt
+    prefixes only with requests of the same ``cache_salt`` (None: the shared cache)."""
+    request = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, priority=priority,
+                                 cache_salt=cache_salt, **sampling)
     if isinstance(prompt, str):
         request.text = prompt
     else:
@@ -100,6 +102,10 @@ class SluiceClient:
     def load(self) -> pb.Load:
         return self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block on the server; requests running now go on."""
+        return self.stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(), timeout=self.timeout).reset
+
     def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, ... for the whole server ("") or one service."""
         request = health_pb2.HealthCheckRequest(service=service)
@@ -164,6 +170,10 @@ class AsyncSluiceClient:
 
     async def load(self) -> pb.Load:
         return await self.stub.GetLoad(pb.GetLoadRequest(), timeout=self.timeout)
+
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block on the server; requests running now go on."""
+        return (await self.stub.ResetPrefixCache(pb.ResetPrefixCacheRequest(), timeout=self.timeout)).reset
 
     async def health(self, service: str = "") -> str:
         request = health_pb2.HealthCheckRequest(service=service)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -23,6 +24,7 @@ logger = logging.getLogger(__name__)
 REQUEST_ID_METADATA_KEY = "sluice-request-id"
 # Responses buffered per GenerateStream call; past this, deltas coalesce in each request's stream.
 _STREAM_BUFFER = 16
+T = TypeVar("T")
 
 
 class Rejection(Exception):
@@ -55,7 +57,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             prompt = validation.prompt_of(request, llm.engine.vocab_size)
             params = validation.sampling_params_of(request, self.max_n)
-            prepared = llm.prepare(request_id, prompt, params, request.priority)
+            cache_salt = validation.cache_salt_of(request)
+            prepared = llm.prepare(request_id, prompt, params, request.priority, cache_salt)
         except ValueError as exc:
             raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         try:
@@ -197,11 +200,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         )
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.Load:
-        llm = await self._unary_engine(context)
-        try:
-            load = await llm.get_load()
-        except EngineUnavailableError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        load = await self._between_steps(context, AsyncLLM.get_load)
         return pb.Load(
             num_running=load["num_running"],
             num_waiting=load["num_waiting"],
@@ -210,6 +209,22 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             tokens_per_second=load["generation_tokens_per_s"],
             prefix_cache_hit_rate=load["prefix_cache_hit_rate"],
         )
+
+    async def ResetPrefixCache(self, request: pb.ResetPrefixCacheRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ResetPrefixCacheResponse:
+        reset = await self._between_steps(context, AsyncLLM.reset_prefix_cache)
+        logger.info("prefix cache reset: %s", reset)
+        return pb.ResetPrefixCacheResponse(reset=reset)
+
+    async def _between_steps(self, context: grpc.aio.ServicerContext,
+                             call: Callable[[AsyncLLM], Awaitable[T]]) -> T:
+        """Run one of the bridge's engine-thread calls; UNAVAILABLE when the engine cannot."""
+        llm = await self._unary_engine(context)
+        try:
+            return await call(llm)
+        except EngineUnavailableError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            raise
 
     async def _unary_engine(self, context: grpc.aio.ServicerContext) -> AsyncLLM:
         try:

@@ -1,4 +1,4 @@
-"""Turn a ``GenerateRequest`` into the engine's prompt and ``SamplingParams``.
+"""Turn a ``GenerateRequest`` into the engine's prompt, ``SamplingParams`` and cache salt.
 
 Every check raises ``ValueError`` whose message starts with the offending field's name, which
 the servicer returns as INVALID_ARGUMENT. Checks that need the tokenizer or the model's context
@@ -35,6 +35,11 @@ def prompt_of(request: pb.GenerateRequest, vocab_size: int) -> str | list[int]:
     if outside is not None:
         raise ValueError(f"token_ids: token id {outside} is outside the vocabulary (size {vocab_size})")
     return list(request.token_ids)
+
+
+def cache_salt_of(request: pb.GenerateRequest) -> str | None:
+    """The request's prefix-cache salt; unset and empty both mean the shared cache."""
+    return request.cache_salt or None
 
 
 def sampling_params_of(request: pb.GenerateRequest, max_n: int) -> SamplingParams:

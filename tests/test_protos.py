@@ -15,6 +15,8 @@ from sluice.v1 import generation_pb2 as pb
 from sluice.v1 import generation_pb2_grpc as pb_grpc
 
 STUB_DIR = gen_protos.REPO_ROOT / "sluice" / "v1"
+# GenerateRequest fields that are options of the request itself, not SamplingParams fields.
+REQUEST_OPTIONS = {"request_id", "text", "token_ids", "priority", "cache_salt"}
 
 
 def _descriptor_set(tmp_path: Path, source_info: bool) -> descriptor_pb2.FileDescriptorSet:
@@ -91,8 +93,16 @@ def test_every_sampling_param_has_a_request_field() -> None:
             assert fields[f.name].has_presence, f"{f.name} must be optional so unset differs from zero"
 
 
+def test_every_request_field_is_a_sampling_param_or_a_request_option() -> None:
+    sampling = {f.name for f in dataclasses.fields(SamplingParams)}
+    fields = set(pb.GenerateRequest.DESCRIPTOR.fields_by_name)
+    assert not sampling & REQUEST_OPTIONS
+    assert fields == sampling | REQUEST_OPTIONS, "map the new GenerateRequest field in service/validation.py"
+    assert pb.GenerateRequest.DESCRIPTOR.fields_by_name["cache_salt"].has_presence
+
+
 @pytest.mark.parametrize("method", ["Generate", "GenerateStream", "Abort", "Tokenize", "Detokenize",
-                                    "GetModelInfo", "GetLoad"])
+                                    "GetModelInfo", "GetLoad", "ResetPrefixCache"])
 def test_stub_and_servicer_expose_every_method(method: str) -> None:
     assert method in pb.DESCRIPTOR.services_by_name["Generation"].methods_by_name
     assert hasattr(pb_grpc.GenerationServicer, method)

@@ -35,10 +35,13 @@ class ScriptedEngine:
     active: dict[str, list[int]] = field(default_factory=dict)  # request id -> tokens left per choice
     aborted_at_step: dict[str, int] = field(default_factory=dict)
     emitted: dict[tuple[str, int], int] = field(default_factory=dict)  # (request id, choice) -> count
+    cache_salts: dict[str, str | None] = field(default_factory=dict)
+    resets: list[tuple[int, int]] = field(default_factory=list)  # (thread id, steps so far) per reset
     _aborted: list[RequestOutput] = field(default_factory=list)
 
     def prepare_request(self, request_id: str, prompt: object, params: SamplingParams,
-                        priority: int = 0) -> _Prepared:
+                        priority: int = 0, cache_salt: str | None = None) -> _Prepared:
+        self.cache_salts[request_id] = cache_salt
         return _Prepared(request_id, params)
 
     def add_prepared_request(self, prepared: _Prepared) -> None:
@@ -80,6 +83,10 @@ class ScriptedEngine:
 
     def get_load(self) -> dict[str, int]:
         return {"num_running": len(self.active)}
+
+    def reset_prefix_cache(self) -> bool:
+        self.resets.append((threading.get_ident(), self.steps))
+        return True
 
 
 def _run(coro):
@@ -250,3 +257,43 @@ def test_engine_runs_off_the_event_loop_thread() -> None:
 
     loop_thread = _run(main())
     assert seen and loop_thread not in seen
+
+
+def test_reset_prefix_cache_runs_on_the_engine_thread_between_steps_of_a_running_stream() -> None:
+    engine = ScriptedEngine(step_seconds=0.002)
+    step_threads: set[int] = set()
+    step = engine.step
+
+    def recording_step() -> list[RequestOutput]:
+        step_threads.add(threading.get_ident())
+        return step()
+
+    engine.step = recording_step  # type: ignore[method-assign]
+
+    async def main() -> tuple[list[int], int]:
+        llm = await _started(engine)
+        tokens: list[int] = []
+        async for delta in llm.generate("r", "p", SamplingParams(max_tokens=200), cache_salt="tenant-a"):
+            if not tokens:
+                assert await llm.reset_prefix_cache() is True
+                assert llm.num_in_flight == 1
+            tokens.extend(delta.outputs[0].token_ids)
+        await llm.shutdown()
+        return tokens, threading.get_ident()
+
+    tokens, loop_thread = _run(main())
+    assert tokens == list(range(200))
+    assert engine.cache_salts == {"r": "tenant-a"}
+    ((reset_thread, steps_before),) = engine.resets
+    assert step_threads == {reset_thread} and reset_thread != loop_thread
+    assert 0 < steps_before < 200  # between two steps of the running request
+
+
+def test_reset_prefix_cache_after_shutdown_is_unavailable() -> None:
+    async def main() -> None:
+        llm = await _started(ScriptedEngine())
+        await llm.shutdown()
+        with pytest.raises(EngineUnavailableError):
+            await llm.reset_prefix_cache()
+
+    _run(main())

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from engine.sampling_params import SamplingParams
-from service.validation import sampling_params_of
+from service.validation import cache_salt_of, sampling_params_of
 from sluice.v1 import generation_pb2 as pb
 from sluice.v1 import generation_pb2_grpc as pb_grpc
 from tests.service_fixtures import MAX_N, SERVICE_MODEL_LEN, ServerProcess
@@ -90,3 +90,11 @@ def test_every_field_reaches_sampling_params() -> None:
         skip_special_tokens=False,
     )
     assert sampling_params_of(pb.GenerateRequest(text="x", detokenize=False), MAX_N).detokenize is False
+
+
+def test_cache_salt_is_a_request_option_and_empty_means_the_shared_cache() -> None:
+    salted = pb.GenerateRequest(text="x", cache_salt="tenant-a")
+    assert cache_salt_of(salted) == "tenant-a"
+    assert sampling_params_of(salted, MAX_N) == SamplingParams()
+    assert cache_salt_of(pb.GenerateRequest(text="x")) is None
+    assert cache_salt_of(pb.GenerateRequest(text="x", cache_salt="")) is None

@@ -73,6 +73,11 @@ class GenerationStub:
                 request_serializer=sluice_dot_v1_dot_generation__pb2.GetLoadRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_generation__pb2.Load.FromString,
                 _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/sluice.v1.Generation/ResetPrefixCache',
+                request_serializer=sluice_dot_v1_dot_generation__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_generation__pb2.ResetPrefixCacheResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -138,6 +143,15 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetPrefixCache(self, request, context):
+        """Admin: forgets every cached prefix block, for every cache_salt. Requests running now keep
+        the blocks they hold and finish unchanged; later requests find no cached prefix until they
+        build the cache again. Runs between two engine steps.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -175,6 +189,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetLoad,
                     request_deserializer=sluice_dot_v1_dot_generation__pb2.GetLoadRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_generation__pb2.Load.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=sluice_dot_v1_dot_generation__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_generation__pb2.ResetPrefixCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -370,6 +389,33 @@ class Generation:
             '/sluice.v1.Generation/GetLoad',
             sluice_dot_v1_dot_generation__pb2.GetLoadRequest.SerializeToString,
             sluice_dot_v1_dot_generation__pb2.Load.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.Generation/ResetPrefixCache',
+            sluice_dot_v1_dot_generation__pb2.ResetPrefixCacheRequest.SerializeToString,
+            sluice_dot_v1_dot_generation__pb2.ResetPrefixCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,
