@@ -27,8 +27,10 @@ import triton.language as tl
 # kernels take q - z in fp16 and multiply in fp32, which is exact too.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Above this many tokens dequantize + dense matmul beats the fused kernel.
-FUSED_MAX_TOKENS = 256
+# Above this many tokens dequantize + dense matmul beats the fused kernel: on an H200, summed over a
+# Llama-3.1-8B layer's linears, fused 202 us vs 282 at 64 tokens, 349 vs 337 at 128, 574 vs 341 at
+# 256 (bench/results/awq_linear.json).
+FUSED_MAX_TOKENS = 64
 
 # A 4-bit q OR-ed into these exponent bits reads as the float MAGIC + q, exactly: q - z then
 # costs one subtraction and no integer-to-float conversion.
@@ -61,16 +63,14 @@ def _awq_gemm_kernel(
     stride_xm, SPLIT_K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ZERO_AFTER_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``; program (p, s) owns the output
     tile p and the K tiles s, s + SPLIT_K, ... Assumes N % 8 == 0, BLOCK_N % 8 == 0, and that
     a K tile never straddles two groups (group_size % BLOCK_K == 0, or one group over all K).
 
     Inside a K tile every column has one scale, so the tile's product is ``x @ (q - z)`` (exact
-    small integers, in DOT_DTYPE) times ``s`` per column, in fp32: no per-weight multiply. With
-    ZERO_AFTER_DOT (16-bit activations) the dot takes MAGIC + q as is and ``(MAGIC + z) *
-    sum(x)`` is subtracted from the tile's fp32 result: no per-weight subtraction either.
+    small integers, in DOT_DTYPE) times ``s`` per column, in fp32: no per-weight multiply.
     With SPLIT_K > 1 it writes fp32 partial sums to ``out_ptr[s]`` ([SPLIT_K, M, N]), else the
     result in x's dtype (SPLIT_K is a runtime value: no recompilation per split)."""
     pid = tl.program_id(0)
@@ -102,12 +102,8 @@ def _awq_gemm_kernel(
         scales = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         q = _nibbles_as_float(words, shifts, MAGIC_BITS, MAGIC_DTYPE)
         z = _nibbles_as_float(zero_words[None, :], shifts, MAGIC_BITS, MAGIC_DTYPE)
-        if ZERO_AFTER_DOT:
-            x_sum = tl.sum(x.to(tl.float32), axis=1)
-            part = tl.dot(x, q, input_precision=DOT_PRECISION) - x_sum[:, None] * z.to(tl.float32)
-        else:
-            part = tl.dot(x.to(DOT_DTYPE), (q - z).to(DOT_DTYPE), input_precision=DOT_PRECISION)
-        acc += part * scales[None, :]
+        w = (q - z).to(DOT_DTYPE)
+        acc += tl.dot(x.to(DOT_DTYPE), w, input_precision=DOT_PRECISION) * scales[None, :]
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     out_offs = offs_m[:, None] * N + offs_n[None, :]
@@ -166,13 +162,13 @@ def _dot_types(dtype: torch.dtype) -> dict[str, object]:
     activations' 16-bit type (fp16 for fp32 activations, and for bf16 in the interpreter)."""
     if dtype == torch.bfloat16 and not _INTERPRETED:
         return dict(MAGIC_BITS=_BF16_MAGIC_BITS, MAGIC_DTYPE=tl.bfloat16, DOT_DTYPE=tl.bfloat16,
-                    DOT_PRECISION="tf32", ZERO_AFTER_DOT=True)
+                    DOT_PRECISION="tf32")
     if dtype == torch.float16:
         return dict(MAGIC_BITS=_FP16_MAGIC_BITS, MAGIC_DTYPE=tl.float16, DOT_DTYPE=tl.float16,
-                    DOT_PRECISION="tf32", ZERO_AFTER_DOT=True)
-    # fp32 must not be rounded to tf32 on the tensor cores, and must not lose bits to MAGIC.
+                    DOT_PRECISION="tf32")
+    # fp32 must not be rounded to tf32 on the tensor cores.
     return dict(MAGIC_BITS=_FP16_MAGIC_BITS, MAGIC_DTYPE=tl.float16, DOT_DTYPE=tl.float32,
-                DOT_PRECISION="ieee", ZERO_AFTER_DOT=False)
+                DOT_PRECISION="ieee")
 
 
 class GemmConfig(NamedTuple):

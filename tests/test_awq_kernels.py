@@ -1,0 +1,98 @@
+"""The AWQ Triton kernels (through the interpreter on CPU) against a float64 reference of the
+dequantized weight, on small shapes with random data drawn fresh each run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from engine.kernels.awq_gemm import FUSED_MAX_TOKENS, awq_dequantize, awq_gemm, awq_linear, gemm_config
+from engine.quantization.awq import pack_int4
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETED else "cuda"  # the kernels run on CPU tensors only when interpreted
+
+
+def _random_weight(k: int, n: int, group_size: int, seed: int):
+    """Packed AWQ tensors and the exact float64 weight ``(q - z) * s`` [K, N] they encode."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = k // group_size
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    z = torch.randint(0, 16, (groups, n), generator=gen)
+    s = (torch.rand(groups, n, generator=gen) * 0.1 + 1e-3).half()
+    g = torch.arange(k) // group_size
+    w64 = (q - z[g]).double() * s[g].double()
+    return pack_int4(q).to(DEVICE), pack_int4(z).to(DEVICE), s.to(DEVICE), w64.to(DEVICE)
+
+
+def _check_matmul(y: torch.Tensor, x: torch.Tensor, w64: torch.Tensor, seed: int, bias=None) -> None:
+    """|y - x @ W| within rounding W and y to the activation dtype plus fp32 accumulation."""
+    ref = x.double() @ w64
+    magnitude = x.double().abs() @ w64.abs()
+    if bias is not None:
+        ref, magnitude = ref + bias.double(), magnitude + bias.double().abs()
+    eps = torch.finfo(x.dtype).eps
+    bound = 2 * (eps + x.shape[-1] * 2**-23) * magnitude + eps * ref.abs() + 1e-30
+    err = (y.double() - ref).abs()
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"seed {seed}: error {worst:.2f}x the rounding bound"
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("k", "n", "group_size"), [(64, 48, 32), (256, 128, 128), (72, 40, 72)])
+def test_dequantize_kernel_is_exact(k: int, n: int, group_size: int, dtype: torch.dtype) -> None:
+    seed = _seed()
+    qweight, qzeros, scales, w64 = _random_weight(k, n, group_size, seed)
+    w = awq_dequantize(qweight, qzeros, scales, dtype)
+    if dtype == torch.bfloat16 and INTERPRETED:
+        # The interpreter truncates fp32 -> bf16 where a GPU rounds: allow that one step.
+        torch.testing.assert_close(w.double(), w64, rtol=2**-7, atol=0, msg=f"seed {seed}")
+    else:
+        # (q - z) * s is exact in fp32, so the kernel rounds once, as the reference does.
+        assert torch.equal(w, w64.to(dtype)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("m", "k", "n", "group_size", "config"),
+    [
+        (1, 128, 64, 32, None),
+        (5, 256, 96, 64, None),  # N not a multiple of BLOCK_N
+        (16, 256, 128, 128, (16, 64, 32, 1)),  # several K tiles per group, no split
+        (19, 256, 64, 64, (16, 32, 64, 4)),  # split-K, M not a multiple of BLOCK_M
+        (3, 72, 40, 72, None),  # one group over all of K, K not a power of two
+        (40, 128, 64, 32, (32, 64, 32, 2)),
+    ],
+)
+def test_fused_gemm_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:
+    seed = _seed()
+    qweight, qzeros, scales, w64 = _random_weight(k, n, group_size, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    _check_matmul(awq_gemm(x, qweight, qzeros, scales, config), x, w64, seed)
+
+
+def test_split_k_fills_an_idle_gpu() -> None:
+    assert gemm_config(1, 4096, 4096, 128, num_sms=132)[3] > 1
+    assert gemm_config(4096, 4096, 4096, 128, num_sms=132)[3] == 1
+
+
+@pytest.mark.parametrize("tokens", [4, FUSED_MAX_TOKENS + 1])
+def test_awq_linear_both_paths(tokens: int) -> None:
+    """Few tokens take the fused kernel, many the dequantize + matmul path; same answer."""
+    seed = _seed()
+    k, n = 64, 32
+    qweight, qzeros, scales, w64 = _random_weight(k, n, 32, seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, k, generator=gen).to(DEVICE, torch.float16)
+    bias = torch.randn(n, generator=gen).to(DEVICE, torch.float16)
+    y = awq_linear(x.view(1, tokens, k), qweight, qzeros, scales, bias)
+    assert y.shape == (1, tokens, n)
+    _check_matmul(y.view(tokens, n), x, w64, seed, bias)
