@@ -47,6 +47,38 @@ def causal_attention(
     return out.reshape(num_q, num_heads, head_dim).to(q.dtype)
 
 
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    metadata: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One query token per request, all requests at once: gather every request's blocks into a
+    padded ``[B, L, Hkv, D]`` batch and mask past its length (and outside its window). Padding
+    and released entries of the block table point at the null block, whose slots are masked."""
+    num_reqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    groups = num_heads // num_kv_heads
+    num_blocks = -(-metadata.max_seq_len // block_size)
+    tables = metadata.block_tables[:, :num_blocks].long()
+    keys = k_cache[tables].flatten(1, 2).float()  # [B, L, Hkv, D]
+    values = v_cache[tables].flatten(1, 2).float()
+    key_pos = torch.arange(keys.shape[1], device=q.device)
+    q_pos = metadata.seq_lens.long() - 1
+    allowed = key_pos[None, :] <= q_pos[:, None]
+    if sliding_window is not None:
+        allowed &= key_pos[None, :] > q_pos[:, None] - sliding_window
+    # Slots past a request's length may hold anything (even NaN): zero them so 0 * garbage never leaks.
+    values = values.masked_fill(~allowed[:, :, None, None], 0.0)
+    qf = q.float().view(num_reqs, num_kv_heads, groups, head_dim)
+    scores = torch.einsum("bhgd,bkhd->bhgk", qf, keys) * scale
+    scores.masked_fill_(~allowed[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgk,bkhd->bhgd", scores.softmax(dim=-1), values)
+    return out.reshape(num_reqs, num_heads, head_dim).to(q.dtype)
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
@@ -63,6 +95,8 @@ class TorchAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
         write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        if metadata.max_query_len == 1 and metadata.num_tokens == metadata.num_reqs:
+            return decode_attention(q, k_cache, v_cache, metadata, scale, sliding_window)
         block_size = k_cache.shape[1]
         out = torch.empty_like(q)
         device = q.device
