@@ -49,7 +49,8 @@ def write_shape_dir(shape: str, out_dir: Path) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(["sluice benchmark tokenizer"], trainer=trainer)
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(out_dir)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out_dir)
     return out_dir
 
 

@@ -16,6 +16,7 @@ class EngineArgs:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"
     seed: int = 0
+    quantization: str | None = None  # "awq" forces AWQ; unset: the checkpoint's config decides
     load_format: str = "auto"  # auto: the checkpoint's safetensors; dummy: random weights (benchmarks)
     max_model_len: int | None = None
     block_size: int = 16

@@ -70,7 +70,8 @@ class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
         self.model_config = ModelConfig.from_pretrained(
-            args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=args.device
+            args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=args.device,
+            quantization=args.quantization,
         )
         self.tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
         self.runner = ModelRunner(self.model_config, args)

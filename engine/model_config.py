@@ -55,6 +55,7 @@ class ModelConfig:
         dtype: str = "auto",
         max_model_len: int | None = None,
         device: str | torch.device = "auto",
+        quantization: str | None = None,
     ) -> ModelConfig:
         root = Path(path)
         config_file = root / "config.json"
@@ -94,7 +95,7 @@ class ModelConfig:
             max_model_len=_max_model_len(cfg, max_model_len),
             dtype=_dtype(dtype, resolved_device),
             device=resolved_device,
-            quantization_config=cfg.get("quantization_config"),
+            quantization_config=_quantization_config(cfg, root, quantization),
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
         )
 
@@ -199,3 +200,22 @@ def _dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}")
     return _DTYPES[dtype]
+
+
+def _quantization_config(cfg: dict[str, Any], root: Path, forced: str | None) -> dict[str, Any] | None:
+    """The checkpoint's ``quantization_config`` (or AutoAWQ's older ``quant_config.json``);
+    ``forced`` (``--quantization``) must agree with what the checkpoint holds."""
+    qcfg = cfg.get("quantization_config")
+    legacy = root / "quant_config.json"
+    if qcfg is None and legacy.is_file():
+        qcfg = {"quant_method": "awq", **json.loads(legacy.read_text())}
+    if forced is None:
+        return qcfg
+    if forced != "awq":
+        raise ValueError(f"quantization must be 'awq' or unset, got {forced!r}")
+    if qcfg is None:
+        raise ValueError(f"quantization 'awq' was asked for but {str(root)!r} has no quantization_config")
+    method = str(qcfg.get("quant_method", "awq")).lower()
+    if method != "awq":
+        raise ValueError(f"quantization 'awq' was asked for but the checkpoint is quantized with {method!r}")
+    return {**qcfg, "quant_method": "awq"}

@@ -265,3 +265,12 @@ def test_autoawq_packed_checkpoint_greedy_matches_transformers(
     gen = torch.Generator().manual_seed(_seed())
     prompts = [torch.randint(2, 512, (n,), generator=gen).tolist() for n in (1, 5, 17)]
     assert sluice_greedy(quantized, prompts, 12) == hf_greedy(dense, prompts, 12)
+
+
+def test_forced_awq_quantization_needs_an_awq_checkpoint(tiny_models) -> None:
+    from engine.model_config import ModelConfig
+
+    with pytest.raises(ValueError, match="quantization_config"):
+        ModelConfig.from_pretrained(tiny_models["llama"], quantization="awq")
+    with pytest.raises(ValueError, match="quantization"):
+        ModelConfig.from_pretrained(tiny_models["llama"], quantization="gptq")
