@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -57,10 +58,11 @@ def write_shape_dir(shape: str, out_dir: Path) -> Path:
 def environment() -> dict[str, object]:
     """Date, commit, device and package versions, for every result file."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        commit = done.stdout.strip() if done.returncode == 0 else None
     except OSError:
         commit = None
+    commit = os.environ.get("SLUICE_COMMIT", commit)  # the GPU machine gets a tree without git metadata
     versions = {}
     for pkg in ("torch", "triton", "transformers", "grpcio", "protobuf"):
         try:
@@ -71,7 +73,7 @@ def environment() -> dict[str, object]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "packages": versions,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
