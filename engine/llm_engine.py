@@ -108,7 +108,8 @@ class LLMEngine:
     # ------------------------------------------------------------------ admission
     @property
     def vocab_size(self) -> int:
-        return max(self.model_config.vocab_size, self.tokenizer.vocab_size)
+        # The embedding's size bounds valid ids (it may exceed the tokenizer's, never the reverse).
+        return self.model_config.vocab_size
 
     def prepare_request(
         self,

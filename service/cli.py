@@ -15,6 +15,7 @@ import sys
 import types
 import typing
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -28,6 +29,10 @@ from sluice.v1 import generation_pb2 as pb
 
 # Sampling flags that make no sense on the command line, which prints text only.
 _CLI_SKIPPED_SAMPLING = ("logprobs", "detokenize")
+# The bundled model, found in the source tree (the editable install runs from it).
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "sluice-pycoder"
+
+logger = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="start the gRPC server")
-    _add_dataclass_flags(serve, EngineArgs, "engine")
+    _add_dataclass_flags(serve, EngineArgs, "engine", optional=("model",))
     _add_dataclass_flags(serve, ServerArgs, "server")
     serve.set_defaults(handler=_serve)
 
@@ -96,7 +101,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, group: str,
         else:
             kwargs["type"] = kind
         kwargs["required"] = required and f.name not in optional
-        kwargs["help"] = "required" if kwargs["required"] else f"default: {default}"
+        kwargs["help"] = ("required" if kwargs["required"] else f"default: {DEFAULT_MODEL}" if f.name == "model"
+                          else f"default: {default}")
         section.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
@@ -130,7 +136,12 @@ def flags_of(args: argparse.Namespace, group: str) -> dict[str, Any]:
 
 
 def engine_args_of(args: argparse.Namespace) -> EngineArgs:
-    return _config(EngineArgs, flags_of(args, "engine"))
+    """The engine flags given, with the bundled model when ``--model`` is not."""
+    values = flags_of(args, "engine")
+    if "model" not in values:
+        values["model"] = str(DEFAULT_MODEL)
+        logger.warning("no --model given: using the bundled model %s", DEFAULT_MODEL)
+    return _config(EngineArgs, values)
 
 
 def _config(cls: type, values: dict[str, Any]) -> Any:
@@ -150,8 +161,6 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = flags_of(args, "sampling")
     if args.server:
         return _generate_remote(args.server, args.prompt, sampling)
-    if getattr(args, "engine.model") is None:
-        raise SystemExit("sluice generate: give --model PATH (offline) or --server HOST:PORT")
     return _generate_offline(engine_args_of(args), args.prompt, _config(SamplingParams, sampling))
 
 
