@@ -14,6 +14,9 @@ pytest_plugins = ("tests.service_fixtures",)  # the real-server fixtures of the 
 # set before any kernel module is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Tiny models gain nothing from intra-op threads, and on a 2-core CI machine they fight the
+    # real-server subprocesses of the service tests for the cores (seen: 10x slower steps).
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
