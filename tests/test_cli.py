@@ -101,11 +101,6 @@ def test_health_command_exit_codes(server: ServerProcess) -> None:
     assert nobody.returncode == 2 and nobody.stdout.startswith("UNREACHABLE")
 
 
-def test_generate_needs_a_model_or_a_server() -> None:
-    with pytest.raises(SystemExit, match="--model PATH"):
-        cli.main(["generate", "hello"])
-
-
 def test_generate_from_a_server_reports_a_refused_request(server: ServerProcess) -> None:
     with pytest.raises(SystemExit, match="INVALID_ARGUMENT: temperature"):
         cli.main(["generate", "--server", server.address, "--temperature", "-1", PROMPT])
