@@ -27,6 +27,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     max_logprobs: int = 20
     enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"  # or "xxhash" (faster, not cryptographic) when installed
     attention_backend: str = "auto"  # auto | flash_attn | triton | torch
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)
 

@@ -85,6 +85,7 @@ class LLMEngine:
                 block_size=args.block_size,
                 num_blocks=self.num_kv_blocks,
                 enable_prefix_caching=args.enable_prefix_caching,
+                prefix_caching_hash_algo=args.prefix_caching_hash_algo,
                 sliding_window=self.model_config.sliding_window,
                 # The bound is enforced in add_prepared_request, which knows about the n choices.
                 max_waiting_requests=None,

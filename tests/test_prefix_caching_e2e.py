@@ -63,3 +63,8 @@ def test_reset_prefix_cache_drops_hits(llama_dir: Path) -> None:
     again = llm.generate([prompt], GREEDY)[0]
     assert again.num_cached_tokens == 0
     assert again.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_unknown_hash_algorithm_is_rejected(llama_dir: Path) -> None:
+    with pytest.raises(ValueError, match="prefix_caching_hash_algo"):
+        LLM(str(llama_dir), block_size=BLOCK, num_kv_blocks=160, prefix_caching_hash_algo="md5")
