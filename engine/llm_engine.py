@@ -371,6 +371,8 @@ class LLMEngine:
             "kv_blocks_used": stats.num_kv_blocks_used,
             "kv_blocks_total": stats.num_kv_blocks_total,
             "prefix_cache_hit_rate": stats.prefix_cache_hits / queries if queries else 0.0,
+            "prefix_cache_queries": queries,
+            "prefix_cache_hits": stats.prefix_cache_hits,
             "num_preemptions": stats.num_preemptions,
             "generation_tokens_per_s": sum(n for _, n in self._recent_tokens) / _THROUGHPUT_WINDOW_S,
         }

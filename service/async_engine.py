@@ -53,6 +53,9 @@ class AsyncLLM:
         self._thread: threading.Thread | None = None
         self._idle: asyncio.Event | None = None
         self._on_dead: Callable[[str], None] | None = None
+        # Called on the loop once per request that ends: (stream, its last delta or None if the
+        # reader left first, which aborts it).
+        self.on_request_end: Callable[[RequestStream, RequestOutput | None], None] | None = None
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
@@ -184,6 +187,8 @@ class AsyncLLM:
         if self._streams.get(stream.request_id) is stream:
             self._forget(stream.request_id)
             if not stream.finished and not self.dead_reason:
+                if self.on_request_end is not None:
+                    self.on_request_end(stream, None)
                 rid = stream.request_id
                 self._call_in_engine(lambda: self.engine.abort_request([rid]), want_result=False)
 
@@ -200,6 +205,8 @@ class AsyncLLM:
             stream.push(output)
             if stream.finished:
                 self._forget(output.request_id)
+                if self.on_request_end is not None:
+                    self.on_request_end(stream, output)
 
     def _fail_all(self, reason: str) -> None:
         """The engine thread died: every stream ends with an error delta per open choice."""

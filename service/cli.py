@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -24,6 +25,7 @@ from google.protobuf.json_format import MessageToDict
 from engine.config import EngineArgs
 from engine.sampling_params import SamplingParams
 from service.client import DEFAULT_ADDRESS, SluiceClient
+from service.log_format import configure_logging
 from service.server import ServerArgs, serve
 from sluice.v1 import generation_pb2 as pb
 
@@ -31,6 +33,8 @@ from sluice.v1 import generation_pb2 as pb
 _CLI_SKIPPED_SAMPLING = ("logprobs", "detokenize")
 # The bundled model, found in the source tree (the editable install runs from it).
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "sluice-pycoder"
+# The client commands' API key, when --api-key-file is not given.
+API_KEY_ENV = "SLUICE_API_KEY"
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The server logs its configuration and life; the one-shot commands keep stderr quiet.
     level = logging.INFO if args.command == "serve" else logging.WARNING
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, getattr(args, "server.log_format", "text"))
     return args.handler(args)
 
 
@@ -60,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="generate a completion, offline or from a server")
     generate.add_argument("prompt", help="the prompt text")
     generate.add_argument("--server", metavar="HOST:PORT", help="stream from a running server instead")
+    _add_connection_flags(generate)
     _add_dataclass_flags(generate, SamplingParams, "sampling", skip=_CLI_SKIPPED_SAMPLING, unset=True)
     # Engine flags whose names a sampling flag already uses (--seed) are the sampling one here.
     _add_dataclass_flags(generate, EngineArgs, "engine", skip=("seed",), optional=("model",))
@@ -70,11 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--server", metavar="HOST:PORT", default=DEFAULT_ADDRESS)
         sub.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+        _add_connection_flags(sub)
         sub.set_defaults(handler=handler)
 
     # `sluice quantize ...` is handed whole to the quantizer's own parser (see _quantize).
     commands.add_parser("quantize", help="quantize a checkpoint to AWQ 4-bit", add_help=False)
     return parser
+
+
+def _add_connection_flags(parser: argparse.ArgumentParser) -> None:
+    section = parser.add_argument_group("connection options")
+    section.add_argument("--api-key-file", metavar="PATH",
+                         help=f"file whose first line is the API key (default: ${API_KEY_ENV})")
+    section.add_argument("--tls-ca", metavar="PATH", help="PEM CA certificate: connect with TLS, trusting it")
+
+
+def client_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``SluiceClient`` keywords from the connection flags; the key never comes from argv."""
+    key = (Path(args.api_key_file).read_text().strip().splitlines() or [""])[0].strip() \
+        if args.api_key_file else os.environ.get(API_KEY_ENV)
+    return {"api_key": key or None,
+            "root_certificates": Path(args.tls_ca).read_bytes() if args.tls_ca else None}
 
 
 # ---------------------------------------------------------------------------- flags from dataclasses
@@ -160,7 +180,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     sampling = flags_of(args, "sampling")
     if args.server:
-        return _generate_remote(args.server, args.prompt, sampling)
+        return _generate_remote(args.server, args.prompt, sampling, client_options(args))
     return _generate_offline(engine_args_of(args), args.prompt, _config(SamplingParams, sampling))
 
 
@@ -184,10 +204,11 @@ def _generate_offline(engine_args: EngineArgs, prompt: str, params: SamplingPara
     return 0
 
 
-def _generate_remote(address: str, prompt: str, sampling: dict[str, Any]) -> int:
+def _generate_remote(address: str, prompt: str, sampling: dict[str, Any],
+                     options: dict[str, Any] | None = None) -> int:
     texts: dict[int, str] = {}
     failed = False
-    with SluiceClient(address) as client:
+    with SluiceClient(address, **(options or {})) as client:
         try:
             for delta in client.generate(prompt, **sampling):
                 texts[delta.index] = texts.get(delta.index, "") + delta.text
@@ -216,7 +237,7 @@ def _print_choices(texts: list[str]) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with SluiceClient(args.server, timeout=args.timeout) as client:
+    with SluiceClient(args.server, timeout=args.timeout, **client_options(args)) as client:
         info = {
             "model": MessageToDict(client.model_info(), preserving_proto_field_name=True,
                                    always_print_fields_with_no_presence=True),
@@ -229,7 +250,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _health(args: argparse.Namespace) -> int:
     """Prints the status; exit code 0 when SERVING, 1 when not, 2 when unreachable."""
-    with SluiceClient(args.server, timeout=args.timeout) as client:
+    with SluiceClient(args.server, timeout=args.timeout, **client_options(args)) as client:
         try:
             status = client.health()
         except grpc.RpcError as exc:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import json
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -22,14 +24,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from engine.config import EngineArgs
+from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from service.async_engine import AsyncLLM
+from service.async_engine import AsyncLLM, EngineUnavailableError
+from service.auth import API_KEYS_ENV, ApiKeys, AuthInterceptor
+from service.log_format import LOG_FORMATS
+from service.metrics import FinishedRequest, ServerMetrics
+from service.request_stream import RequestStream
 from service.servicer import GenerationServicer
 from sluice.v1 import generation_pb2 as pb
 from sluice.v1 import generation_pb2_grpc as pb_grpc
 
 logger = logging.getLogger("sluice.server")
 
+LOAD_POLL_INTERVAL_S = 0.5  # how often the metrics' engine gauges are refreshed
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -44,6 +52,12 @@ class ServerArgs:
     port: int = 50051
     shutdown_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     max_n: int = 16  # most choices (n) one request may ask for
+    tls_cert: str | None = None  # PEM certificate chain; with tls_key, serve TLS instead of plaintext
+    tls_key: str | None = None  # PEM private key of tls_cert
+    tls_client_ca: str | None = None  # PEM CA bundle; clients must present a certificate it signed
+    api_key_file: str | None = None  # one 'key' or 'key:tenant' a line; also $SLUICE_API_KEYS
+    metrics_port: int = 0  # Prometheus /metrics over HTTP on host:metrics_port; 0 = off
+    log_format: str = "text"  # "text" or "json" (one object per line)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -52,6 +66,14 @@ class ServerArgs:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
 
 
 class Server:
@@ -60,14 +82,17 @@ class Server:
     def __init__(self, engine_args: EngineArgs, server_args: ServerArgs) -> None:
         self.engine_args = engine_args
         self.server_args = server_args
+        self.auth = ApiKeys.load(server_args.api_key_file, os.environ.get(API_KEYS_ENV))
         self.servicer = GenerationServicer(max_n=server_args.max_n)
+        self.servicer.auth = self.auth
         self.health = health.aio.HealthServicer()
         self.llm: AsyncLLM | None = None
+        self.metrics = ServerMetrics()
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT, then drain; the process exit code."""
         # Both belong to the running loop, so they are made here rather than in __init__.
-        self._grpc = grpc.aio.server()
+        self._grpc = grpc.aio.server(interceptors=[AuthInterceptor(self.auth)] if self.auth else None)
         self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -78,7 +103,7 @@ class Server:
         reflection.enable_server_reflection((GENERATION_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME),
                                             self._grpc)
         address = f"{self.server_args.host}:{self.server_args.port}"
-        port = self._grpc.add_insecure_port(address)
+        port = self._bind(address)
         await self._grpc.start()
         logger.info("listening on %s:%d; health NOT_SERVING until the model is loaded and warmed up",
                     self.server_args.host, port)
@@ -97,13 +122,62 @@ class Server:
             await self._grpc.stop(None)
             return 1
         logger.info("warm-up done in %.2f s", time.monotonic() - started)
+        # Attached after the warm-up so that it is not counted.
+        self.llm.on_request_end = self._on_request_end
+        metrics_http = self._start_metrics()
         self.servicer.attach(self.llm)
         if not self._stop.is_set():
             await self._set_health(_SERVING)
             logger.info("serving sluice.v1.Generation on %s:%d", self.server_args.host, port)
         await self._stop.wait()
         await self.drain()
+        if metrics_http is not None:
+            metrics_http.shutdown()
         return 0
+
+    def _start_metrics(self) -> object | None:
+        """Serve /metrics and keep its engine snapshot fresh; None when metrics_port is 0."""
+        args = self.server_args
+        if args.metrics_port == 0:
+            return None
+        http = self.metrics.serve_http(args.host, args.metrics_port)
+        self._load_poller = asyncio.ensure_future(self._poll_load())
+        logger.info("metrics on http://%s:%d/metrics", args.host, args.metrics_port)
+        return http
+
+    async def _poll_load(self) -> None:
+        assert self.llm is not None
+        while True:
+            try:
+                self.metrics.set_load(await self.llm.get_load())
+            except EngineUnavailableError:  # stopped or failed: the last snapshot stays
+                return
+            await asyncio.sleep(LOAD_POLL_INTERVAL_S)
+
+    def _on_request_end(self, stream: RequestStream, last: RequestOutput | None) -> None:
+        reason = "abort"
+        if last is not None:
+            reason = next((c.finish_reason for c in reversed(last.outputs) if c.finish_reason), "abort")
+        self.metrics.record(FinishedRequest(
+            request_id=stream.request_id, finish_reason=reason, prompt_tokens=len(stream.prompt_token_ids),
+            generation_tokens=sum(stream.num_output_tokens), metrics=last.metrics if last else None,
+            ended_at=time.monotonic()))
+
+    def _bind(self, address: str) -> int:
+        """Listen on ``address`` with TLS when a certificate is given, else in plaintext."""
+        args = self.server_args
+        logger.info("API keys: %s", f"{len(self.auth.tenants)} tenants" if self.auth else "off (no authentication)")
+        if args.tls_cert is None or args.tls_key is None:
+            if not is_loopback(args.host):
+                logger.warning("serving PLAINTEXT on non-loopback address %s: traffic and API keys can be "
+                               "read on the network; give --tls-cert and --tls-key", args.host)
+            return self._grpc.add_insecure_port(address)
+        client_ca = _read(args.tls_client_ca) if args.tls_client_ca else None
+        credentials = grpc.ssl_server_credentials([(_read(args.tls_key), _read(args.tls_cert))],
+                                                  root_certificates=client_ca,
+                                                  require_client_auth=client_ca is not None)
+        logger.info("TLS on; client certificates %s", "required" if client_ca else "not required")
+        return self._grpc.add_secure_port(address, credentials)
 
     async def drain(self) -> None:
         """Stop admitting, let in-flight requests finish within the timeout, then stop."""
@@ -126,6 +200,21 @@ class Server:
     def _on_engine_dead(self, reason: str) -> None:
         logger.error("engine failed (%s): health NOT_SERVING, new requests UNAVAILABLE", reason)
         asyncio.ensure_future(self._set_health(_NOT_SERVING))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 async def warm_up(llm: AsyncLLM) -> None:

@@ -13,6 +13,7 @@ import grpc
 from scheduler.scheduler import QueueFullError
 from service import validation
 from service.async_engine import AsyncLLM, EngineUnavailableError, RequestIdInUseError
+from service.auth import ApiKeys, tenant_cache_salt
 from service.request_stream import RequestStream
 from service.responses import rejection, responses_of
 from sluice import __version__
@@ -42,6 +43,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, max_n: int) -> None:
         self.max_n = max_n
         self.llm: AsyncLLM | None = None
+        # The server's API keys (None: no authentication); each key's tenant salts its cache.
+        self.auth: ApiKeys | None = None
 
     def attach(self, llm: AsyncLLM) -> None:
         self.llm = llm
@@ -52,12 +55,19 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise Rejection(grpc.StatusCode.UNAVAILABLE, "the model is still loading")
         return self.llm
 
-    def _submit(self, request: pb.GenerateRequest, request_id: str) -> RequestStream:
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The caller's tenant; the interceptor has already refused calls without a known key."""
+        return self.auth.tenant_of(context.invocation_metadata()) if self.auth else None
+
+    def _submit(self, request: pb.GenerateRequest, request_id: str,
+                tenant: str | None = None) -> RequestStream:
         llm = self._engine()
         try:
             prompt = validation.prompt_of(request, llm.engine.vocab_size)
             params = validation.sampling_params_of(request, self.max_n)
             cache_salt = validation.cache_salt_of(request)
+            if tenant is not None:
+                cache_salt = tenant_cache_salt(tenant, cache_salt)
             prepared = llm.prepare(request_id, prompt, params, request.priority, cache_salt)
         except ValueError as exc:
             raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
@@ -83,7 +93,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            stream = self._submit(request, request.request_id or uuid.uuid4().hex)
+            stream = self._submit(request, request.request_id or uuid.uuid4().hex, self._tenant(context))
         except Rejection as r:
             await context.abort(r.code, r.message)
         try:
@@ -103,6 +113,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         # Bounded, so that a slow reader leaves deltas to coalesce in each request's stream.
         outbox: asyncio.Queue[pb.GenerateResponse | None] = asyncio.Queue(_STREAM_BUFFER)
         tasks: dict[str, asyncio.Task[None]] = {}
+        tenant = self._tenant(context)
 
         async def run(stream: RequestStream) -> None:
             try:
@@ -124,7 +135,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 if not rid:
                     raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
                                     "request_id is required on GenerateStream")
-                stream = self._submit(request, rid)
+                stream = self._submit(request, rid, tenant)
             except Rejection as r:
                 return rejection(rid, r.code, r.message)
             task = tasks[rid] = asyncio.create_task(run(stream))
