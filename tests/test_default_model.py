@@ -4,7 +4,6 @@ function headers into Python that parses, and ``sluice generate`` uses it when n
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -80,16 +79,16 @@ def test_function_text_cuts_at_dedent_and_fills_empty_bodies() -> None:
     assert not parses("def f():\n    return (\n")
 
 
-def test_generate_without_model_uses_the_bundled_model(llm: LLM, monkeypatch, capsys, caplog) -> None:
+def test_generate_without_model_uses_the_bundled_model(llm: LLM, monkeypatch, capsys) -> None:
     prompt = "import os\n"
     expected = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0].outputs[0].text
     monkeypatch.setattr(sys, "argv", ["sluice"])
-    with caplog.at_level(logging.WARNING, logger="service.cli"):
-        rc = cli.main(["generate", prompt, "--max-tokens", "8", "--temperature", "0", "--num-kv-blocks", "32",
-                       "--max-model-len", "256"])
+    rc = cli.main(["generate", prompt, "--max-tokens", "8", "--temperature", "0", "--num-kv-blocks", "32",
+                   "--max-model-len", "256"])
     assert rc == 0
-    assert capsys.readouterr().out == expected + "\n"
-    assert str(BUNDLED) in caplog.text
+    captured = capsys.readouterr()
+    assert captured.out == expected + "\n"
+    assert str(BUNDLED) in captured.err  # the CLI logs which model it chose to stderr
 
 
 def test_serve_without_model_defaults_to_the_bundled_model() -> None:
