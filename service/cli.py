@@ -47,8 +47,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The server logs its configuration and life; the one-shot commands keep stderr quiet.
     level = logging.INFO if args.command == "serve" else logging.WARNING
-    configure_logging(level, getattr(args, "server.log_format", "text"))
-    return args.handler(args)
+    try:
+        configure_logging(level, getattr(args, "server.log_format", "text"))
+        return args.handler(args)
+    except (ValueError, OSError) as exc:  # bad settings or files: a clear message, not a traceback
+        print(f"sluice {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

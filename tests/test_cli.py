@@ -104,3 +104,17 @@ def test_health_command_exit_codes(server: ServerProcess) -> None:
 def test_generate_from_a_server_reports_a_refused_request(server: ServerProcess) -> None:
     with pytest.raises(SystemExit, match="INVALID_ARGUMENT: temperature"):
         cli.main(["generate", "--server", server.address, "--temperature", "-1", PROMPT])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--log-format", "xml"], "log_format"),
+        (["--api-key-file", "/nonexistent/keys"], "/nonexistent/keys"),
+    ],
+)
+def test_bad_serve_settings_exit_2_with_a_clear_message(flags: list[str], message: str, capsys) -> None:
+    from service import cli
+
+    assert cli.main(["serve", "--port", "0", *flags]) == 2
+    assert message in capsys.readouterr().err
