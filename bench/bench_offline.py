@@ -1,0 +1,141 @@
+"""Offline throughput and single-stream latency of the engine, with the naive ``transformers``
+baseline on the same shapes side by side.
+
+1. Offline throughput: ``--num-requests`` requests (default 256), prompt and output lengths each
+   uniform in [``--min-len``, ``--max-len``] (seeded), random prompt token ids, ignore_eos,
+   temperature 0.6; output tokens / wall time after one warm-up call.
+2. Single stream: one 128-token prompt, 256 new tokens, after warm-up: tokens/s and time per
+   output token.
+3. Baseline: Hugging Face ``generate`` (random weights of the same shape), batch 1 and 64.
+
+    python -m bench.bench_offline --shape qwen3-0.6b --dtype bfloat16 --out bench/results/offline_qwen3-0.6b.json
+    python -m bench.bench_offline --shape cpu-small --num-requests 16 --max-len 128 --single-new-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import write_result, write_shape_dir
+from engine.config import EngineArgs
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+
+def _run_all(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, int]:
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        engine.add_request(f"{time.monotonic_ns()}-{i}", prompt, p)
+    start, tokens, steps = time.perf_counter(), 0, 0
+    while engine.has_unfinished_requests():
+        tokens += sum(len(c.token_ids) for out in engine.step() for c in out.outputs)
+        steps += 1
+        if steps % 200 == 0:
+            print(f"  step {steps}: {tokens} tokens out", flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, tokens
+
+
+def offline_throughput(engine: LLMEngine, args: argparse.Namespace) -> dict:
+    rng = random.Random(args.seed)
+    vocab = engine.model_config.vocab_size
+    lengths = [(rng.randint(args.min_len, args.max_len), rng.randint(args.min_len, args.max_len))
+               for _ in range(args.num_requests)]
+    prompts = [[rng.randrange(2, vocab) for _ in range(p)] for p, _ in lengths]
+    params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, detokenize=False, seed=i)
+              for i, (_, o) in enumerate(lengths)]
+    _run_all(engine, prompts[:2], [SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)] * 2)
+    wall, tokens = _run_all(engine, prompts, params)
+    return {"requests": args.num_requests, "output_tokens": tokens, "wall_s": wall,
+            "output_tokens_per_s": tokens / wall,
+            "total_tokens_per_s": (tokens + sum(p for p, _ in lengths)) / wall}
+
+
+def single_stream(engine: LLMEngine, args: argparse.Namespace) -> dict:
+    rng = random.Random(args.seed + 1)
+    prompt = [rng.randrange(2, engine.model_config.vocab_size) for _ in range(args.single_prompt_tokens)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.single_new_tokens, ignore_eos=True, detokenize=False)
+    _run_all(engine, [prompt], [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, detokenize=False)])
+    wall, tokens = _run_all(engine, [prompt], [params])
+    return {"prompt_tokens": len(prompt), "output_tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "time_per_output_token_ms": 1000 * wall / tokens}
+
+
+def hf_baseline(model_dir: Path, dtype: torch.dtype, batch: int, args: argparse.Namespace) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = AutoConfig.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    ids = torch.randint(2, config.vocab_size, (batch, args.single_prompt_tokens), device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=8, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=args.single_new_tokens, min_new_tokens=args.single_new_tokens,
+                             **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    tokens = (out.shape[1] - ids.shape[1]) * batch
+    del model
+    return {"batch": batch, "output_tokens": tokens, "wall_s": wall, "output_tokens_per_s": tokens / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="cpu-small")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--min-len", type=int, default=100)
+    parser.add_argument("--max-len", type=int, default=1024)
+    parser.add_argument("--single-prompt-tokens", type=int, default=128)
+    parser.add_argument("--single-new-tokens", type=int, default=256)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--baseline-batches", type=int, nargs="*", default=[1, 64])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_shape_dir(args.shape, Path(tmp))
+        engine = LLMEngine(EngineArgs(
+            model=str(model_dir), load_format="dummy", dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
+            max_model_len=2 * args.max_len + 16, attention_backend=args.attention_backend,
+        ))
+        print("offline throughput ...", flush=True)
+        offline = offline_throughput(engine, args)
+        print("single stream ...", flush=True)
+        single = single_stream(engine, args)
+        dtype = engine.model_config.dtype
+        backend = engine.cache_info()["attention_backend"]
+        del engine
+        baseline = []
+        for batch in args.baseline_batches:
+            print(f"transformers baseline, batch {batch} ...", flush=True)
+            baseline.append(hf_baseline(model_dir, dtype, batch, args))
+    print(f"offline: {offline['output_tokens_per_s']:.1f} output tok/s ({offline['output_tokens']} tokens, "
+          f"{offline['wall_s']:.1f} s); single stream: {single['tokens_per_s']:.1f} tok/s "
+          f"({single['time_per_output_token_ms']:.2f} ms/token)")
+    for b in baseline:
+        print(f"transformers generate, batch {b['batch']}: {b['output_tokens_per_s']:.1f} tok/s")
+    if args.out:
+        write_result(args.out, {"benchmark": "offline", "settings": vars(args) | {"out": str(args.out)},
+                                "attention_backend": backend, "dtype": str(dtype),
+                                "offline_throughput": offline, "single_stream": single,
+                                "transformers_baseline": baseline})
+
+
+if __name__ == "__main__":
+    main()
