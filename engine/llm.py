@@ -86,10 +86,4 @@ def _accumulate(total: RequestOutput, delta: RequestOutput) -> None:
     total.num_cached_tokens = delta.num_cached_tokens
     total.metrics = delta.metrics
     for d in delta.outputs:
-        out = total.outputs[d.index]
-        out.text += d.text
-        out.token_ids.extend(d.token_ids)
-        if d.logprobs is not None:
-            out.logprobs = (out.logprobs or []) + d.logprobs
-            out.cumulative_logprob = d.cumulative_logprob
-        out.finish_reason, out.stop_reason = d.finish_reason, d.stop_reason
+        total.outputs[d.index].merge(d)

@@ -27,12 +27,7 @@ def coalesce(outputs: list[RequestOutput]) -> RequestOutput:
                 )
                 continue
             assert into.finish_reason is None, f"choice {c.index} of {out.request_id} went on after finishing"
-            into.text += c.text
-            into.token_ids.extend(c.token_ids)
-            if c.logprobs is not None:
-                into.logprobs = (into.logprobs or []) + c.logprobs
-                into.cumulative_logprob = c.cumulative_logprob
-            into.finish_reason, into.stop_reason = c.finish_reason, c.stop_reason
+            into.merge(c)
     last = outputs[-1]
     return RequestOutput(
         request_id=last.request_id,
