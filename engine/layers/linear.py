@@ -56,15 +56,19 @@ class DenseLinearMethod(LinearMethod):
         weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         set_weight_attrs(weight, output_dim=0)
         layer.register_parameter("weight", weight)
-        if bias:
-            b = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            set_weight_attrs(b, output_dim=0)
-            layer.register_parameter("bias", b)
-        else:
-            layer.register_parameter("bias", None)
+        register_bias(layer, out_features, bias)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
+
+
+def register_bias(layer: nn.Module, out_features: int, bias: bool) -> None:
+    """The layer's ``bias`` parameter (or None): unquantized in every linear method."""
+    b = None
+    if bias:
+        b = nn.Parameter(torch.empty(out_features), requires_grad=False)
+        set_weight_attrs(b, output_dim=0)
+    layer.register_parameter("bias", b)
 
 
 def register_quant_method(name: str) -> Callable[[QuantMethodFactory], QuantMethodFactory]:

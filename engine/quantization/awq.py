@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.layers.linear import DenseLinearMethod, LinearMethod, register_quant_method, set_weight_attrs
+from engine.layers.linear import (
+    DenseLinearMethod,
+    LinearMethod,
+    register_bias,
+    register_quant_method,
+    set_weight_attrs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,12 +192,7 @@ class AWQLinearMethod(LinearMethod):
             param = nn.Parameter(data, requires_grad=False)
             set_weight_attrs(param, output_dim=1, packed_factor=1 if name == "scales" else PACK_FACTOR)
             layer.register_parameter(name, param)
-        if bias:
-            b = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            set_weight_attrs(b, output_dim=0)
-            layer.register_parameter("bias", b)
-        else:
-            layer.register_parameter("bias", None)
+        register_bias(layer, out_features, bias)
         layer.register_buffer("dense_weight", None, persistent=False)
         layer.awq_dtype = torch.get_default_dtype()  # the model dtype while layers are built
 
