@@ -48,8 +48,8 @@ def offline_throughput(engine: LLMEngine, args: argparse.Namespace) -> dict:
     lengths = [(rng.randint(args.min_len, args.max_len), rng.randint(args.min_len, args.max_len))
                for _ in range(args.num_requests)]
     prompts = [[rng.randrange(2, vocab) for _ in range(p)] for p, _ in lengths]
-    params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, detokenize=False, seed=i)
-              for i, (_, o) in enumerate(lengths)]
+    params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, detokenize=False)
+              for _, o in lengths]
     _run_all(engine, prompts[:2], [SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)] * 2)
     wall, tokens = _run_all(engine, prompts, params)
     return {"requests": args.num_requests, "output_tokens": tokens, "wall_s": wall,
@@ -72,7 +72,8 @@ def hf_baseline(model_dir: Path, dtype: torch.dtype, batch: int, args: argparse.
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = AutoConfig.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    with torch.device(device):  # random init on the device: an 8B model on a slow CPU takes minutes
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     ids = torch.randint(2, config.vocab_size, (batch, args.single_prompt_tokens), device=device)
     kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
@@ -103,6 +104,9 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--baseline-batches", type=int, nargs="*", default=[1, 64])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
@@ -113,9 +117,12 @@ def main() -> None:
             model=str(model_dir), load_format="dummy", dtype=args.dtype, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
             max_model_len=2 * args.max_len + 16, attention_backend=args.attention_backend,
+            enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
         ))
-        print("offline throughput ...", flush=True)
-        offline = offline_throughput(engine, args)
+        offline = None
+        if not args.skip_offline:
+            print("offline throughput ...", flush=True)
+            offline = offline_throughput(engine, args)
         print("single stream ...", flush=True)
         single = single_stream(engine, args)
         dtype = engine.model_config.dtype
@@ -125,9 +132,10 @@ def main() -> None:
         for batch in args.baseline_batches:
             print(f"transformers baseline, batch {batch} ...", flush=True)
             baseline.append(hf_baseline(model_dir, dtype, batch, args))
-    print(f"offline: {offline['output_tokens_per_s']:.1f} output tok/s ({offline['output_tokens']} tokens, "
-          f"{offline['wall_s']:.1f} s); single stream: {single['tokens_per_s']:.1f} tok/s "
-          f"({single['time_per_output_token_ms']:.2f} ms/token)")
+    if offline is not None:
+        print(f"offline: {offline['output_tokens_per_s']:.1f} output tok/s ({offline['output_tokens']} tokens, "
+              f"{offline['wall_s']:.1f} s)")
+    print(f"single stream: {single['tokens_per_s']:.1f} tok/s ({single['time_per_output_token_ms']:.2f} ms/token)")
     for b in baseline:
         print(f"transformers generate, batch {b['batch']}: {b['output_tokens_per_s']:.1f} tok/s")
     if args.out:

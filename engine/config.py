@@ -29,6 +29,8 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "sha256"  # or "xxhash" (faster, not cryptographic) when installed
     attention_backend: str = "auto"  # auto | flash_attn | triton | torch
+    enforce_eager: bool = False  # never use CUDA graphs (they replay decode steps on CUDA)
+    max_cuda_graph_batch_size: int | None = None  # largest captured decode batch; default max_num_seqs
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)
 
     def __post_init__(self) -> None:

@@ -8,18 +8,23 @@ sampled token for each request whose chunk reaches its last token.
     positions:   [ 5  6  7 |  0  1  2  3]          seq_lens        = [8, 4]
     slots:       block_table[pos // block_size] * block_size + pos % block_size
     sampled at:  the last token of each request with sample=True (index 2 and 6)
+
+On CUDA, a step where every request decodes one token replays a CUDA graph captured for the
+next larger batch size (engine/cuda_graph.py); other steps run eagerly. Both read their inputs
+from the same persistent buffers (engine/input_buffers.py).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 import torch
 
 from engine.attention.backend import select_attention_backend
-from engine.attention.metadata import AttentionMetadata, set_forward_context
+from engine.attention.metadata import set_forward_context
 from engine.config import EngineArgs
+from engine.cuda_graph import DecodeGraphs
+from engine.input_buffers import InputBuffers
 from engine.kv_cache import (
     KVCaches,
     allocate_kv_cache,
@@ -56,6 +61,12 @@ class ModelRunner:
         self.sampler = Sampler(model_config.eos_token_ids, seed=engine_args.seed)
         self.model: torch.nn.Module | None = None
         self.kv_caches: KVCaches = []
+        max_blocks = -(-model_config.max_model_len // self.block_size)
+        self.buffers = InputBuffers(
+            max(engine_args.max_num_batched_tokens, engine_args.max_num_seqs), engine_args.max_num_seqs,
+            max_blocks, self.block_size, self.device,
+        )
+        self.graphs: DecodeGraphs | None = None
 
     def load_model(self) -> None:
         self.model = load_model(self.model_config, self.args.load_format)
@@ -76,6 +87,10 @@ class ModelRunner:
             "KV cache: %d blocks of %d tokens, %d bytes per block, %.2f GiB",
             num_blocks, self.block_size, block_bytes, num_blocks * block_bytes / 2**30,
         )
+        if self.device.type == "cuda" and not self.args.enforce_eager and self.attention_backend.graph_safe:
+            max_size = min(self.args.max_cuda_graph_batch_size or self.args.max_num_seqs, self.args.max_num_seqs)
+            self.graphs = DecodeGraphs(self.model, self.buffers, self.attention_backend, max_size)
+            self.graphs.capture()
         return num_blocks
 
     @torch.inference_mode()
@@ -84,13 +99,10 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return RunnerOutput(sampled_token_ids={})
-        input_ids, positions, metadata, sample_indices = self._prepare_inputs(scheduled)
-        with set_forward_context(metadata, self.attention_backend):
-            hidden = self.model(input_ids, positions)
+        logits = self._forward(scheduled)
         sampled = [r for r in scheduled if r.sample]
         if not sampled:
             return RunnerOutput(sampled_token_ids={})
-        logits = self.model.compute_logits(hidden[sample_indices])
         rows = [SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids) for r in sampled]
         out = self.sampler(logits, rows)
         return RunnerOutput(
@@ -102,47 +114,18 @@ class ModelRunner:
             },
         )
 
-    def _prepare_inputs(
-        self, scheduled: list[ScheduledRequest]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
-        """Flattened ids and positions, the attention metadata, and the indices of the tokens
-        to sample from, all on the device; built on the host with no per-token Python loop."""
-        num_new = [r.num_new_tokens for r in scheduled]
-        seq_lens = [r.start_position + r.num_new_tokens for r in scheduled]
-        assert all(
-            len(r.block_table) * self.block_size >= n for r, n in zip(scheduled, seq_lens, strict=True)
-        ), "a block table does not cover its request's new tokens"
-        max_blocks = max(len(r.block_table) for r in scheduled)
-        input_ids = torch.tensor(list(itertools.chain.from_iterable(r.token_ids for r in scheduled)))
-        block_tables = torch.tensor(
-            [r.block_table + [0] * (max_blocks - len(r.block_table)) for r in scheduled], dtype=torch.int32
-        )
-        num_new_t = torch.tensor(num_new)
-        cu_num_new = num_new_t.cumsum(0)
-        query_start_loc = torch.zeros(len(scheduled) + 1, dtype=torch.int32)
-        query_start_loc[1:] = cu_num_new
-        # Token t of request r sits at position start_position[r] + (t - query_start_loc[r]).
-        starts_t = torch.tensor([r.start_position for r in scheduled])
-        offset = (starts_t - (cu_num_new - num_new_t)).repeat_interleave(num_new_t)
-        positions = torch.arange(len(input_ids)) + offset
-        request_of_token = torch.arange(len(scheduled)).repeat_interleave(num_new_t)
-        block_ids = block_tables[request_of_token, positions // self.block_size].long()
-        slot_mapping = block_ids * self.block_size + positions % self.block_size
-        sample_indices = (cu_num_new - 1)[torch.tensor([r.sample for r in scheduled])]
-        metadata = AttentionMetadata(
-            slot_mapping=slot_mapping.to(self.device, non_blocking=True),
-            query_start_loc=query_start_loc.to(self.device, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(self.device, non_blocking=True),
-            block_tables=block_tables.to(self.device, non_blocking=True),
-            max_query_len=max(num_new),
-            max_seq_len=max(seq_lens),
-        )
-        return (
-            input_ids.to(self.device, non_blocking=True),
-            positions.to(self.device, non_blocking=True),
-            metadata,
-            sample_indices.to(self.device, non_blocking=True),
-        )
+    def _forward(self, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
+        """Logits ``[number of sampled requests, vocab]`` of this step (None if none samples)."""
+        graph_size = self.graphs.size_for(scheduled) if self.graphs is not None else None
+        if graph_size is not None:
+            self.buffers.prepare(scheduled, graph_size=graph_size)
+            return self.graphs.replay(graph_size)[: len(scheduled)]
+        inputs = self.buffers.prepare(scheduled)
+        with set_forward_context(inputs.metadata, self.attention_backend):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        if inputs.logits_indices.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden[inputs.logits_indices])
 
     def _profile_peak_bytes(self) -> int:
         """Peak device memory, less the KV cache, of a forward over a full token budget."""
@@ -160,9 +143,9 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         with torch.inference_mode():
-            input_ids, positions, metadata, _ = self._prepare_inputs(scheduled)
-            with set_forward_context(metadata, self.attention_backend):
-                hidden = self.model(input_ids, positions)
+            inputs = self.buffers.prepare(scheduled)
+            with set_forward_context(inputs.metadata, self.attention_backend):
+                hidden = self.model(inputs.input_ids, inputs.positions)
             self.model.compute_logits(hidden[: min(self.args.max_num_seqs, budget)])
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)

@@ -53,22 +53,29 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         if all(_is_plain_greedy(row) for row in rows):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(rows))
-        processed = process_logits(logits, rows, self.eos_token_ids)
+        processed = process_logits(logits, rows, self.eos_token_ids) if any(map(_needs_processing, rows)) else logits
         probs = sampling_probs(processed, [row.params for row in rows])
         # Greedy rows hold a one-hot distribution, so argmax is their token.
-        token_ids = probs.argmax(dim=-1)
         random_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
-        if random_rows:
-            index = torch.tensor(random_rows, device=logits.device)
-            noise = self._exponential_noise(probs.shape[-1], [rows[i] for i in random_rows], logits.device)
-            token_ids[index] = (probs[index] / noise).argmax(dim=-1)
+        if len(random_rows) == len(rows):
+            noise = self._exponential_noise(probs.shape[-1], rows, logits.device)
+            token_ids = (probs / noise).argmax(dim=-1)
+        else:
+            token_ids = probs.argmax(dim=-1)
+            if random_rows:
+                index = torch.tensor(random_rows, device=logits.device)
+                noise = self._exponential_noise(probs.shape[-1], [rows[i] for i in random_rows], logits.device)
+                token_ids[index] = (probs[index] / noise).argmax(dim=-1)
         return SamplerOutput(token_ids.tolist(), compute_logprobs(logits, token_ids, rows))
 
     def _exponential_noise(self, vocab_size: int, rows: Sequence[SamplingRow], device: torch.device
                            ) -> torch.Tensor:
         """Exp(1) noise, one row per sampled row: argmax(probs / noise) draws from probs."""
-        noise = torch.empty((len(rows), vocab_size), device=device)
         unseeded = [i for i, row in enumerate(rows) if row.params.seed is None]
+        if len(unseeded) == len(rows):
+            noise = torch.empty((len(rows), vocab_size), device=device).exponential_(generator=self._generator(device))
+            return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+        noise = torch.empty((len(rows), vocab_size), device=device)
         if unseeded:
             fresh = torch.empty((len(unseeded), vocab_size), device=device)
             fresh.exponential_(generator=self._generator(device))
@@ -108,6 +115,12 @@ def _is_plain_greedy(row: SamplingRow) -> bool:
     return (p.is_greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
             and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
             and len(row.output_token_ids) >= p.min_tokens)
+
+
+def _needs_processing(row: SamplingRow) -> bool:
+    p = row.params
+    return bool(p.logit_bias or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+                or len(row.output_token_ids) < p.min_tokens)
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow],
@@ -166,8 +179,11 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     (temperature 0) puts all its mass on its argmax."""
     device = logits.device
     vocab_size = logits.shape[-1]
-    temperature = torch.tensor([p.temperature or 1.0 for p in params], device=device)
-    scaled = logits / temperature[:, None]
+    temperatures = [p.temperature or 1.0 for p in params]
+    if all(t == temperatures[0] for t in temperatures):
+        scaled = logits / temperatures[0]
+    else:
+        scaled = logits / torch.tensor(temperatures, device=device)[:, None]
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
     # top_p = 1 must keep every token, however the cumulative sum rounds.
     top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]
@@ -181,12 +197,13 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
         cut |= mass_before >= torch.tensor(top_p, device=device)[:, None]
         scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(cut, float("-inf")))
     probs = scaled.softmax(dim=-1)
-    min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
-    if bool((min_p > 0).any()):
+    # Decided on the host from the parameters: no device syncs.
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
         probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
-    greedy = torch.tensor([p.is_greedy for p in params], device=device)
-    if bool(greedy.any()):
+    if any(p.is_greedy for p in params):
+        greedy = torch.tensor([p.is_greedy for p in params], device=device)
         one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy[:, None], one_hot, probs)
     return probs

@@ -15,6 +15,7 @@ from engine.attention.metadata import AttentionMetadata
 _BACKENDS: dict[str, str] = {
     "torch": "engine.attention.torch_backend:TorchAttentionBackend",
     "triton": "engine.attention.triton_backend:TritonAttentionBackend",
+    "flash_attn": "engine.attention.flash_attn_backend:FlashAttentionBackend",
 }
 # Tried in this order when no backend is named.
 _PREFERENCE = ("flash_attn", "triton", "torch")
@@ -40,6 +41,9 @@ class AttentionBackend(ABC):
     """
 
     name: ClassVar[str]
+    # Whether a decode step can be captured in a CUDA graph: no host syncs, and one captured
+    # launch stays right when lengths and block tables change between replays.
+    graph_safe: ClassVar[bool] = False
 
     @classmethod
     def is_available(cls, device: torch.device) -> bool:

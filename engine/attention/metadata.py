@@ -34,7 +34,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_reqs] int32: KV length of each request after this step
     block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with 0
     max_query_len: int
-    max_seq_len: int
+    max_seq_len: int  # a bound on seq_lens: exact in eager steps; in CUDA graphs, the longest possible
 
     @property
     def num_reqs(self) -> int:

@@ -26,6 +26,7 @@ from engine.kernels.reshape_and_cache import reshape_and_cache
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    graph_safe = True
 
     @classmethod
     def is_available(cls, device: torch.device) -> bool:
@@ -47,9 +48,7 @@ class TritonAttentionBackend(AttentionBackend):
         reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
         out = torch.empty_like(q)
         paged = (k_cache, v_cache, metadata.block_tables, metadata.seq_lens)
-        # A graph is replayed at longer lengths than it was captured with: split for any length.
-        capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-        max_seq_len = None if capturing else metadata.max_seq_len
+        max_seq_len = metadata.max_seq_len
         if metadata.max_query_len == 1 and metadata.num_tokens == metadata.num_reqs:
             return decode_attention(q, *paged, scale, sliding_window, out, max_seq_len=max_seq_len)
         prefill_attention(

@@ -8,8 +8,13 @@ from torch import nn
 
 
 class SiluAndMul(nn.Module):
-    """``[..., 2 * d] -> [..., d]``: silu(gate) * up, where the input is cat(gate, up)."""
+    """``[..., 2 * d] -> [..., d]``: silu(gate) * up, where the input is cat(gate, up). On CUDA one
+    Triton kernel (engine/kernels/activation.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from engine.kernels.activation import silu_and_mul
+
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up

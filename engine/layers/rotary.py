@@ -63,6 +63,12 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated ``(q, k)``. On CUDA one Triton kernel rotates them in place and returns them."""
+        if q.is_cuda:
+            from engine.kernels.rotary import rotary_embedding
+
+            rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
+            return q, k
         cos = self.cos_cache[positions]
         sin = self.sin_cache[positions]
         cos = torch.cat((cos, cos), dim=-1).to(q.dtype)[:, None, :]

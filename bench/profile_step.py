@@ -1,0 +1,99 @@
+"""Where a step's time goes: the host (cProfile of the engine loop) and the device (the
+kernels of a few steps, from torch.profiler), for one workload on one shape.
+
+    python -m bench.profile_step --shape qwen3-0.6b --num-requests 64 --max-len 512 [--enforce-eager]
+
+Prints the top host functions by own time, the top kernels by device time, and the mean step
+wall time of decode-only steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import write_shape_dir
+from engine.config import EngineArgs
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+
+def _add(engine: LLMEngine, args: argparse.Namespace, num: int, tag: str) -> None:
+    rng = random.Random(args.seed)
+    vocab = engine.model_config.vocab_size
+    for i in range(num):
+        prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(args.min_len, args.max_len))]
+        params = SamplingParams(temperature=args.temperature, max_tokens=rng.randint(args.min_len, args.max_len),
+                                ignore_eos=True, detokenize=False)
+        engine.add_request(f"{tag}-{i}", prompt, params)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="cpu-small")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--min-len", type=int, default=100)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--attention-backend", default="auto")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = LLMEngine(EngineArgs(
+            model=str(write_shape_dir(args.shape, Path(tmp))), load_format="dummy",
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=2 * args.max_len + 16,
+            attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+        ))
+    _add(engine, args, 4, "warm")
+    while engine.has_unfinished_requests():
+        engine.step()
+
+    # Host: the whole run under cProfile; step times split by kind.
+    _add(engine, args, args.num_requests, "run")
+    decode_times: list[float] = []
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    while engine.has_unfinished_requests():
+        before = engine.scheduler.num_waiting
+        t0 = time.perf_counter()
+        engine.step()
+        if before == 0:
+            decode_times.append(time.perf_counter() - t0)
+    profiler.disable()
+    wall = time.perf_counter() - start
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
+    print(text.getvalue())
+    print(f"run: {wall:.2f} s wall (under cProfile); {len(decode_times)} steps with no waiting request, "
+          f"mean {1000 * sum(decode_times) / max(len(decode_times), 1):.2f} ms")
+
+    # Device: a few steps of a fresh run (prefill and decode) under torch.profiler.
+    if torch.cuda.is_available():
+        from torch.profiler import ProfilerActivity, profile
+
+        _add(engine, args, args.num_requests, "prof")
+        for _ in range(3):
+            engine.step()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(12):
+                engine.step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
+        engine.abort_request([f"prof-{i}" for i in range(args.num_requests)])
+        engine.step()
+
+
+if __name__ == "__main__":
+    main()

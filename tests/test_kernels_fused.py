@@ -1,0 +1,256 @@
+"""The fused elementwise Triton kernels (RMSNorm, residual add + RMSNorm, neox rotary, SiLU-and-mul)
+against the layers' torch code and a float64 computation.
+
+On CPU the kernels run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET), so
+shapes stay small. Every run draws fresh random inputs; the seed is in the failure message.
+Tolerances: float32 within 1e-5 relative (1e-6 absolute where a rotation cancels to ~0); 16-bit
+dtypes within one unit in the last place (eps relative) per rounding the kernel makes. A GPU
+rounds to nearest, the interpreter truncates float32 -> bfloat16; both stay within one unit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.kernels.activation import silu_and_mul
+from engine.kernels.rms_norm import fused_add_rms_norm, rms_norm
+from engine.kernels.rotary import rotary_embedding
+from engine.layers.activation import SiluAndMul
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding, rotate_half
+from tests.test_models import PagedModel
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRETED else "cuda"  # the kernels run on CPU tensors only when interpreted
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = 1e-6
+MAX_POSITION = 4096
+
+
+def _seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+
+def _assert_within(actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype, roundings: int, msg: str) -> None:
+    """``actual`` within ``roundings`` roundings to ``dtype`` of the float64 ``exact``."""
+    if dtype == torch.float32:
+        rtol, atol = 1e-5, 1e-6
+    else:
+        rtol, atol = roundings * torch.finfo(dtype).eps, 1e-5
+    assert actual.dtype == dtype and actual.shape == exact.shape
+    torch.testing.assert_close(actual.cpu().double(), exact.cpu().double(), rtol=rtol, atol=atol, msg=msg)
+
+
+def _assert_rounds_like(actual: torch.Tensor, reference: torch.Tensor, msg: str) -> None:
+    """Same 16-bit values as ``reference`` but for elements whose float32 intermediate sits within
+    float32 error of a rounding boundary: those differ by one unit and are rare (a kernel that
+    rounded at a different step differs in about a quarter of the elements)."""
+    assert actual.dtype == reference.dtype and actual.shape == reference.shape
+    # Same-sign values: bit patterns count units in the last place.
+    units = (actual.cpu().view(torch.int16).int() - reference.cpu().view(torch.int16).int()).abs()
+    assert units.max().item() <= 1, msg
+    assert units.float().mean().item() <= 0.01, f"{msg}: {units.float().mean().item():.2%} differ"
+
+
+def _rms_norm_64(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    x64 = x.cpu().double()
+    return x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS) * weight.cpu().double()
+
+
+def _norm_layer(weight: torch.Tensor) -> RMSNorm:
+    layer = RMSNorm(weight.shape[0], EPS).to(weight.dtype)
+    layer.weight.copy_(weight.cpu())
+    return layer
+
+
+def _fused_qkv(gen: torch.Generator, num_tokens: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """A fused qkv projection output and its q ``[T, H, D]``, k ``[T, Hkv, D]`` views, whose token
+    stride is the whole qkv width."""
+    qkv = _randn(gen, num_tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    return qkv, q.view(num_tokens, heads, head_dim), k.view(num_tokens, kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_tokens", "hidden", "row_pad"), [(1, 64, 0), (37, 200, 24)])
+def test_rms_norm_matches_layer_and_float64(num_tokens: int, hidden: int, row_pad: int, dtype: torch.dtype) -> None:
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    # row_pad > 0: rows are a slice of a wider tensor (row stride != hidden).
+    x = _randn(gen, num_tokens, hidden + row_pad, dtype=dtype)[:, :hidden]
+    weight = _randn(gen, hidden, dtype=dtype)
+    out = rms_norm(x, weight, EPS)
+    msg = f"seed {seed}"
+    _assert_within(out, _rms_norm_64(x, weight), dtype, 2, msg)
+    with torch.no_grad():
+        _assert_within(out, _norm_layer(weight)(x.cpu()).double(), dtype, 3, msg)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_tokens", "head_dim"), [(1, 64), (37, 128)])
+def test_per_head_rms_norm_on_qkv_views(num_tokens: int, head_dim: int, dtype: torch.dtype) -> None:
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    qkv, q, k = _fused_qkv(gen, num_tokens, 4, 2, head_dim, dtype)
+    before = qkv.clone()
+    msg = f"seed {seed}"
+    for x in (q, k):
+        weight = _randn(gen, head_dim, dtype=dtype)
+        out = rms_norm(x, weight, EPS)
+        assert out.shape == x.shape
+        _assert_within(out, _rms_norm_64(x, weight), dtype, 2, msg)
+        with torch.no_grad():
+            _assert_within(out, _norm_layer(weight)(x.cpu()).double(), dtype, 3, msg)
+    assert torch.equal(qkv, before), "the norm must not write into its input"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("num_tokens", "hidden"), [(1, 64), (37, 200)])
+def test_fused_add_rms_norm_updates_residual_in_place(num_tokens: int, hidden: int, dtype: torch.dtype) -> None:
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    x = _randn(gen, num_tokens, 2 * hidden, dtype=dtype)[:, hidden:]
+    residual = _randn(gen, num_tokens, hidden, dtype=dtype)
+    weight = _randn(gen, hidden, dtype=dtype)
+    with torch.no_grad():
+        ref_normed, ref_residual = _norm_layer(weight)(x.cpu(), residual.cpu())
+    normed, residual_out = fused_add_rms_norm(x, residual, weight, EPS)
+    msg = f"seed {seed}"
+    assert residual_out.data_ptr() == residual.data_ptr(), "the sum must be written over residual"
+    if dtype == torch.bfloat16 and INTERPRETED:
+        _assert_within(residual_out, ref_residual.double(), dtype, 1, msg)
+    else:
+        # One rounding of the sum to the model dtype, as torch's ``x + residual``.
+        assert torch.equal(residual_out.cpu(), ref_residual), msg
+    _assert_within(normed, _rms_norm_64(residual_out, weight), dtype, 2, msg)
+    _assert_within(normed, ref_normed.double(), dtype, 3, msg)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(INTERPRETED, reason="the interpreter "
+                                                                          "truncates float32 -> bfloat16"))],
+)
+def test_rms_norm_rounds_like_the_layer(dtype: torch.dtype) -> None:
+    """Normalized x rounded to the model dtype, then times the weight and rounded again."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    num_tokens, hidden = 37, 256
+    x = _randn(gen, num_tokens, hidden, dtype=dtype)
+    residual = _randn(gen, num_tokens, hidden, dtype=dtype)
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(DEVICE, dtype)
+    layer = _norm_layer(weight)
+    msg = f"seed {seed}"
+    with torch.no_grad():
+        _assert_rounds_like(rms_norm(x, weight, EPS), layer(x.cpu()), msg)
+        ref_normed, _ = layer(x.cpu(), residual.cpu())
+    normed, _ = fused_add_rms_norm(x, residual, weight, EPS)
+    _assert_rounds_like(normed, ref_normed, msg)
+
+
+def _rotary_64(positions: torch.Tensor, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+    cos = rotary.cos_cache.double()[positions.cpu()]
+    sin = rotary.sin_cache.double()[positions.cpu()]
+    cos, sin = torch.cat((cos, cos), dim=-1)[:, None, :], torch.cat((sin, sin), dim=-1)[:, None, :]
+    x64 = x.cpu().double()
+    return x64 * cos + rotate_half(x64) * sin
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("num_tokens", [1, 37])
+def test_rotary_rotates_qkv_views_in_place(num_tokens: int, head_dim: int, dtype: torch.dtype) -> None:
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    heads, kv_heads = 4, 2
+    qkv, q, k = _fused_qkv(gen, num_tokens, heads, kv_heads, head_dim, dtype)
+    before = qkv.clone()
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=gen).to(DEVICE)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 1024}
+    rotary = RotaryEmbedding(head_dim, MAX_POSITION, 500000.0, scaling)
+    with torch.no_grad():
+        ref_q, ref_k = rotary(positions.cpu(), q.cpu(), k.cpu())
+    exact_q, exact_k = _rotary_64(positions, q, rotary), _rotary_64(positions, k, rotary)
+    rotary_embedding(positions, q, k, rotary.cos_cache.to(DEVICE), rotary.sin_cache.to(DEVICE))
+    msg = f"seed {seed}"
+    assert torch.equal(qkv[:, (heads + kv_heads) * head_dim:], before[:, (heads + kv_heads) * head_dim:]), "v changed"
+    for out, exact, ref, x in ((q, exact_q, ref_q, before[:, : heads * head_dim]),
+                               (k, exact_k, ref_k, before[:, heads * head_dim: (heads + kv_heads) * head_dim])):
+        _assert_within(out, exact, dtype, 1, msg)
+        if dtype == torch.float32:
+            _assert_within(out, ref.double(), dtype, 1, msg)
+        else:
+            # The layer rounds cos, sin, both products and the sum: each term to within a unit.
+            x = x.view(ref.shape).cpu().double()
+            bound = 2 * torch.finfo(dtype).eps * (x.abs() + rotate_half(x).abs())
+            assert ((out.cpu().double() - ref.double()).abs() <= bound).all(), msg
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "row_pad"), [((1, 128), 0), ((37, 3000), 40), ((2, 3, 192), 0)])
+def test_silu_and_mul_matches_layer_and_float64(shape: tuple[int, ...], row_pad: int, dtype: torch.dtype) -> None:
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    # row_pad > 0: rows are a slice of a wider tensor (row stride != 2 * d).
+    x = _randn(gen, *shape[:-1], shape[-1] + row_pad, dtype=dtype)[..., : shape[-1]]
+    out = silu_and_mul(x)
+    gate, up = x.cpu().double().chunk(2, dim=-1)
+    msg = f"seed {seed}"
+    assert out.shape == (*shape[:-1], shape[-1] // 2)
+    _assert_within(out, gate * torch.sigmoid(gate) * up, dtype, 1, msg)
+    _assert_within(out, SiluAndMul()(x.cpu()).double(), dtype, 3, msg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the layers use the kernels on CUDA only")
+def test_layers_on_cuda_match_their_cpu_code() -> None:
+    gen = torch.Generator().manual_seed(_seed())
+    dtype, hidden, num_tokens = torch.float32, 256, 37
+    x, residual = torch.randn(2, num_tokens, hidden, generator=gen)
+    norm = _norm_layer(torch.randn(hidden, generator=gen))
+    with torch.no_grad():
+        ref_plain = norm(x)
+        ref_normed, ref_residual = norm(x, residual)
+        norm.to("cuda")
+        _assert_within(norm(x.cuda()), ref_plain.double(), dtype, 1, "RMSNorm")
+        normed, residual_out = norm(x.cuda(), residual.cuda())
+        _assert_within(normed, ref_normed.double(), dtype, 1, "RMSNorm with residual")
+        assert torch.equal(residual_out.cpu(), ref_residual)
+
+        _, q, k = _fused_qkv(gen, num_tokens, 4, 2, 128, dtype)
+        positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=gen)
+        rotary = RotaryEmbedding(128, MAX_POSITION, 10000.0, None)
+        ref_q, ref_k = rotary(positions, q.cpu(), k.cpu())
+        out_q, out_k = rotary.to("cuda")(positions.cuda(), q, k)
+        _assert_within(out_q, ref_q.double(), dtype, 1, "rotary q")
+        _assert_within(out_k, ref_k.double(), dtype, 1, "rotary k")
+
+        gate_up = torch.randn(num_tokens, 512, generator=gen)
+        _assert_within(SiluAndMul()(gate_up.cuda()), SiluAndMul()(gate_up).double(), dtype, 1, "SiluAndMul")
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the layers take the kernels anyway")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_model_through_the_kernels_matches_its_cpu_path(
+    family: str, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The layers' CUDA branch (the kernels through the interpreter, the residual stream summed in
+    place layer after layer) gives the float32 logits of their torch branch: prefill, then decode."""
+    prompt = torch.randint(2, 500, (23,)).tolist()
+    steps = [{"r": (0, prompt)}, {"r": (len(prompt), [7])}]
+    reference = PagedModel(tiny_models[family], block_size=4)
+    expected = [reference.step(chunks)["r"] for chunks in steps]
+    fused = PagedModel(tiny_models[family], block_size=4)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda _: True), raising=False)
+    got = [fused.step(chunks)["r"] for chunks in steps]
+    monkeypatch.undo()
+    for out, ref in zip(got, expected, strict=True):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
