@@ -22,6 +22,10 @@ class ScheduledRequest:
 
     ``sample`` is True when the chunk reaches the request's last token, so the step produces
     a new token for it; False for a non-final chunk of a chunked prefill.
+
+    A verify step ends ``token_ids`` with the k ``draft_token_ids`` (``[last sampled token] +
+    drafts`` for a decode); the runner then samples at the last k + 1 positions and returns the
+    accepted drafts and one bonus or correction token.
     """
 
     request_id: str

@@ -42,6 +42,11 @@ class Request:
     ``num_computed_tokens`` catches up with ``num_tokens`` (prompt + output): a prefill chunk,
     a decode step and a prefix-cache hit all just advance it. ``sampling_params`` is opaque
     here (the engine's ``SamplingParams``); the scheduler reads only the plain stop fields.
+
+    ``spec_token_ids`` are draft tokens past the last output token, set by the engine between
+    steps (from a proposer) on running requests. The scheduler verifies them with the next
+    decode, cut to what fits; while they are in flight ``num_computed_tokens`` counts them too,
+    and ``update`` rolls it back to the verified tokens and clears them.
     """
 
     request_id: str
@@ -63,6 +68,9 @@ class Request:
     stop_reason: int | str | None = None
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0  # drafts verified so far
+    num_accepted_draft_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

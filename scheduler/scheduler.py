@@ -10,6 +10,11 @@ Running requests go first (a decode needs 1 token, a chunked prefill the rest of
 then waiting ones in queue order while the budget, ``max_num_seqs`` and free blocks allow. When
 a running request cannot get blocks, the lowest-priority, newest running request is preempted:
 its blocks are freed and it later recomputes prompt + output as one prefill.
+
+A decoding request that carries draft tokens is scheduled as a verify step of 1 + k tokens
+(see ``scheduler.spec_decode``). Drafts only spend budget that every running request's own next
+token leaves over, and only blocks that are free: they are cut rather than delay or preempt
+anyone. ``update`` keeps the accepted drafts and the bonus or correction token.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ import bisect
 import itertools
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from scheduler.block_manager import BlockManager
 from scheduler.config import SchedulerConfig
 from scheduler.outputs import RequestUpdate, RunnerOutput, ScheduledRequest, SchedulerOutput
 from scheduler.prefix_cache import PrefixCacheStats
 from scheduler.request import Request, RequestStatus
+from scheduler.spec_decode import SpecDecodeStats, num_accepted_drafts
 
 
 class QueueFullError(Exception):
@@ -40,6 +46,7 @@ class SchedulerStats:
     prefix_cache_queries: int  # tokens looked up
     prefix_cache_hits: int  # tokens found
     num_preemptions: int
+    spec_decode: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:
@@ -62,6 +69,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.prefix_cache_stats = PrefixCacheStats()
         self.num_preemptions = 0
+        self.spec_decode_stats = SpecDecodeStats()
         self._requests: dict[str, Request] = {}
         self._keys: dict[str, tuple[int, float, int]] = {}
         self._arrival_order = itertools.count()
@@ -106,7 +114,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
+        num_after = len(self.running)
         for request in list(self.running):
+            num_after -= 1
             if budget == 0:
                 break
             if request.status != RequestStatus.RUNNING:
@@ -114,7 +124,11 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
-            while not self.block_manager.allocate_slots(request, num_new):
+            num_drafts = self._num_drafts_that_fit(request, num_new, budget - num_new - num_after)
+            if num_drafts and not self.block_manager.allocate_slots(request, num_new + num_drafts):
+                # Short of blocks: drafts get only the slots the request already holds.
+                num_drafts = min(num_drafts, self._num_spare_slots(request, num_new))
+            while not self.block_manager.allocate_slots(request, num_new + num_drafts):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim.request_id)
@@ -122,8 +136,8 @@ class Scheduler:
                     break
             if request.status != RequestStatus.RUNNING:
                 break  # it was the last running request left to preempt
-            scheduled.append(self._schedule(request, num_new))
-            budget -= num_new
+            scheduled.append(self._schedule(request, num_new, num_drafts))
+            budget -= num_new + num_drafts
 
         # Blocks are short: admitting now would only preempt again next step.
         while not preempted and self.waiting and budget and len(self.running) < self.config.max_num_seqs:
@@ -134,7 +148,7 @@ class Scheduler:
                 break  # first come first served: nobody overtakes the head of the queue
             self.waiting.pop(0)
             self._admit(request, num_hit)
-            scheduled.append(self._schedule(request, num_new))
+            scheduled.append(self._schedule(request, num_new, 0))
             budget -= num_new
 
         finished, self._finished_ids = self._finished_ids, []
@@ -146,7 +160,11 @@ class Scheduler:
         )
 
     def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestUpdate]:
-        """Append the sampled tokens, finish requests that stopped, cache newly full blocks."""
+        """Append the sampled tokens, finish requests that stopped, cache newly full blocks.
+
+        A verify step appends its accepted drafts and the bonus or correction token; its
+        ``num_computed_tokens`` falls back to the tokens whose KV was computed from the right
+        token (the request's tokens before the step and the accepted drafts)."""
         updates: list[RequestUpdate] = []
         for scheduled in scheduler_output.scheduled:
             request = self._requests.get(scheduled.request_id)
@@ -154,6 +172,20 @@ class Scheduler:
                 continue  # finished (aborted) since it was scheduled
             new_token_ids = runner_output.sampled_token_ids.get(scheduled.request_id, [])
             assert scheduled.sample or not new_token_ids, f"{request.request_id}: sampled mid-prompt"
+            drafts = scheduled.draft_token_ids
+            num_verified = request.num_tokens
+            if drafts:
+                assert request.num_computed_tokens == num_verified + len(drafts), "drafts were not in flight"
+                num_accepted = num_accepted_drafts(drafts, new_token_ids)
+                reported = runner_output.num_accepted_draft_tokens.get(request.request_id, num_accepted)
+                assert reported == num_accepted, (
+                    f"{request.request_id}: the runner accepted {reported} drafts but returned {new_token_ids} "
+                    f"for drafts {drafts}")
+                num_verified += num_accepted
+                request.num_draft_tokens += len(drafts)
+                request.num_accepted_draft_tokens += num_accepted
+                self.spec_decode_stats.record(len(drafts), num_accepted)
+            request.spec_token_ids = []  # consumed; the engine proposes anew from the new tokens
             appended: list[int] = []
             status = None
             for token_id in new_token_ids:
@@ -162,6 +194,9 @@ class Scheduler:
                 status = self._check_stop(request, token_id)
                 if status is not None:
                     break  # tokens after a stop are dropped
+            if drafts:
+                # Rejected drafts' KV is simply overwritten by the next step.
+                request.num_computed_tokens = min(num_verified, request.num_tokens)
             self.block_manager.cache_full_blocks(request)
             if status is not None:
                 self._retire(request, status)
@@ -197,7 +232,15 @@ class Scheduler:
             prefix_cache_queries=self.prefix_cache_stats.queries,
             prefix_cache_hits=self.prefix_cache_stats.hits,
             num_preemptions=self.num_preemptions,
+            spec_decode=replace(self.spec_decode_stats),
         )
+
+    def max_num_draft_tokens(self, request: Request) -> int:
+        """The most drafts worth verifying for ``request`` now: a verify step appends up to
+        k + 1 tokens, and more than ``max_tokens`` or ``max_model_len`` allow would be cut."""
+        room = min(request.max_tokens - request.num_output_tokens,
+                   self.config.max_model_len - request.num_tokens)
+        return max(0, room - 1)
 
     def check_integrity(self) -> None:
         self.block_manager.check_integrity()
@@ -212,11 +255,13 @@ class Scheduler:
         assert self.block_manager.holders() <= running_ids, "a request not running holds blocks"
         for request in self.running:
             assert request.status == RequestStatus.RUNNING
-            assert request.num_computed_tokens <= request.num_tokens
+            assert request.num_computed_tokens <= request.num_tokens + len(request.spec_token_ids)
             self.block_manager.check_request(request)
         for request in self.waiting:
             assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
             assert request.num_computed_tokens == 0
+            assert not request.spec_token_ids or request.status == RequestStatus.WAITING, (
+                "a preempted request kept its drafts")
 
     def _queue_key(self, request: Request) -> tuple[int, float, int]:
         return self._keys[request.request_id]
@@ -232,20 +277,36 @@ class Scheduler:
             self.prefix_cache_stats.record(request.num_tokens, num_hit_tokens)
         bisect.insort(self.running, request, key=self._queue_key)
 
-    def _schedule(self, request: Request, num_new_tokens: int) -> ScheduledRequest:
+    def _num_drafts_that_fit(self, request: Request, num_new_tokens: int, spare_budget: int) -> int:
+        """Drafts verified along with a chunk that reaches the request's last token."""
+        if not request.spec_token_ids or request.num_computed_tokens + num_new_tokens < request.num_tokens:
+            return 0
+        return max(0, min(len(request.spec_token_ids), spare_budget, self.max_num_draft_tokens(request)))
+
+    def _num_spare_slots(self, request: Request, num_new_tokens: int) -> int:
+        """Slots of the request's table past its next ``num_new_tokens`` (those need no block)."""
+        table = self.block_manager.get_block_table(request.request_id)
+        return max(0, len(table) * self.config.block_size - request.num_computed_tokens - num_new_tokens)
+
+    def _schedule(self, request: Request, num_new_tokens: int, num_drafts: int) -> ScheduledRequest:
         start = request.num_computed_tokens
         end = start + num_new_tokens
+        # In flight until update; drafts that did not fit are dropped (the next ones follow the
+        # tokens this step appends).
+        drafts = request.spec_token_ids[:num_drafts]
+        request.spec_token_ids = drafts
         # Optimistic: the runner computes these positions' KV in this very step.
-        request.num_computed_tokens = end
+        request.num_computed_tokens = end + num_drafts
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=_token_slice(request, start, end),
+            token_ids=_token_slice(request, start, end) + drafts,
             start_position=start,
             block_table=self.block_manager.get_block_table(request.request_id),
             sample=end == request.num_tokens,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            draft_token_ids=list(drafts),
         )
 
     def _preempt(self, request: Request) -> None:
@@ -253,6 +314,7 @@ class Scheduler:
         self.running.remove(request)
         self.block_manager.free(request)
         request.num_computed_tokens = 0
+        request.spec_token_ids = []  # they followed KV that is gone; the engine proposes anew
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self.num_preemptions += 1
