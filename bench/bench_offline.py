@@ -6,6 +6,11 @@ baseline on the same shapes side by side.
    temperature 0.6; output tokens / wall time after one warm-up call.
 2. Single stream: one 128-token prompt, 256 new tokens, after warm-up: tokens/s and time per
    output token.
+
+The warm-up call is the measured call itself, run once before: kernels compile per shape on
+first use (Triton's and FlashAttention-4's JIT take seconds each), and a warm-up of other
+shapes leaves compiles inside the timed call. The prefix cache is reset after the warm-up, so
+the measured call computes every prompt token.
 3. Baseline: Hugging Face ``generate`` (random weights of the same shape), batch 1 and 64.
 
     python -m bench.bench_offline --shape qwen3-0.6b --dtype bfloat16 --out bench/results/offline_qwen3-0.6b.json
@@ -50,7 +55,8 @@ def offline_throughput(engine: LLMEngine, args: argparse.Namespace) -> dict:
     prompts = [[rng.randrange(2, vocab) for _ in range(p)] for p, _ in lengths]
     params = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True, detokenize=False)
               for _, o in lengths]
-    _run_all(engine, prompts[:2], [SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False)] * 2)
+    _run_all(engine, prompts, params)
+    engine.reset_prefix_cache()
     wall, tokens = _run_all(engine, prompts, params)
     return {"requests": args.num_requests, "output_tokens": tokens, "wall_s": wall,
             "output_tokens_per_s": tokens / wall,
@@ -61,7 +67,8 @@ def single_stream(engine: LLMEngine, args: argparse.Namespace) -> dict:
     rng = random.Random(args.seed + 1)
     prompt = [rng.randrange(2, engine.model_config.vocab_size) for _ in range(args.single_prompt_tokens)]
     params = SamplingParams(temperature=0.0, max_tokens=args.single_new_tokens, ignore_eos=True, detokenize=False)
-    _run_all(engine, [prompt], [SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, detokenize=False)])
+    _run_all(engine, [prompt], [params])
+    engine.reset_prefix_cache()
     wall, tokens = _run_all(engine, [prompt], [params])
     return {"prompt_tokens": len(prompt), "output_tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "time_per_output_token_ms": 1000 * wall / tokens}

@@ -4,7 +4,9 @@ The workload is bench_offline's (same seed, same ranges: the same requests): ``-
 requests with prompt and output lengths uniform in the two ranges, random prompt token ids,
 ignore_eos, temperature 0.6. For each ``--request-rate`` (requests/s; ``inf`` sends all at once)
 the requests arrive with exponential gaps of mean 1/rate, each streamed by its own asyncio task;
-one warm-up request goes first.
+one warm-up request goes first (with ``--full-warmup``, the whole workload at infinite rate: the
+kernels' first-use compiles then stay out of the measured runs). The prefix cache is reset before
+each rate, so no run hits what an earlier one cached.
 
 Per request: TTFT (send to the first message carrying tokens); ITL, the gap before each later
 message carrying tokens (a message carries several tokens when the client reads more slowly
@@ -206,7 +208,14 @@ async def benchmark(address: str, args: argparse.Namespace) -> dict:
         warm = await _send(client, _request(workload[0][0], 16), None)
         if warm.error is not None:
             raise SystemExit(f"bench_serve: the warm-up request failed: {warm.error}")
-        runs = [await run_rate(client, workload, rate, args) for rate in args.request_rate]
+        if args.full_warmup:
+            # Kernels compile per shape on first use: warm up on the workload itself.
+            await run_rate(client, workload, math.inf, args)
+        runs = []
+        for rate in args.request_rate:
+            # Every rate sends the same prompts: none may hit what an earlier run cached.
+            await client.reset_prefix_cache()
+            runs.append(await run_rate(client, workload, rate, args))
     model_info = MessageToDict(info, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
     return {"model_info": model_info, "runs": runs}
 
@@ -276,6 +285,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="requests/s, one run each; inf sends all at once (default: inf)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full-warmup", action="store_true",
+                        help="warm up on the whole workload at infinite rate before measuring")
     parser.add_argument("--server-start-timeout", type=float, default=900.0, help="seconds (default: 900)")
     parser.add_argument("--out", type=Path, default=None)
     args, unknown = parser.parse_known_args(argv)

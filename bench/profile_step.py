@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--single-after", action="store_true",
+                        help="after the run, profile one greedy stream (128 prompt, 256 new tokens) instead")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         engine = LLMEngine(EngineArgs(
@@ -61,6 +63,13 @@ def main() -> None:
 
     # Host: the whole run under cProfile; step times split by kind.
     _add(engine, args, args.num_requests, "run")
+    if args.single_after:
+        start = time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+        print(f"run without profiling: {time.perf_counter() - start:.2f} s")
+        engine.add_request("single", list(range(2, 130)), SamplingParams(
+            temperature=0.0, max_tokens=256, ignore_eos=True, detokenize=False))
     decode_times: list[float] = []
     profiler = cProfile.Profile()
     start = time.perf_counter()

@@ -109,6 +109,10 @@ class BlockManager:
         """Grow the request's block table to hold its computed tokens, then ``computed_blocks``
         (prefix hits, appended as computed), then ``num_new_tokens``. All or nothing: returns
         False and changes nothing when the free blocks do not suffice."""
+        table = self._tables.get(request.request_id)
+        if (table is not None and not computed_blocks and self.sliding_window is None
+                and len(table) * self.block_size >= request.num_computed_tokens + num_new_tokens):
+            return True  # the common decode step: the last block still has room
         if not self.can_allocate(request, num_new_tokens, computed_blocks):
             return False
         table = self._tables.setdefault(request.request_id, [])
@@ -147,8 +151,12 @@ class BlockManager:
         table = self._tables.get(request.request_id)
         if self.prefix_cache is None or table is None:
             return
-        cursor = self._cursors.setdefault(request.request_id, _CacheCursor())
         num_full = min(request.num_computed_tokens // self.block_size, len(table))
+        cursor = self._cursors.get(request.request_id)
+        if cursor is None:
+            cursor = self._cursors[request.request_id] = _CacheCursor()
+        if cursor.broken or cursor.num_blocks >= num_full:
+            return  # most steps fill no block
         bs = self.block_size
         while not cursor.broken and cursor.num_blocks < num_full:
             i = cursor.num_blocks
