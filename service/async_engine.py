@@ -14,6 +14,7 @@ side (streams, futures) is touched only by the loop; the engine only by its thre
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from service.faults import FaultPlan, crash_engine
 from service.request_stream import RequestStream
 
 if TYPE_CHECKING:
@@ -56,6 +58,8 @@ class AsyncLLM:
         # Called on the loop once per request that ends: (stream, its last delta or None if the
         # reader left first, which aborts it).
         self.on_request_end: Callable[[RequestStream, RequestOutput | None], None] | None = None
+        # Test-only failures (service/faults.py); empty unless the server was started with them.
+        self.faults = FaultPlan()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
@@ -123,6 +127,8 @@ class AsyncLLM:
         if prepared.request_id in self._streams:
             raise RequestIdInUseError(f"request_id {prepared.request_id!r} is already in flight")
         accepted = self._call_in_engine(lambda: self.engine.add_prepared_request(prepared))
+        if self.faults.crashes_engine(prepared.request_id):
+            self._call_in_engine(crash_engine, want_result=False)
         stream = RequestStream(prepared, accepted, self._close_stream)
         self._streams[prepared.request_id] = stream
         assert self._idle is not None
@@ -174,8 +180,13 @@ class AsyncLLM:
         assert self._loop is not None
         future = self._loop.create_future()
         with self._cond:
-            self._inbox.append((fn, future if want_result else None))
-            self._cond.notify()
+            if self.dead_reason is None:
+                self._inbox.append((fn, future if want_result else None))
+                self._cond.notify()
+                return future
+        # The engine thread is gone: nothing would ever run the call.
+        if want_result:
+            future.set_exception(EngineUnavailableError(self._unavailable_reason()))
         return future
 
     def _on_admission(self, stream: RequestStream, fut: asyncio.Future[None]) -> None:
@@ -184,13 +195,17 @@ class AsyncLLM:
             self._forget(stream.request_id)
 
     def _close_stream(self, stream: RequestStream) -> None:
-        if self._streams.get(stream.request_id) is stream:
+        if self._streams.get(stream.request_id) is not stream or stream.finished:
+            return
+        if self.dead_reason:
             self._forget(stream.request_id)
-            if not stream.finished and not self.dead_reason:
-                if self.on_request_end is not None:
-                    self.on_request_end(stream, None)
-                rid = stream.request_id
-                self._call_in_engine(lambda: self.engine.abort_request([rid]), want_result=False)
+            return
+        if self.on_request_end is not None:
+            self.on_request_end(stream, None)
+        # The stream keeps its id until the engine's abort comes back, so that a new request
+        # with the same id cannot be handed this one's last deltas.
+        rid = stream.request_id
+        self._call_in_engine(lambda: self.engine.abort_request([rid]), want_result=False)
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -200,12 +215,12 @@ class AsyncLLM:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
             stream = self._streams.get(output.request_id)
-            if stream is None:  # the reader left; its abort is already queued
+            if stream is None:
                 continue
             stream.push(output)
             if stream.finished:
                 self._forget(output.request_id)
-                if self.on_request_end is not None:
+                if self.on_request_end is not None and not stream.closed:  # a closed one was counted then
                     self.on_request_end(stream, output)
 
     def _fail_all(self, reason: str) -> None:
@@ -218,15 +233,18 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ the engine thread
     def _run(self) -> None:
+        # Calls taken from the inbox and not run yet: a failure mid-way must still answer them.
+        pending: collections.deque[tuple[Callable[[], Any], asyncio.Future[Any] | None]] = collections.deque()
         try:
             while True:
                 with self._cond:
                     while not (self._inbox or self._stopping or self.engine.has_unfinished_requests()):
                         self._cond.wait()
-                    inbox, self._inbox = self._inbox, []
+                    pending.extend(self._inbox)
+                    self._inbox = []
                     stopping = self._stopping
-                for fn, future in inbox:
-                    self._run_call(fn, future)
+                while pending:
+                    self._run_call(*pending.popleft())
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
                     if outputs:
@@ -235,7 +253,7 @@ class AsyncLLM:
                     return
         except Exception as exc:
             logger.exception("the engine thread failed")
-            self._die(f"{type(exc).__name__}: {exc}")
+            self._die(f"{type(exc).__name__}: {exc}", list(pending))
 
     def _run_call(self, fn: Callable[[], Any], future: asyncio.Future[Any] | None) -> None:
         try:
@@ -247,10 +265,10 @@ class AsyncLLM:
         elif error is not None:
             raise error
 
-    def _die(self, reason: str) -> None:
+    def _die(self, reason: str, unrun: list[tuple[Callable[[], Any], asyncio.Future[Any] | None]]) -> None:
         with self._cond:
             self.dead_reason = reason
-            inbox, self._inbox = self._inbox, []
+            inbox, self._inbox = unrun + self._inbox, []
         failure = EngineUnavailableError(f"the engine failed: {reason}")
         for _, future in inbox:
             if future is not None:

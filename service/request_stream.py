@@ -39,6 +39,11 @@ class RequestStream:
         self._closed = False
 
     @property
+    def closed(self) -> bool:
+        """The reader left (``close``)."""
+        return self._closed
+
+    @property
     def finished(self) -> bool:
         """Every choice has its final delta queued (or the request was rejected)."""
         return not self._open

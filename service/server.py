@@ -5,6 +5,8 @@
     bind, health NOT_SERVING ─▶ load model (off the loop) ─▶ warm-up generate ─▶ SERVING
     SIGTERM/SIGINT ─▶ NOT_SERVING, new requests UNAVAILABLE ─▶ in-flight finish (≤ shutdown_timeout)
                    ─▶ leftovers aborted ─▶ server stops ─▶ exit 0
+    engine failure ─▶ in-flight requests end with an error ─▶ NOT_SERVING for FAILED_HEALTH_WINDOW_S
+                   ─▶ server stops ─▶ exit 1 (an orchestrator restarts it)
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from service.async_engine import AsyncLLM, EngineUnavailableError
 from service.auth import API_KEYS_ENV, ApiKeys, AuthInterceptor
+from service.faults import FAULT_INJECT_ENV, FaultPlan
 from service.log_format import LOG_FORMATS
 from service.metrics import FinishedRequest, ServerMetrics
+from service.request_decoding import RequestDecodingInterceptor
 from service.request_stream import RequestStream
 from service.servicer import GenerationServicer
 from sluice.v1 import generation_pb2 as pb
@@ -38,6 +42,8 @@ from sluice.v1 import generation_pb2_grpc as pb_grpc
 logger = logging.getLogger("sluice.server")
 
 LOAD_POLL_INTERVAL_S = 0.5  # how often the metrics' engine gauges are refreshed
+# After an engine failure, health probes and load balancers see NOT_SERVING this long before the port closes.
+FAILED_HEALTH_WINDOW_S = 2.0
 GENERATION_SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -58,6 +64,14 @@ class ServerArgs:
     api_key_file: str | None = None  # one 'key' or 'key:tenant' a line; also $SLUICE_API_KEYS
     metrics_port: int = 0  # Prometheus /metrics over HTTP on host:metrics_port; 0 = off
     log_format: str = "text"  # "text" or "json" (one object per line)
+    # Limits that keep one client from taking the server down.
+    max_message_bytes: int = 4 * 1024 * 1024  # largest request (and response) message
+    max_prompt_tokens: int = 0  # longest prompt; 0 = as long as the model's context allows
+    max_concurrent_streams: int = 256  # calls in flight on one client connection; more wait their turn
+    keepalive_time_s: float = 60.0  # ping a connection silent this long, to find dead clients
+    keepalive_timeout_s: float = 20.0  # close a connection whose ping goes unanswered this long
+    keepalive_permit_without_calls: bool = True  # clients may ping connections without calls...
+    keepalive_min_ping_interval_s: float = 10.0  # ...but no more often than this (else GOAWAY)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -66,6 +80,15 @@ class ServerArgs:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.max_prompt_tokens < 0:
+            raise ValueError(f"max_prompt_tokens must be >= 0 (0: the model's context), got {self.max_prompt_tokens}")
+        if self.max_concurrent_streams < 1:
+            raise ValueError(f"max_concurrent_streams must be >= 1, got {self.max_concurrent_streams}")
+        for name in ("keepalive_time_s", "keepalive_timeout_s", "keepalive_min_ping_interval_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.metrics_port < 65536:
             raise ValueError(f"metrics_port must be in [0, 65535], got {self.metrics_port}")
         if self.log_format not in LOG_FORMATS:
@@ -83,16 +106,22 @@ class Server:
         self.engine_args = engine_args
         self.server_args = server_args
         self.auth = ApiKeys.load(server_args.api_key_file, os.environ.get(API_KEYS_ENV))
-        self.servicer = GenerationServicer(max_n=server_args.max_n)
+        self.faults = FaultPlan.parse(os.environ.get(FAULT_INJECT_ENV))
+        self.servicer = GenerationServicer(max_n=server_args.max_n,
+                                           max_prompt_tokens=server_args.max_prompt_tokens or None)
         self.servicer.auth = self.auth
+        self.servicer.faults = self.faults
         self.health = health.aio.HealthServicer()
         self.llm: AsyncLLM | None = None
         self.metrics = ServerMetrics()
+        self._exit_code = 0
 
     async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT, then drain; the process exit code."""
+        """Serve until SIGTERM/SIGINT (exit code 0) or an engine failure (1), then drain."""
         # Both belong to the running loop, so they are made here rather than in __init__.
-        self._grpc = grpc.aio.server(interceptors=[AuthInterceptor(self.auth)] if self.auth else None)
+        interceptors = [AuthInterceptor(self.auth)] if self.auth else []
+        interceptors.append(RequestDecodingInterceptor(GENERATION_SERVICE))
+        self._grpc = grpc.aio.server(interceptors=interceptors, options=grpc_options(self.server_args))
         self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,6 +133,9 @@ class Server:
                                             self._grpc)
         address = f"{self.server_args.host}:{self.server_args.port}"
         port = self._bind(address)
+        logger.info("limits: %s", json.dumps(limits(self.server_args)))
+        if self.faults:
+            logger.warning("%s is set: fault injection armed (%s); never in production", FAULT_INJECT_ENV, self.faults)
         await self._grpc.start()
         logger.info("listening on %s:%d; health NOT_SERVING until the model is loaded and warmed up",
                     self.server_args.host, port)
@@ -113,6 +145,7 @@ class Server:
             logger.exception("loading the model failed")
             await self._grpc.stop(None)
             return 1
+        self.llm.faults = self.faults
         self.llm.start(on_dead=self._on_engine_dead)
         logger.info("engine: %s", json.dumps(engine_summary(self.llm)))
         started = time.monotonic()
@@ -133,7 +166,7 @@ class Server:
         await self.drain()
         if metrics_http is not None:
             metrics_http.shutdown()
-        return 0
+        return self._exit_code
 
     def _start_metrics(self) -> object | None:
         """Serve /metrics and keep its engine snapshot fresh; None when metrics_port is 0."""
@@ -198,8 +231,45 @@ class Server:
             await self.health.set(service, status)
 
     def _on_engine_dead(self, reason: str) -> None:
-        logger.error("engine failed (%s): health NOT_SERVING, new requests UNAVAILABLE", reason)
-        asyncio.ensure_future(self._set_health(_NOT_SERVING))
+        logger.error("engine failed (%s): health NOT_SERVING, new requests UNAVAILABLE; exiting in %.1f s "
+                     "with code 1", reason, FAILED_HEALTH_WINDOW_S)
+        self._exit_code = 1
+        asyncio.ensure_future(self._stop_after_failure())
+
+    async def _stop_after_failure(self) -> None:
+        await self._set_health(_NOT_SERVING)
+        await asyncio.sleep(FAILED_HEALTH_WINDOW_S)
+        self._stop.set()
+
+
+def grpc_options(args: ServerArgs) -> list[tuple[str, int]]:
+    """The gRPC core channel arguments that carry the server's limits."""
+    return [
+        ("grpc.max_receive_message_length", args.max_message_bytes),
+        ("grpc.max_send_message_length", args.max_message_bytes),
+        ("grpc.max_concurrent_streams", args.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", round(args.keepalive_time_s * 1000)),
+        ("grpc.keepalive_timeout_ms", round(args.keepalive_timeout_s * 1000)),
+        # While a stream sends, keepalive pings give way to flow-control pings; this bounds their
+        # wait for an answer too, so a frozen client is found mid-stream (default: 60 s).
+        ("grpc.http2.ping_timeout_ms", round(args.keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", int(args.keepalive_permit_without_calls)),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", round(args.keepalive_min_ping_interval_s * 1000)),
+    ]
+
+
+def limits(args: ServerArgs) -> dict[str, object]:
+    """The limits in force, for the start-up log."""
+    return {
+        "max_message_bytes": args.max_message_bytes,
+        "max_prompt_tokens": args.max_prompt_tokens or "the model's context",
+        "max_n": args.max_n,
+        "max_concurrent_streams": args.max_concurrent_streams,
+        "keepalive_time_s": args.keepalive_time_s,
+        "keepalive_timeout_s": args.keepalive_timeout_s,
+        "keepalive_permit_without_calls": args.keepalive_permit_without_calls,
+        "keepalive_min_ping_interval_s": args.keepalive_min_ping_interval_s,
+    }
 
 
 def is_loopback(host: str) -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -14,6 +13,8 @@ from scheduler.scheduler import QueueFullError
 from service import validation
 from service.async_engine import AsyncLLM, EngineUnavailableError, RequestIdInUseError
 from service.auth import ApiKeys, tenant_cache_salt
+from service.faults import FaultPlan
+from service.request_decoding import MalformedMessage
 from service.request_stream import RequestStream
 from service.responses import rejection, responses_of
 from sluice import __version__
@@ -37,14 +38,21 @@ class Rejection(Exception):
         self.message = message
 
 
+def _internal_error(request_id: str, exc: Exception) -> str:
+    return f"request {request_id} failed on the server ({type(exc).__name__}); the server log has the details"
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
     """Serves one ``AsyncLLM``; answers UNAVAILABLE until ``attach`` and while draining."""
 
-    def __init__(self, max_n: int) -> None:
+    def __init__(self, max_n: int, max_prompt_tokens: int | None = None) -> None:
         self.max_n = max_n
+        self.max_prompt_tokens = max_prompt_tokens  # None: only the model's context bounds prompts
         self.llm: AsyncLLM | None = None
         # The server's API keys (None: no authentication); each key's tenant salts its cache.
         self.auth: ApiKeys | None = None
+        # Test-only failures (service/faults.py); empty unless the server was started with them.
+        self.faults = FaultPlan()
 
     def attach(self, llm: AsyncLLM) -> None:
         self.llm = llm
@@ -59,18 +67,26 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         """The caller's tenant; the interceptor has already refused calls without a known key."""
         return self.auth.tenant_of(context.invocation_metadata()) if self.auth else None
 
-    def _submit(self, request: pb.GenerateRequest, request_id: str,
-                tenant: str | None = None) -> RequestStream:
+    async def _submit(self, request: pb.GenerateRequest, tenant: str | None = None,
+                      id_required: bool = False) -> RequestStream:
         llm = self._engine()
+        field = validation.prompt_field(request)
         try:
-            prompt = validation.prompt_of(request, llm.engine.vocab_size)
+            request_id = validation.request_id_of(request, id_required)
+            prompt = validation.prompt_of(request, llm.engine.vocab_size, self.max_prompt_tokens)
             params = validation.sampling_params_of(request, self.max_n)
             cache_salt = validation.cache_salt_of(request)
             if tenant is not None:
                 cache_salt = tenant_cache_salt(tenant, cache_salt)
-            prepared = llm.prepare(request_id, prompt, params, request.priority, cache_salt)
+            # Tokenizing a long text takes a while; the loop keeps serving other streams meanwhile.
+            prepared = await asyncio.to_thread(llm.prepare, request_id, prompt, params, request.priority,
+                                               cache_salt)
+            validation.check_prompt_tokens(field, len(prepared.prompt_token_ids), self.max_prompt_tokens)
         except ValueError as exc:
-            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+            message = str(exc)
+            # The engine speaks of "the prompt"; the caller knows it by its field.
+            raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{field}: {message}" if message.startswith("prompt") else message) from exc
         try:
             return llm.submit(prepared)
         except RequestIdInUseError as exc:
@@ -89,11 +105,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except ValueError as exc:  # the engine's own last checks
             raise Rejection(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
 
+    async def _responses(self, stream: RequestStream) -> AsyncIterator[pb.GenerateResponse]:
+        """The messages of an accepted request, one per choice per delta."""
+        async for delta in stream:
+            self.faults.check_delta(stream.request_id)
+            for response in responses_of(delta, stream):
+                yield response
+
     # ------------------------------------------------------------------ streaming RPCs
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            stream = self._submit(request, request.request_id or uuid.uuid4().hex, self._tenant(context))
+            stream = await self._submit(request, self._tenant(context))
         except Rejection as r:
             await context.abort(r.code, r.message)
         try:
@@ -102,9 +125,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             except Rejection as r:
                 await context.abort(r.code, r.message)
             await context.send_initial_metadata(((REQUEST_ID_METADATA_KEY, stream.request_id),))
-            async for delta in stream:
-                for response in responses_of(delta, stream):
+            try:
+                async for response in self._responses(stream):
                     yield response
+            except Exception as exc:  # one request's failure ends that request only
+                logger.exception("Generate: request %s failed", stream.request_id)
+                await context.abort(grpc.StatusCode.INTERNAL, _internal_error(stream.request_id, exc))
         finally:
             stream.close()
 
@@ -118,26 +144,23 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         async def run(stream: RequestStream) -> None:
             try:
                 await self._accepted(stream)
-                async for delta in stream:
-                    for response in responses_of(delta, stream):
-                        await outbox.put(response)
+                async for response in self._responses(stream):
+                    await outbox.put(response)
             except Rejection as r:
                 await outbox.put(rejection(stream.request_id, r.code, r.message))
-            except Exception as exc:
+            except Exception as exc:  # one request's failure ends that request only
                 logger.exception("GenerateStream: request %s failed", stream.request_id)
-                await outbox.put(rejection(stream.request_id, grpc.StatusCode.INTERNAL, str(exc)))
+                await outbox.put(rejection(stream.request_id, grpc.StatusCode.INTERNAL,
+                                           _internal_error(stream.request_id, exc)))
             finally:
                 stream.close()
 
-        def start(request: pb.GenerateRequest) -> pb.GenerateResponse | None:
-            rid = request.request_id
+        async def start(request: pb.GenerateRequest) -> pb.GenerateResponse | None:
             try:
-                if not rid:
-                    raise Rejection(grpc.StatusCode.INVALID_ARGUMENT,
-                                    "request_id is required on GenerateStream")
-                stream = self._submit(request, rid, tenant)
+                stream = await self._submit(request, tenant, id_required=True)
             except Rejection as r:
-                return rejection(rid, r.code, r.message)
+                return rejection(request.request_id, r.code, r.message)
+            rid = stream.request_id
             task = tasks[rid] = asyncio.create_task(run(stream))
             task.add_done_callback(lambda t: tasks.pop(rid) if tasks.get(rid) is t else None)
             return None
@@ -145,11 +168,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         async def read() -> None:
             try:
                 async for message in request_iterator:
-                    if message.HasField("cancel"):
+                    if isinstance(message, MalformedMessage):  # see service/request_decoding.py
+                        await outbox.put(rejection("", grpc.StatusCode.INVALID_ARGUMENT, message.message))
+                    elif message.HasField("cancel"):
                         rid = message.cancel.request_id
                         if rid in tasks and self.llm is not None:
                             self.llm.abort([rid])
-                    elif (refused := start(message.generate)) is not None:
+                    elif (refused := await start(message.generate)) is not None:
                         await outbox.put(refused)
             except Exception:
                 logger.exception("GenerateStream: reading requests failed")
@@ -175,7 +200,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                        context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         llm = await self._unary_engine(context)
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        token_ids = llm.engine.tokenizer.encode(request.text, add_special_tokens=add_special)
+        # Off the loop, as for prompts: a long text must not stall every stream.
+        token_ids = await asyncio.to_thread(llm.engine.tokenizer.encode, request.text, add_special)
         return pb.TokenizeResponse(token_ids=token_ids)
 
     async def Detokenize(self, request: pb.DetokenizeRequest,
@@ -187,7 +213,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"token_ids: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        text = llm.engine.tokenizer.decode(list(request.token_ids), skip_special_tokens=skip)
+        text = await asyncio.to_thread(llm.engine.tokenizer.decode, list(request.token_ids), skip)
         return pb.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,

@@ -141,3 +141,40 @@ def wait_for_blocks_freed(stub, timeout: float = 10.0):
         if time.monotonic() > deadline:
             return load
         time.sleep(0.02)
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """Every sample a server's /metrics shows, keyed by name plus its labels (histogram buckets left out)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if "le" in s.labels:
+                continue
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[s.name + (f"{{{labels}}}" if labels else "")] = s.value
+    return samples
+
+
+def health_until_exit(server: ServerProcess, timeout: float) -> list[str]:
+    """Poll health every 20 ms until the process exits (or ``timeout``); the statuses seen, in
+    order, without repeats (UNREACHABLE when no answer)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(server.address, options=FAST_RECONNECT) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while server.proc.poll() is None and time.monotonic() < deadline:
+            try:
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status)
+            except grpc.RpcError:
+                status = "UNREACHABLE"
+            if not seen or seen[-1] != status:
+                seen.append(status)
+            time.sleep(0.02)
+    return seen
