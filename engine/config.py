@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+
+# The bundled draft of the bundled model, found in the source tree like the CLI's default model.
+DEFAULT_DRAFT_MODEL = Path(__file__).resolve().parent.parent / "models" / "sluice-pycoder-draft"
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,16 @@ class EngineArgs:
     enforce_eager: bool = False  # never use CUDA graphs (they replay decode steps on CUDA)
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch; default max_num_seqs
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)
+    # Speculative decoding (off unless a method or a draft model is given).
+    speculative_model: str | None = None  # draft model path; "default": the bundled sluice-pycoder-draft
+    speculative_method: str | None = None  # ngram | draft (implied by speculative_model)
+    num_speculative_tokens: int = 4  # k: drafts verified per step
+    ngram_prompt_lookup_min: int = 1
+    ngram_prompt_lookup_max: int = 4
+    # No drafts while more requests than this run. bench/results/spec_decode_cpu.json: on CPU
+    # verifying still paid at 32 (n-gram 1.45x, oracle drafts 5.2x); past it a GPU's verify step
+    # turns compute-bound (5 tokens x 32 requests), where rejected drafts cost real time.
+    speculative_disable_batch_size: int | None = 32
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -50,6 +65,32 @@ class EngineArgs:
             )
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be one of auto, float32, float16, bfloat16; got {self.dtype!r}")
+        self._check_speculative()
+
+    @property
+    def speculative(self) -> bool:
+        return self.speculative_method is not None
+
+    def _check_speculative(self) -> None:
+        if self.speculative_model == "default":
+            object.__setattr__(self, "speculative_model", str(DEFAULT_DRAFT_MODEL))
+        method = self.speculative_method
+        if method is None and self.speculative_model is not None:
+            object.__setattr__(self, "speculative_method", method := "draft")
+        if method is not None and method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}; got {method!r}")
+        if method == "draft" and not self.speculative_model:
+            raise ValueError("speculative_method='draft' needs speculative_model (a path, or 'default')")
+        if method == "ngram" and self.speculative_model is not None:
+            raise ValueError("speculative_model is for speculative_method='draft', not 'ngram'")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}")
+        if not 1 <= self.ngram_prompt_lookup_min <= self.ngram_prompt_lookup_max:
+            raise ValueError(
+                f"need 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max, got "
+                f"{self.ngram_prompt_lookup_min} and {self.ngram_prompt_lookup_max}")
+        if self.speculative_disable_batch_size is not None and self.speculative_disable_batch_size < 1:
+            raise ValueError(f"speculative_disable_batch_size must be >= 1, got {self.speculative_disable_batch_size}")
 
     def replace(self, **changes: object) -> EngineArgs:
         return dataclasses.replace(self, **changes)

@@ -1,11 +1,15 @@
-"""CUDA graphs for decode steps: one graph per batch size bucket, sharing one memory pool.
+"""CUDA graphs for decode and verify steps: one graph per (batch size bucket, tokens per request),
+all sharing one memory pool.
 
 A graph replays the captured kernels on the persistent input buffers' fixed addresses, so a
-decode step costs its host-side input preparation, two copies and one replay, whatever the
-number of kernels. A batch of n requests replays the smallest captured size >= n; the extra
-rows are padding (slot -1: nothing written to the KV cache; their logits are dropped)::
+step costs its host-side input preparation, two copies and one replay, whatever the number of
+kernels. A decode step has 1 token per request; a verify step 1 + k (the last sampled token and
+k drafts), all of them sampled. A batch of n requests replays the smallest captured size >= n;
+the extra requests are padding (slot -1: nothing written to the KV cache; their logits are
+dropped)::
 
-    sizes: 1 2 4 8 16 32 48 ... max      batch of 37 -> graph 48, rows 37..47 padding
+    sizes: 1 2 4 8 16 32 48 ... max      batch of 37 -> graph 48, requests 37..47 padding
+    verify (k = 4): 5 tokens per request, sizes up to the largest batch that still speculates
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from scheduler.outputs import ScheduledRequest
 
 logger = logging.getLogger(__name__)
 
+GraphShape = tuple[int, int]  # (batch size, tokens per request)
+
 
 def capture_sizes(max_batch_size: int) -> list[int]:
     """Powers of two up to 16, then every multiple of 16, up to and including ``max_batch_size``."""
@@ -33,30 +39,49 @@ def capture_sizes(max_batch_size: int) -> list[int]:
 
 
 class DecodeGraphs:
+    """Decode graphs up to ``max_batch_size`` requests and, with ``num_speculative_tokens`` k > 0,
+    verify graphs of 1 + k tokens per request up to ``max_verify_batch_size`` requests (as many
+    as the input buffers hold)."""
+
     def __init__(self, model: nn.Module, buffers: InputBuffers, backend: AttentionBackend,
-                 max_batch_size: int) -> None:
+                 max_batch_size: int, num_speculative_tokens: int = 0, max_verify_batch_size: int = 0) -> None:
         self.model = model
         self.buffers = buffers
         self.backend = backend
-        self.sizes = capture_sizes(max_batch_size)
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}
+        self.sizes: dict[int, list[int]] = {1: capture_sizes(max_batch_size)}
+        per_request = 1 + num_speculative_tokens
+        max_verify = min(max_verify_batch_size, buffers.max_tokens // per_request)
+        if num_speculative_tokens and max_verify >= 1:
+            self.sizes[per_request] = capture_sizes(max_verify)
+        self._graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[GraphShape, torch.Tensor] = {}
 
-    def size_for(self, scheduled: list[ScheduledRequest]) -> int | None:
-        """The graph size that serves this step, or None when it is not a plain decode step."""
-        n = len(scheduled)
-        if n > self.sizes[-1] or any(len(r.token_ids) != 1 or not r.sample for r in scheduled):
+    @property
+    def shapes(self) -> list[GraphShape]:
+        return [(size, per_request) for per_request, sizes in self.sizes.items() for size in sizes]
+
+    def shape_for(self, scheduled: list[ScheduledRequest]) -> GraphShape | None:
+        """The graph that serves this step, or None when it is not a plain decode step or a
+        verify step with the same number of drafts for every request."""
+        per_request = len(scheduled[0].token_ids)
+        sizes = self.sizes.get(per_request)
+        if sizes is None or len(scheduled) > sizes[-1] or any(
+                len(r.token_ids) != per_request or not r.sample or len(r.draft_token_ids) != per_request - 1
+                for r in scheduled):
             return None
-        return self.sizes[bisect.bisect_left(self.sizes, n)]
+        return sizes[bisect.bisect_left(sizes, len(scheduled))], per_request
 
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         # Largest first, so that smaller graphs reuse the pool's blocks.
-        for size in reversed(self.sizes):
-            dummy = [ScheduledRequest(f"graph-{i}", [0], 0, [0], True, None, [], []) for i in range(size)]
-            inputs = self.buffers.prepare(dummy, graph_size=size)
+        for shape in sorted(self.shapes, key=lambda s: s[0] * s[1], reverse=True):
+            size, per_request = shape
+            num_blocks = -(-per_request // self.buffers.block_size)
+            dummy = [ScheduledRequest(f"graph-{i}", [0] * per_request, 0, [0] * num_blocks, True, None, [], [],
+                                      [0] * (per_request - 1)) for i in range(size)]
+            inputs = self.buffers.prepare(dummy, graph_shape=shape)
             # Slot -1: capture writes nothing into the KV cache.
             inputs.metadata.slot_mapping.fill_(-1)
             with set_forward_context(inputs.metadata, self.backend):
@@ -66,12 +91,31 @@ class DecodeGraphs:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self.model.compute_logits(self.model(inputs.input_ids, inputs.positions))
-            self._graphs[size], self._logits[size] = graph, logits
+            self._graphs[shape], self._logits[shape] = graph, logits
         torch.cuda.synchronize()
-        logger.info("captured %d CUDA graphs for decode batch sizes %s in %.1f s",
-                    len(self.sizes), self.sizes, time.perf_counter() - start)
+        logger.info("captured %d CUDA graphs (batch size, tokens per request) %s in %.1f s",
+                    len(self._graphs), self.shapes, time.perf_counter() - start)
 
-    def replay(self, size: int) -> torch.Tensor:
-        """Run the graph of ``size`` on what the buffers hold; its logits ``[size, vocab]``."""
-        self._graphs[size].replay()
-        return self._logits[size]
+    def replay(self, shape: GraphShape) -> torch.Tensor:
+        """Run the graph of ``shape`` on what the buffers hold; its logits ``[size * tokens per
+        request, vocab]``, request by request."""
+        self._graphs[shape].replay()
+        return self._logits[shape]
+
+
+def step_logits(model: nn.Module, buffers: InputBuffers, backend: AttentionBackend,
+                graphs: DecodeGraphs | None, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
+    """Run one step's forward and return the logits at its sampled positions (the rows
+    ``InputBuffers.prepare`` lays out), or None when nothing samples: replayed from a graph
+    when one serves the step, eagerly otherwise (always on CPU, where ``graphs`` is None)."""
+    shape = graphs.shape_for(scheduled) if graphs is not None else None
+    if shape is not None:
+        assert graphs is not None
+        buffers.prepare(scheduled, graph_shape=shape)
+        return graphs.replay(shape)[: len(scheduled) * shape[1]]
+    inputs = buffers.prepare(scheduled)
+    with set_forward_context(inputs.metadata, backend):
+        hidden = model(inputs.input_ids, inputs.positions)
+    if inputs.logits_indices.numel() == 0:
+        return None
+    return model.compute_logits(hidden[inputs.logits_indices])

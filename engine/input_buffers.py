@@ -63,12 +63,17 @@ class InputBuffers:
         )
 
     # ------------------------------------------------------------------ filling
-    def prepare(self, scheduled: Sequence[ScheduledRequest], graph_size: int | None = None) -> StepInputs:
+    def prepare(self, scheduled: Sequence[ScheduledRequest], graph_shape: tuple[int, int] | None = None
+                ) -> StepInputs:
         """Lay out ``scheduled`` on the host, copy it to the device and return device views.
 
-        With ``graph_size`` (a CUDA graph's batch size, for a decode step of one token per
-        request), rows past the batch are padding: slot -1 (nothing written), seq_len 0; and
-        ``max_seq_len`` is the bound every replay shares, the longest block table's length."""
+        Logits are taken at the last token of each request that samples, and for a verify step
+        at its last 1 + k tokens (one row per verified position, in order).
+
+        With ``graph_shape`` = (a CUDA graph's batch size, its tokens per request: 1 for a decode
+        step, 1 + k for a verify step), requests past the batch are padding with that many tokens
+        each: slot -1 (nothing written), seq_len 0 (decode) or 1 + k (verify); and ``max_seq_len``
+        is the bound every replay shares, the longest block table's length."""
         num_reqs = len(scheduled)
         num_new = np.fromiter((len(r.token_ids) for r in scheduled), dtype=np.int64, count=num_reqs)
         starts = np.fromiter((r.start_position for r in scheduled), dtype=np.int64, count=num_reqs)
@@ -103,14 +108,18 @@ class InputBuffers:
         np32[r + 1:r + 1 + num_reqs] = seq_lens
         num_rows = num_reqs
         max_seq_len = int(seq_lens.max())
-        if graph_size is not None:
-            assert num_tokens == num_reqs <= graph_size, "only decode steps replay graphs"
-            np64[num_reqs:graph_size] = 0
-            np64[t + num_reqs:t + graph_size] = 0
-            np64[2 * t + num_reqs:2 * t + graph_size] = -1
-            np32[num_reqs + 1:graph_size + 1] = np.arange(num_reqs + 1, graph_size + 1)
-            np32[r + 1 + num_reqs:r + 1 + graph_size] = 0
-            num_rows = num_tokens = graph_size
+        if graph_shape is not None:
+            size, per_request = graph_shape
+            assert num_reqs <= size and (num_new == per_request).all(), "the step does not fit the graph"
+            end = size * per_request
+            np64[num_tokens:end] = 0
+            np64[t + num_tokens:t + end] = 0
+            np64[2 * t + num_tokens:2 * t + end] = -1
+            np32[num_reqs + 1:size + 1] = np.arange(num_tokens + per_request, end + 1, per_request)
+            # A padded verify request's KV must cover its queries (a negative context would send the
+            # prefill kernels before its block table); it reads stale but valid blocks, writes none.
+            np32[r + 1 + num_reqs:r + 1 + size] = 0 if per_request == 1 else per_request
+            num_rows, num_tokens = size, end
             max_seq_len = self.max_blocks * bs
 
         # Two copies: each area's used prefix (the int64 sections are small, copy them whole).
@@ -120,8 +129,7 @@ class InputBuffers:
         if self._copied is not None:
             self._copied.record()
 
-        sample = np.fromiter((req.sample for req in scheduled), dtype=bool, count=num_reqs)
-        logits_indices = torch.from_numpy(cu_new[sample] - 1).to(self.device, non_blocking=True)
+        logits_indices = torch.from_numpy(_logits_indices(scheduled, cu_new)).to(self.device, non_blocking=True)
         input_ids, positions_d, slots, query_start_loc, seq_lens_d, block_tables = self.device_views(
             num_tokens, num_rows
         )
@@ -134,3 +142,16 @@ class InputBuffers:
             max_seq_len=max_seq_len,
         )
         return StepInputs(input_ids, positions_d, metadata, logits_indices)
+
+
+def _logits_indices(scheduled: Sequence[ScheduledRequest], cu_new: np.ndarray) -> np.ndarray:
+    """Flat token indices to take logits at: per sampling request its last 1 + k tokens (k its
+    drafts, 0 outside a verify step), in request order."""
+    num_reqs = len(scheduled)
+    num_logits = np.fromiter((1 + len(r.draft_token_ids) if r.sample else 0 for r in scheduled),
+                             dtype=np.int64, count=num_reqs)
+    if (num_logits <= 1).all():
+        return cu_new[num_logits == 1] - 1
+    first = np.repeat(cu_new - num_logits, num_logits)
+    within = np.arange(int(num_logits.sum())) - np.repeat(np.cumsum(num_logits) - num_logits, num_logits)
+    return first + within

@@ -1,4 +1,5 @@
-"""The engine loop: validate and admit requests, then step schedule -> execute -> update -> output.
+"""The engine loop: validate and admit requests, then step schedule -> execute -> update -> output
+(-> propose drafts, when speculating).
 
 ``LLMEngine`` is not thread-safe: one thread owns it and calls ``step``. ``prepare_request``
 is the exception: it only reads immutable state, so the service calls it on its own threads
@@ -13,15 +14,21 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from engine.config import EngineArgs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.spec_decode.draft_model import DraftModelProposer, load_draft_config
+from engine.spec_decode.ngram_proposer import NgramProposer
+from engine.spec_decode.policy import SpeculationPolicy
+from engine.spec_decode.proposer import DraftRequest, Proposer
 from engine.tokenizer import Tokenizer
 from scheduler.config import SchedulerConfig
-from scheduler.outputs import RequestUpdate
+from scheduler.outputs import RequestUpdate, RunnerOutput, SchedulerOutput
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import QueueFullError, Scheduler
 
@@ -75,8 +82,21 @@ class LLMEngine:
         )
         self.tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
         self.runner = ModelRunner(self.model_config, args)
+        self.proposer = self._make_proposer()
         self.runner.load_model()
-        self.num_kv_blocks = self.runner.initialize_kv_cache()
+        draft_block_bytes = 0
+        if isinstance(self.proposer, DraftModelProposer):
+            self.proposer.load_model()  # before the KV cache is sized: its weights take memory too
+            draft_block_bytes = self.proposer.kv_block_bytes()
+        self.num_kv_blocks = self.runner.initialize_kv_cache(draft_block_bytes)
+        if isinstance(self.proposer, DraftModelProposer):
+            self.proposer.initialize_kv_cache(self.num_kv_blocks)
+        self.speculation = SpeculationPolicy(args.speculative_disable_batch_size)
+        if args.speculative:
+            logger.info("speculative decoding: %s, k=%d, off above %s running requests", args.speculative_model or
+                        "n-gram prompt lookup", args.num_speculative_tokens, args.speculative_disable_batch_size)
+        # Per request with drafts in flight that were drawn at random: their distributions.
+        self._draft_probs: dict[str, torch.Tensor] = {}
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=args.max_num_seqs,
@@ -105,6 +125,18 @@ class LLMEngine:
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
         return cls(args)
+
+    def _make_proposer(self) -> Proposer | None:
+        args = self.args
+        if args.speculative_method == "ngram":
+            return NgramProposer(args.ngram_prompt_lookup_min, args.ngram_prompt_lookup_max)
+        if args.speculative_method == "draft":
+            runner = self.runner
+            return DraftModelProposer(
+                load_draft_config(args, self.model_config), args, runner.attention_backend,
+                self.model_config.eos_token_ids,
+                graph_batch_size=runner.max_verify_batch_size if runner.uses_cuda_graphs else None)
+        return None
 
     # ------------------------------------------------------------------ admission
     @property
@@ -242,9 +274,11 @@ class LLMEngine:
             self.scheduler.finish_requests([c.request.request_id for c in unfinished], RequestStatus.FINISHED_ABORTED)
             for c in unfinished:
                 c.finish_reason = "abort"
-            self._pending_aborted.append(
-                self._make_output(state, [CompletionOutput(c.index, "", [], finish_reason="abort") for c in unfinished])
-            )
+            self._pending_aborted.append(self._make_output(state, [
+                CompletionOutput(c.index, "", [], finish_reason="abort", num_draft_tokens=c.request.num_draft_tokens,
+                                 num_accepted_draft_tokens=c.request.num_accepted_draft_tokens)
+                for c in unfinished
+            ]))
             self._retire(state)
 
     # ------------------------------------------------------------------ the step
@@ -255,15 +289,64 @@ class LLMEngine:
         """Run one scheduler step; return what is new for each request that made progress."""
         outputs, self._pending_aborted = self._pending_aborted, []
         scheduler_output = self.scheduler.schedule()
+        if self.proposer is not None:
+            self.proposer.finish_requests(scheduler_output.finished_request_ids)
+            self.speculation.finish_requests(scheduler_output.finished_request_ids)
         if scheduler_output.is_empty:
             return outputs
-        runner_output = self.runner.execute(scheduler_output)
+        runner_output = self.runner.execute(scheduler_output, self._draft_probs)
+        if self.proposer is not None:
+            self._record_verify_steps(scheduler_output, runner_output)
         updates = self.scheduler.update(scheduler_output, runner_output)
         for update in updates:
             for sibling in self._deferred_choices.pop(update.request_id, ()):
                 self.scheduler.add_request(sibling)
         outputs.extend(self._process_updates(updates, runner_output.logprobs))
+        if self.proposer is not None:
+            self._propose_drafts(updates)
         return outputs
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _record_verify_steps(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> None:
+        for scheduled in scheduler_output.scheduled:
+            if scheduled.draft_token_ids:
+                accepted = runner_output.num_accepted_draft_tokens.get(scheduled.request_id, 0)
+                self.speculation.record(scheduled.request_id, len(scheduled.draft_token_ids), accepted)
+
+    def _propose_drafts(self, updates: list[RequestUpdate]) -> None:
+        """Draft for the running requests that just got tokens (see engine/spec_decode/policy.py
+        for who may); their drafts ride along with their next decode."""
+        assert self.proposer is not None
+        get = self.scheduler.get_request
+        # Drafts the scheduler consumed, or that preemption dropped, need their distributions no more.
+        self._draft_probs = {rid: q for rid, q in self._draft_probs.items()
+                             if (r := get(rid)) is not None and r.spec_token_ids}
+        if not self.speculation.allows_batch(self.scheduler.num_running):
+            return
+        candidates: list[DraftRequest] = []
+        for update in updates:
+            request = get(update.request_id)
+            if (request is None or request.status != RequestStatus.RUNNING
+                    or request.num_computed_tokens != request.num_tokens - 1
+                    or not request.sampling_params.speculative_decoding
+                    or not self.speculation.allows(request.request_id)):
+                continue
+            k = min(self.args.num_speculative_tokens, self.scheduler.max_num_draft_tokens(request))
+            lookahead = self.proposer.num_lookahead_slots(k)
+            if k <= 0 or (lookahead and not self.scheduler.allocate_lookahead(request, lookahead)):
+                continue  # no room to verify, or no free block for the draft's KV: decode plainly
+            candidates.append(DraftRequest(
+                request.request_id, request.prompt_token_ids, request.output_token_ids, k, request.sampling_params,
+                self.scheduler.block_manager.get_block_table(request.request_id), request.num_preemptions))
+        if not candidates:
+            return
+        proposal = self.proposer.propose(candidates)
+        for i, (candidate, drafts) in enumerate(zip(candidates, proposal.draft_token_ids, strict=True)):
+            request = get(candidate.request_id)
+            assert request is not None
+            request.spec_token_ids = drafts
+            if drafts and proposal.draft_probs is not None and not request.sampling_params.is_greedy:
+                self._draft_probs[request.request_id] = proposal.draft_probs[i, : len(drafts)]
 
     def _process_updates(self, updates: list[RequestUpdate], logprobs: dict[str, list]) -> list[RequestOutput]:
         now = time.monotonic()
@@ -321,6 +404,8 @@ class LLMEngine:
             logprobs=entries,
             finish_reason=finish_reason,
             stop_reason=stop_reason,
+            num_draft_tokens=request.num_draft_tokens,
+            num_accepted_draft_tokens=request.num_accepted_draft_tokens,
         )
 
     def _decorate(self, entry: dict[int, Logprob]) -> dict[int, Logprob]:
@@ -357,6 +442,8 @@ class LLMEngine:
             "num_kv_blocks": self.num_kv_blocks,
             "attention_backend": getattr(self.runner, "attention_backend_name", "torch"),
             "enable_prefix_caching": self.args.enable_prefix_caching,
+            "speculative_method": self.args.speculative_method,
+            "num_speculative_tokens": self.args.num_speculative_tokens if self.args.speculative else 0,
         }
 
     def get_load(self) -> dict[str, float | int]:
@@ -375,4 +462,8 @@ class LLMEngine:
             "prefix_cache_hits": stats.prefix_cache_hits,
             "num_preemptions": stats.num_preemptions,
             "generation_tokens_per_s": sum(n for _, n in self._recent_tokens) / _THROUGHPUT_WINDOW_S,
+            "spec_decode_num_draft_tokens": stats.spec_decode.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": stats.spec_decode.num_accepted_tokens,
+            "spec_decode_acceptance_rate": stats.spec_decode.acceptance_rate,
+            "spec_decode_mean_accepted_length": stats.spec_decode.mean_accepted_length,
         }

@@ -9,21 +9,26 @@ sampled token for each request whose chunk reaches its last token.
     slots:       block_table[pos // block_size] * block_size + pos % block_size
     sampled at:  the last token of each request with sample=True (index 2 and 6)
 
-On CUDA, a step where every request decodes one token replays a CUDA graph captured for the
-next larger batch size (engine/cuda_graph.py); other steps run eagerly. Both read their inputs
-from the same persistent buffers (engine/input_buffers.py).
+A verify step (a request with k draft tokens) is sampled at its last 1 + k tokens, and the
+rejection sampler keeps the drafts the target accepts (engine/spec_decode/rejection_sampler.py);
+steps without drafts take the plain sampler, as before speculation existed.
+
+On CUDA, a step where every request decodes one token, or verifies k drafts with 1 + k tokens,
+replays a CUDA graph captured for the next larger batch size (engine/cuda_graph.py); other steps
+run eagerly. Both read their inputs from the same persistent buffers (engine/input_buffers.py).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 
 from engine.attention.backend import select_attention_backend
 from engine.attention.metadata import set_forward_context
 from engine.config import EngineArgs
-from engine.cuda_graph import DecodeGraphs
+from engine.cuda_graph import DecodeGraphs, step_logits
 from engine.input_buffers import InputBuffers
 from engine.kv_cache import (
     KVCaches,
@@ -35,6 +40,7 @@ from engine.kv_cache import (
 from engine.model_config import ModelConfig
 from engine.model_loader import load_model
 from engine.sampler import Sampler, SamplingRow
+from engine.spec_decode.rejection_sampler import RejectionSampler
 from scheduler.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -59,6 +65,7 @@ class ModelRunner:
         self.attention_backend = select_attention_backend(self.device, attention_backend)
         self.attention_backend_name = self.attention_backend.name
         self.sampler = Sampler(model_config.eos_token_ids, seed=engine_args.seed)
+        self.rejection_sampler = RejectionSampler(self.sampler)
         self.model: torch.nn.Module | None = None
         self.kv_caches: KVCaches = []
         max_blocks = -(-model_config.max_model_len // self.block_size)
@@ -71,39 +78,62 @@ class ModelRunner:
     def load_model(self) -> None:
         self.model = load_model(self.model_config, self.args.load_format)
 
-    def initialize_kv_cache(self) -> int:
-        """Size, allocate and bind the KV cache; return its number of blocks."""
+    def initialize_kv_cache(self, draft_block_bytes: int = 0) -> int:
+        """Size, allocate and bind the KV cache; return its number of blocks. A draft model's
+        cache has as many blocks: ``draft_block_bytes`` is its share of each block's cost (its
+        weights must be loaded already, so that the GPU profile counts them)."""
         assert self.model is not None, "load_model() first"
+        block_bytes = kv_block_bytes(self.model_config, self.block_size) + draft_block_bytes
         if self.args.num_kv_blocks is not None:
             num_blocks = self.args.num_kv_blocks
         elif self.device.type == "cuda":
-            num_blocks = num_blocks_from_gpu_memory(self.model_config, self.args, self._profile_peak_bytes())
+            num_blocks = num_blocks_from_gpu_memory(block_bytes, self.args, self.device, self._profile_peak_bytes())
         else:
-            num_blocks = num_blocks_from_cpu_budget(self.model_config, self.args)
+            num_blocks = num_blocks_from_cpu_budget(block_bytes, self.args)
         self.kv_caches = allocate_kv_cache(self.model_config, num_blocks, self.block_size)
         self.model.bind_kv_cache(self.kv_caches)
-        block_bytes = kv_block_bytes(self.model_config, self.block_size)
         logger.info(
-            "KV cache: %d blocks of %d tokens, %d bytes per block, %.2f GiB",
-            num_blocks, self.block_size, block_bytes, num_blocks * block_bytes / 2**30,
+            "KV cache: %d blocks of %d tokens, %d bytes per block (%d of them the draft's), %.2f GiB",
+            num_blocks, self.block_size, block_bytes, draft_block_bytes, num_blocks * block_bytes / 2**30,
         )
-        if self.device.type == "cuda" and not self.args.enforce_eager and self.attention_backend.graph_safe:
-            max_size = min(self.args.max_cuda_graph_batch_size or self.args.max_num_seqs, self.args.max_num_seqs)
-            self.graphs = DecodeGraphs(self.model, self.buffers, self.attention_backend, max_size)
+        if self.uses_cuda_graphs:
+            self.graphs = DecodeGraphs(self.model, self.buffers, self.attention_backend, self.max_graph_batch_size,
+                                       self.args.num_speculative_tokens if self.args.speculative else 0,
+                                       self.max_verify_batch_size)
             self.graphs.capture()
         return num_blocks
 
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.args.enforce_eager and self.attention_backend.graph_safe
+
+    @property
+    def max_graph_batch_size(self) -> int:
+        return min(self.args.max_cuda_graph_batch_size or self.args.max_num_seqs, self.args.max_num_seqs)
+
+    @property
+    def max_verify_batch_size(self) -> int:
+        """The largest batch that may verify drafts: above the switch-off size nobody drafts."""
+        limit = self.args.speculative_disable_batch_size
+        return self.max_graph_batch_size if limit is None else min(limit, self.max_graph_batch_size)
+
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+    def execute(self, scheduler_output: SchedulerOutput,
+                draft_probs: Mapping[str, torch.Tensor] | None = None) -> RunnerOutput:
+        """Run the step. ``draft_probs``: per request whose drafts a proposer drew at random, the
+        distributions it drew them from (``[its drafts, vocab]``; the scheduler may have cut the
+        drafts, never reordered them); requests missing from it are verified as one-hot drafts."""
         assert self.model is not None and self.kv_caches, "load_model() and initialize_kv_cache() first"
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return RunnerOutput(sampled_token_ids={})
-        logits = self._forward(scheduled)
+        logits = step_logits(self.model, self.buffers, self.attention_backend, self.graphs, scheduled)
         sampled = [r for r in scheduled if r.sample]
         if not sampled:
             return RunnerOutput(sampled_token_ids={})
         rows = [SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids) for r in sampled]
+        if any(r.draft_token_ids for r in sampled):
+            return self._verify(logits, sampled, rows, draft_probs or {})
         out = self.sampler(logits, rows)
         return RunnerOutput(
             sampled_token_ids={r.request_id: [tok] for r, tok in zip(sampled, out.token_ids, strict=True)},
@@ -114,18 +144,19 @@ class ModelRunner:
             },
         )
 
-    def _forward(self, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
-        """Logits ``[number of sampled requests, vocab]`` of this step (None if none samples)."""
-        graph_size = self.graphs.size_for(scheduled) if self.graphs is not None else None
-        if graph_size is not None:
-            self.buffers.prepare(scheduled, graph_size=graph_size)
-            return self.graphs.replay(graph_size)[: len(scheduled)]
-        inputs = self.buffers.prepare(scheduled)
-        with set_forward_context(inputs.metadata, self.attention_backend):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        if inputs.logits_indices.numel() == 0:
-            return None
-        return self.model.compute_logits(hidden[inputs.logits_indices])
+    def _verify(self, logits: torch.Tensor, sampled: list[ScheduledRequest], rows: list[SamplingRow],
+                draft_probs: Mapping[str, torch.Tensor]) -> RunnerOutput:
+        """A step with drafts: every sampled request through the rejection sampler (without
+        drafts it gives exactly the sampler's token)."""
+        drafts = [r.draft_token_ids for r in sampled]
+        out = self.rejection_sampler(logits, rows, drafts, _padded_draft_probs(sampled, draft_probs, logits))
+        return RunnerOutput(
+            sampled_token_ids={r.request_id: tokens for r, tokens in zip(sampled, out.token_ids, strict=True)},
+            logprobs={r.request_id: entries for r, entries in zip(sampled, out.logprobs, strict=True)
+                      if entries is not None},
+            num_accepted_draft_tokens={r.request_id: n for r, n in zip(sampled, out.num_accepted, strict=True)
+                                       if r.draft_token_ids},
+        )
 
     def _profile_peak_bytes(self) -> int:
         """Peak device memory, less the KV cache, of a forward over a full token budget."""
@@ -154,3 +185,24 @@ class ModelRunner:
             layer.kv_cache = None
         torch.cuda.empty_cache()
         return peak - num_blocks * kv_block_bytes(self.model_config, self.block_size)
+
+
+def _padded_draft_probs(sampled: list[ScheduledRequest], draft_probs: Mapping[str, torch.Tensor],
+                        logits: torch.Tensor) -> torch.Tensor | None:
+    """``[requests, most drafts, vocab]`` for the rejection sampler, or None when no request
+    drew its drafts at random. Drafts of other sampled requests are one-hot there: verified as
+    such, drafts from anywhere are lossless."""
+    if not any(r.request_id in draft_probs and not r.sampling_params.is_greedy for r in sampled):
+        return None
+    k = max(len(r.draft_token_ids) for r in sampled)
+    padded = logits.new_zeros((len(sampled), k, logits.shape[-1]))
+    for i, r in enumerate(sampled):
+        n = len(r.draft_token_ids)
+        if not n or r.sampling_params.is_greedy:
+            continue  # greedy rows only compare with the argmax
+        if r.request_id in draft_probs:
+            padded[i, :n] = draft_probs[r.request_id][:n]
+        else:
+            padded[i, torch.arange(n, device=logits.device),
+                   torch.tensor(r.draft_token_ids, device=logits.device)] = 1.0
+    return padded

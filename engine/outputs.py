@@ -25,6 +25,9 @@ class CompletionOutput:
     logprobs: SampleLogprobs | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
+    # Speculative decoding so far (cumulative, like cumulative_logprob): drafts verified, accepted.
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -37,6 +40,7 @@ class CompletionOutput:
             self.logprobs = (self.logprobs or []) + delta.logprobs
             self.cumulative_logprob = delta.cumulative_logprob
         self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+        self.num_draft_tokens, self.num_accepted_draft_tokens = delta.num_draft_tokens, delta.num_accepted_draft_tokens
 
 
 @dataclass(slots=True)

@@ -34,6 +34,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only, no text (and so no stop strings)
+    speculative_decoding: bool = True  # False: never draft for this request (when the engine speculates)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -81,6 +82,8 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, lo=0)
             if self.logprobs > max_logprobs:
                 raise ValueError(f"logprobs must be <= {max_logprobs}, got {self.logprobs}")
+        if not isinstance(self.speculative_decoding, bool):
+            raise ValueError(f"speculative_decoding must be a bool, got {self.speculative_decoding!r}")
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
         if any(not isinstance(s, str) or not s for s in self.stop):

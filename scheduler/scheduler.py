@@ -14,7 +14,8 @@ its blocks are freed and it later recomputes prompt + output as one prefill.
 A decoding request that carries draft tokens is scheduled as a verify step of 1 + k tokens
 (see ``scheduler.spec_decode``). Drafts only spend budget that every running request's own next
 token leaves over, and only blocks that are free: they are cut rather than delay or preempt
-anyone. ``update`` keeps the accepted drafts and the bonus or correction token.
+anyone. ``update`` keeps the accepted drafts and the bonus or correction token. A draft model
+writes its own KV for the positions it drafts into slots ``allocate_lookahead`` hands out first.
 """
 
 from __future__ import annotations
@@ -241,6 +242,21 @@ class Scheduler:
         room = min(request.max_tokens - request.num_output_tokens,
                    self.config.max_model_len - request.num_tokens)
         return max(0, room - 1)
+
+    def allocate_lookahead(self, request: Request, num_tokens: int) -> bool:
+        """Give a running request KV slots for its next ``num_tokens`` positions (from
+        ``num_computed_tokens``) before it is scheduled: a draft model writes its own KV there
+        while it drafts. Only free blocks are taken (nobody is preempted for a guess); False,
+        and nothing taken, when they do not suffice. The verify step reuses these slots.
+
+        ::
+
+            | computed ............ | t  d0 d1 d2 | d3     t: last sampled token (no KV yet)
+                                    |<- num_tokens ->|        the draft of k = 4 writes the KV of
+                                                              t, d0, d1, d2 there (d3: none)
+        """
+        assert request.status == RequestStatus.RUNNING, f"{request.request_id} is not running"
+        return self.block_manager.allocate_slots(request, num_tokens)
 
     def check_integrity(self) -> None:
         self.block_manager.check_integrity()

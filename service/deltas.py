@@ -24,6 +24,8 @@ def coalesce(outputs: list[RequestOutput]) -> RequestOutput:
                     logprobs=None if c.logprobs is None else list(c.logprobs),
                     finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason,
+                    num_draft_tokens=c.num_draft_tokens,
+                    num_accepted_draft_tokens=c.num_accepted_draft_tokens,
                 )
                 continue
             assert into.finish_reason is None, f"choice {c.index} of {out.request_id} went on after finishing"

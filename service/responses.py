@@ -48,6 +48,8 @@ def _response(delta: RequestOutput, c: CompletionOutput, stream: RequestStream) 
         resp.error.code = grpc.StatusCode.INTERNAL.value[0]
         resp.error.message = delta.error or "the request failed"
     resp.usage.CopyFrom(_usage(delta, stream.num_output_tokens[c.index]))
+    resp.usage.draft_tokens = c.num_draft_tokens
+    resp.usage.accepted_draft_tokens = c.num_accepted_draft_tokens
     return resp
 
 

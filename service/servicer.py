@@ -245,6 +245,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             kv_blocks_total=load["kv_blocks_total"],
             tokens_per_second=load["generation_tokens_per_s"],
             prefix_cache_hit_rate=load["prefix_cache_hit_rate"],
+            spec_decode_acceptance_rate=load["spec_decode_acceptance_rate"],
+            spec_decode_mean_accepted_length=load["spec_decode_mean_accepted_length"],
         )
 
     async def ResetPrefixCache(self, request: pb.ResetPrefixCacheRequest,

@@ -92,3 +92,76 @@ def test_cuda_graph_decode_equals_eager_and_transformers(tiny_models, backend: s
         agree = sum(a == b for rid in prompts
                     for a, b in zip(drivers[False].outputs[rid][:num_new], drivers[True].outputs[rid][:num_new]))
         assert agree >= 0.9 * num_new * len(prompts)
+
+
+def _verify_runner(path, backend: str, dtype: str, eager: bool, k: int) -> ModelRunner:
+    config = ModelConfig.from_pretrained(path, dtype=dtype, device="cuda")
+    runner = ModelRunner(config, EngineArgs(
+        model=str(path), block_size=16, num_kv_blocks=64, dtype=dtype, attention_backend=backend,
+        enforce_eager=eager, max_num_seqs=8, speculative_method="ngram", num_speculative_tokens=k,
+        speculative_disable_batch_size=4))
+    runner.load_model()
+    runner.initialize_kv_cache()
+    return runner
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
+def test_cuda_graph_verify_equals_eager_verify(tiny_models, backend: str) -> None:
+    """A verify step (every request 1 + k tokens, k drafts) replayed from a CUDA graph gives the
+    logits of the same step run eagerly, at all 1 + k positions of each request, padding and all
+    (3 requests replay the graph of 4)."""
+    from engine.cuda_graph import step_logits
+    from engine.sampling_params import SamplingParams
+    from scheduler.outputs import ScheduledRequest, SchedulerOutput
+
+    if backend == "flash_attn":
+        _flash_or_skip()
+    dtype = "float32" if backend == "triton" else "bfloat16"
+    k = 3
+    path = tiny_models["qwen3"]
+    greedy = SamplingParams(temperature=0.0)
+    prompts = [[(7 * i) % 500 + 2 for i in range(27)], list(range(2, 9)), [5] * 40]
+    tables = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(prompts))]
+    logits = {}
+    for eager in (False, True):
+        runner = _verify_runner(path, backend, dtype, eager, k)
+        assert (runner.graphs is None) == eager
+        prefill = [ScheduledRequest(f"r{i}", p, 0, tables[i], True, greedy, p, []) for i, p in enumerate(prompts)]
+        out = runner.execute(SchedulerOutput(prefill, sum(map(len, prompts))))
+        verify = [ScheduledRequest(f"r{i}", [out.sampled_token_ids[f"r{i}"][0], 3, 4, 5], len(p), tables[i], True,
+                                   greedy, p, out.sampled_token_ids[f"r{i}"], [3, 4, 5]) for i, p in enumerate(prompts)]
+        if not eager:
+            assert runner.graphs.shape_for(verify) == (4, 1 + k)
+        logits[eager] = step_logits(runner.model, runner.buffers, runner.attention_backend, runner.graphs,
+                                    verify).clone()
+    assert logits[False].shape == logits[True].shape == (len(prompts) * (1 + k), logits[True].shape[-1])
+    if backend == "triton":
+        torch.testing.assert_close(logits[False], logits[True], atol=1e-3, rtol=1e-3)
+    else:
+        agree = (logits[False].argmax(-1) == logits[True].argmax(-1)).float().mean().item()
+        assert agree >= 0.9
+
+
+def test_draft_model_drafts_the_same_with_cuda_graphs(tiny_models) -> None:
+    """The draft model's decode forwards replayed from CUDA graphs draft what eager ones do."""
+    from engine.attention.backend import get_attention_backend
+    from engine.sampling_params import SamplingParams
+    from engine.spec_decode.draft_model import DraftModelProposer, load_draft_config
+    from engine.spec_decode.proposer import DraftRequest
+
+    target, draft = tiny_models["llama"], tiny_models["qwen3"]
+    args = EngineArgs(model=str(target), speculative_model=str(draft), block_size=16, dtype="float32",
+                      max_model_len=256, max_num_seqs=8)
+    greedy = SamplingParams(temperature=0.0)
+    drafts = {}
+    for graph_batch_size in (None, 4):
+        config = load_draft_config(args, ModelConfig.from_pretrained(target, dtype="float32", device="cuda",
+                                                                     max_model_len=256))
+        proposer = DraftModelProposer(config, args, get_attention_backend("triton"), (1,), graph_batch_size)
+        proposer.load_model()
+        proposer.initialize_kv_cache(64)
+        assert (proposer.graphs is None) == (graph_batch_size is None)
+        requests = [DraftRequest(f"r{i}", [(11 * i + j) % 500 + 2 for j in range(9 + 5 * i)], [], 4, greedy,
+                                 list(range(1 + 8 * i, 9 + 8 * i))) for i in range(3)]
+        drafts[graph_batch_size] = proposer.propose(requests).draft_token_ids
+    assert drafts[None] == drafts[4]

@@ -275,3 +275,20 @@ def test_logprobs_are_those_of_the_raw_logits_at_each_emitted_position() -> None
             continue
         n = len(tokens)
         assert entries == compute_logprobs(chunk[:n], torch.tensor(tokens), [row] * n)
+
+
+def test_bonus_token_ignores_draft_probs_past_a_rows_drafts() -> None:
+    # Row of 1 draft in a batch padded to K = 2: whatever its draft_probs hold at position 1 (here
+    # one-hot at the bonus distribution's likeliest token), the bonus token is drawn from p alone.
+    g = torch.Generator().manual_seed(9)
+    vocab = 6
+    p = dirichlet(g, 1, 2, vocab)[0]
+    q = torch.stack([p[0], torch.nn.functional.one_hot(p[1].argmax(), vocab).double()])
+    n = NUM_DRAWS
+    drafts = torch.multinomial(p[0], n, replacement=True, generator=g)  # drawn from q = p: all accepted
+    token_ids, num_accepted = rejection_sample(
+        p[[0, 1, 1]].expand(n, 3, vocab), torch.stack([drafts, torch.full((n,), -1)], dim=1),
+        torch.ones(n, dtype=torch.long), q.expand(n, 2, vocab).float(), torch.zeros(n, dtype=torch.bool),
+        exponential_noise((n, 3, vocab), g))
+    assert bool((num_accepted == 1).all())
+    assert_follows(token_ids[:, 1].numpy(), p[1].numpy(), q[1].numpy())

@@ -430,3 +430,66 @@ def test_a_decode_the_budget_skips_keeps_its_drafts(make_spec_scheduler) -> None
     assert scheduled["long"].num_new_tokens == 4
     assert scheduled["short"].draft_token_ids == drafts
     assert short.output_token_ids == truth[: n + 4]
+
+
+def test_lookahead_slots_hold_the_verify_step(make_spec_scheduler) -> None:
+    # A draft model writes KV for the last token and the first k - 1 drafts before the step is
+    # scheduled: those slots come first, and the verify step then needs no block of its own.
+    scheduler, runner = make_spec_scheduler(num_blocks=6, max_model_len=20)
+    request = make_request("a", prompt_of(1, 6), max_tokens=12)
+    decode_one(scheduler, runner, request)  # 7 tokens, 6 computed: 2 blocks of 4
+    bm = scheduler.block_manager
+    assert scheduler.allocate_lookahead(request, 4)  # positions 6..9
+    assert len(bm.get_block_table("a")) == 3 and bm.num_free_blocks == 2
+    scheduler.check_integrity()
+    request.spec_token_ids = [1, 2, 3]  # verify positions 6..9: inside the lookahead slots
+    output = scheduler.schedule()
+    assert output.scheduled[0].draft_token_ids == [1, 2, 3] and bm.num_free_blocks == 2
+    scheduler.update(output, runner.execute(output))
+    scheduler.check_integrity()
+
+
+def test_lookahead_takes_only_free_blocks(make_spec_scheduler) -> None:
+    scheduler, runner = make_spec_scheduler(num_blocks=5, max_model_len=16)
+    a, b = make_request("a", prompt_of(1, 7), max_tokens=8), make_request("b", prompt_of(2, 7), max_tokens=8)
+    for request in (a, b):
+        scheduler.add_request(request)
+    spec_step(scheduler, runner)  # two prefills of 2 blocks each: the pool of 4 is full
+    bm = scheduler.block_manager
+    assert bm.num_free_blocks == 0
+    assert scheduler.allocate_lookahead(a, 1)  # position 7: its second block has room
+    assert not scheduler.allocate_lookahead(a, 2)  # position 8 needs a block nobody has free
+    assert len(bm.get_block_table("a")) == 2 and scheduler.num_preemptions == 0
+    scheduler.check_integrity()
+
+
+@pytest.mark.parametrize("sliding_window", [None, 6])
+def test_lookahead_every_step_keeps_the_outputs_and_the_pool(make_spec_scheduler, sliding_window: int | None) -> None:
+    """The engine's draft-model loop: lookahead slots for k tokens before drafting (none when
+    the pool is short), then the verify step; preemptions drop them with the request's blocks."""
+    k = 4
+    scheduler, runner = make_spec_scheduler(num_blocks=13 if sliding_window is None else 9, max_num_batched_tokens=12,
+                                            max_num_seqs=4, max_model_len=40, sliding_window=sliding_window)
+    prompts = {f"r{i}": prompt_of(i, 5 + 3 * i) for i in range(6)}
+    truths = {rid: reference_tokens(p, 40, sliding_window) for rid, p in prompts.items()}
+    for i, (rid, prompt) in enumerate(prompts.items()):
+        scheduler.add_request(make_request(rid, prompt, max_tokens=14 + i))
+    requests = {rid: scheduler.get_request(rid) for rid in prompts}
+    propose = truth_proposer(truths, wrong_every=3, seed=2)
+    refused = 0
+    while scheduler.has_unfinished_requests():
+        for request in scheduler.running:
+            if request.num_computed_tokens != request.num_tokens - 1:
+                continue
+            num_drafts = min(k, scheduler.max_num_draft_tokens(request))
+            if num_drafts and scheduler.allocate_lookahead(request, num_drafts):
+                request.spec_token_ids = propose(request)[:num_drafts]
+            else:
+                refused += 1
+        spec_step(scheduler, runner)
+    for rid, request in requests.items():
+        assert request.output_token_ids == truths[rid][: request.max_tokens]
+    bm = scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_total_blocks
+    assert scheduler.num_preemptions > 0 and refused > 0
+    assert scheduler.stats().spec_decode.num_accepted_tokens > 0

@@ -15,7 +15,7 @@ tokens earlier, and the proposal is ``p q p q ...``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,6 +81,10 @@ class NgramProposer(Proposer):
             ngram_lookup(contexts[r.request_id].token_ids, self.min_n, self.max_n, r.num_draft_tokens)
             for r in requests
         ])
+
+    def finish_requests(self, request_ids: Iterable[str]) -> None:
+        for request_id in request_ids:
+            self._contexts.pop(request_id, None)
 
     def _context(self, request: DraftRequest) -> _Context:
         prompt, output = request.prompt_token_ids, request.output_token_ids

@@ -4,7 +4,7 @@ verify in one forward (``engine.spec_decode.rejection_sampler``)."""
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,11 @@ class DraftRequest:
     output_token_ids: Sequence[int]
     num_draft_tokens: int
     sampling_params: Any = None  # the request's SamplingParams, for a proposer that samples
+    # For a proposer with a KV cache of its own (a draft model): the request's live block table,
+    # with lookahead slots for the positions it drafts, and how often it was preempted (its KV
+    # is gone each time).
+    block_table: Sequence[int] = ()
+    num_preemptions: int = 0
 
 
 @dataclass(slots=True)
@@ -45,4 +50,14 @@ class Proposer(abc.ABC):
 
     @abc.abstractmethod
     def propose(self, requests: Sequence[DraftRequest]) -> Proposal:
+        raise NotImplementedError
+
+    def num_lookahead_slots(self, num_draft_tokens: int) -> int:
+        """KV slots past a request's computed tokens that it needs before drafting
+        ``num_draft_tokens`` (``Scheduler.allocate_lookahead``); 0 for proposers without a KV cache."""
+        return 0
+
+    @abc.abstractmethod
+    def finish_requests(self, request_ids: Iterable[str]) -> None:
+        """Forget the state kept for requests that finished."""
         raise NotImplementedError

@@ -43,8 +43,8 @@ def rejection_sample(target_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
 
     Shapes: ``target_probs`` and ``noise`` (Exp(1) draws; ignored on greedy rows) [n, K + 1, V];
     ``draft_token_ids`` [n, K], row r's first ``num_draft_tokens[r]`` entries real; ``draft_probs``
-    [n, K, V] or None (one-hot q); ``greedy`` [n] bool. A greedy row needs only the argmax of its
-    ``target_probs``, so its processed logits may stand in for them.
+    [n, K, V] (anything past a row's drafts) or None (one-hot q); ``greedy`` [n] bool. A greedy
+    row needs only the argmax of its ``target_probs``, so its processed logits may stand in for them.
 
     Returns ``(token_ids [n, K + 1], num_accepted [n])``: row r emits ``token_ids[r, :num_accepted[r] + 1]``
     (its accepted drafts, then the correction or bonus); the rest of the row is -1.
@@ -71,7 +71,10 @@ def rejection_sample(target_probs: torch.Tensor, draft_token_ids: torch.Tensor, 
         # Rounding can leave a rejected row no residual mass; p itself is the limit then.
         resampled = torch.where(residual.sum(dim=-1) > 0, resampled, drawn[:, :k])
         accepted = torch.where(greedy, drawn[:, :k] == drafts, uniform * q < p)
-        replacement = torch.cat([torch.where(greedy, drawn[:, :k], resampled), drawn[:, k:]], dim=1)
+        # Past a row's last draft comes its bonus token, drawn from p alone whatever q's padding holds.
+        past_drafts = torch.arange(k, device=device)[None, :] >= num_draft_tokens[:, None]
+        corrections = torch.where(greedy | past_drafts, drawn[:, :k], resampled)
+        replacement = torch.cat([corrections, drawn[:, k:]], dim=1)
     accepted &= torch.arange(k, device=device)[None, :] < num_draft_tokens[:, None]
     num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
     positions = torch.arange(k + 1, device=device)[None, :]
