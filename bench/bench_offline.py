@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--async-scheduling", action="store_true")
+    parser.add_argument("--awq", action="store_true", help="the shape quantized to AWQ 4-bit (dummy weights)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--baseline-batches", type=int, nargs="*", default=[1, 64])
@@ -119,12 +121,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_shape_dir(args.shape, Path(tmp))
+        model_dir = write_shape_dir(args.shape, Path(tmp), awq=args.awq)
         engine = LLMEngine(EngineArgs(
             model=str(model_dir), load_format="dummy", dtype=args.dtype, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
             max_model_len=2 * args.max_len + 16, attention_backend=args.attention_backend,
             enforce_eager=args.enforce_eager, gpu_memory_utilization=args.gpu_memory_utilization,
+            async_scheduling=args.async_scheduling,
         ))
         offline = None
         if not args.skip_offline:

@@ -34,14 +34,21 @@ SHAPES: dict[str, tuple[str, dict]] = {
 }
 
 
-def write_shape_dir(shape: str, out_dir: Path) -> Path:
-    """Write ``config.json`` and a tokenizer for ``shape`` into ``out_dir``."""
+# The AutoAWQ GEMM config a quantized checkpoint of a shape carries (``write_shape_dir(awq=True)``).
+AWQ_CONFIG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+
+
+def write_shape_dir(shape: str, out_dir: Path, awq: bool = False) -> Path:
+    """Write ``config.json`` and a tokenizer for ``shape`` into ``out_dir``; with ``awq`` the
+    config says AWQ 4-bit (dummy weights then fill the packed tensors)."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     cls_name, kwargs = SHAPES[shape]
     config = getattr(transformers, cls_name)(**kwargs, bos_token_id=0, eos_token_id=1)
     config.architectures = [cls_name.replace("Config", "ForCausalLM")]
+    if awq:
+        config.quantization_config = dict(AWQ_CONFIG)
     out_dir.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out_dir)
     tok = Tokenizer(models.BPE())

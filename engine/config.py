@@ -34,6 +34,10 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "sha256"  # or "xxhash" (faster, not cryptographic) when installed
     attention_backend: str = "auto"  # auto | flash_attn | triton | torch
+    # Schedule step N+1 and process step N's outputs while the device runs: the host's work hides
+    # behind the device's. Requests that need logprobs, penalties, min_tokens or a seed run
+    # synchronously (the engine drains the step in flight first).
+    async_scheduling: bool = False
     enforce_eager: bool = False  # never use CUDA graphs (they replay decode steps on CUDA)
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch; default max_num_seqs
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)

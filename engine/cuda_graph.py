@@ -17,13 +17,14 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import set_forward_context
-from engine.input_buffers import InputBuffers
+from engine.input_buffers import InputBuffers, StepInputs
 from scheduler.outputs import ScheduledRequest
 
 logger = logging.getLogger(__name__)
@@ -104,16 +105,22 @@ class DecodeGraphs:
 
 
 def step_logits(model: nn.Module, buffers: InputBuffers, backend: AttentionBackend,
-                graphs: DecodeGraphs | None, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
+                graphs: DecodeGraphs | None, scheduled: list[ScheduledRequest],
+                fill_inputs: Callable[[StepInputs], None] | None = None) -> torch.Tensor | None:
     """Run one step's forward and return the logits at its sampled positions (the rows
     ``InputBuffers.prepare`` lays out), or None when nothing samples: replayed from a graph
-    when one serves the step, eagerly otherwise (always on CPU, where ``graphs`` is None)."""
+    when one serves the step, eagerly otherwise (always on CPU, where ``graphs`` is None).
+    ``fill_inputs`` may rewrite the prepared inputs on the device first (placeholder ids)."""
     shape = graphs.shape_for(scheduled) if graphs is not None else None
     if shape is not None:
         assert graphs is not None
-        buffers.prepare(scheduled, graph_shape=shape)
+        inputs = buffers.prepare(scheduled, graph_shape=shape)
+        if fill_inputs is not None:
+            fill_inputs(inputs)
         return graphs.replay(shape)[: len(scheduled) * shape[1]]
     inputs = buffers.prepare(scheduled)
+    if fill_inputs is not None:
+        fill_inputs(inputs)
     with set_forward_context(inputs.metadata, backend):
         hidden = model(inputs.input_ids, inputs.positions)
     if inputs.logits_indices.numel() == 0:

@@ -30,6 +30,10 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [number of sampled requests]: rows of the hidden states to sample
+    # Tokens whose id a step still in flight samples (asynchronous scheduling): their index in
+    # input_ids, and the index of their request in the step's scheduled list.
+    placeholder_tokens: np.ndarray
+    placeholder_requests: np.ndarray
 
 
 class InputBuffers:
@@ -100,6 +104,8 @@ class InputBuffers:
             assert n * bs >= seq_lens[i], f"the block table of {req.request_id} does not cover its new tokens"
             bt[i, :n] = req.block_table
         request_of_token = np.repeat(np.arange(num_reqs), num_new)
+        placeholder_tokens = np.flatnonzero(np64[:num_tokens] < 0)
+        np64[placeholder_tokens] = 0  # a valid id until the runner writes the sampled one
         block_ids = bt[request_of_token, positions // bs].astype(np.int64)
         np64[2 * t:2 * t + num_tokens] = block_ids * bs + positions % bs
 
@@ -141,7 +147,8 @@ class InputBuffers:
             max_query_len=int(num_new.max()),
             max_seq_len=max_seq_len,
         )
-        return StepInputs(input_ids, positions_d, metadata, logits_indices)
+        return StepInputs(input_ids, positions_d, metadata, logits_indices,
+                          placeholder_tokens, request_of_token[placeholder_tokens])
 
 
 def _logits_indices(scheduled: Sequence[ScheduledRequest], cu_new: np.ndarray) -> np.ndarray:

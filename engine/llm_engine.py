@@ -19,7 +19,7 @@ import torch
 from engine.config import EngineArgs
 from engine.detokenizer import IncrementalDetokenizer
 from engine.model_config import ModelConfig
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, PendingOutput
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.spec_decode.draft_model import DraftModelProposer, load_draft_config
@@ -73,6 +73,14 @@ class _RequestState:
         return all(c.finish_reason is not None for c in self.choices)
 
 
+def _async_safe(params: SamplingParams) -> bool:
+    """Whether a request's sampling ignores its latest token and needs no logprobs, so that a
+    step can be scheduled before the previous one's token is known."""
+    return (params.logprobs is None and params.seed is None and params.min_tokens == 0
+            and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+            and params.presence_penalty == 0.0)
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
@@ -121,6 +129,10 @@ class LLMEngine:
         self._pending_aborted: list[RequestOutput] = []
         self._deferred_choices: dict[str, list[Request]] = {}
         self._recent_tokens: collections.deque[tuple[float, int]] = collections.deque()
+        # Asynchronous scheduling: the step in flight, and how many unfinished requests need
+        # synchronous steps (see EngineArgs.async_scheduling).
+        self._in_flight: tuple[SchedulerOutput, PendingOutput] | None = None
+        self._num_sync_only = 0
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
@@ -256,6 +268,8 @@ class LLMEngine:
         self._requests[prepared.request_id] = state
         for c in choices:
             self._choice_of[c.request.request_id] = (state, c)
+        if not _async_safe(params):
+            self._num_sync_only += 1
 
     def _extra_eos_ids_for(self, params: SamplingParams) -> frozenset[int]:
         # Extra end-of-sequence ids (e.g. Llama 3's <|eot_id|>) behave like EOS, not like stop ids.
@@ -283,11 +297,29 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._pending_aborted)
+        return bool(self._requests) or bool(self._pending_aborted) or self._in_flight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduler step; return what is new for each request that made progress."""
+        """Run one scheduler step; return what is new for each request that made progress.
+
+        With ``async_scheduling`` a step launches the next scheduler step on the device and then
+        returns what the previous one produced, so the host's work on step N overlaps the
+        device's on step N+1::
+
+            sync:   schedule N | run N (device) | update N | schedule N+1 | run N+1 | ...
+            async:  schedule N+1 | launch N+1 | wait N | update N | schedule N+2 | launch N+2 | wait N+1 ...
+        """
         outputs, self._pending_aborted = self._pending_aborted, []
+        if self.args.async_scheduling and self.proposer is None and not self._num_sync_only:
+            scheduler_output = self.scheduler.schedule()
+            pending = None if scheduler_output.is_empty else self.runner.execute_async(scheduler_output)
+            if self._in_flight is not None:
+                outputs.extend(self._apply(self._in_flight[0], self._in_flight[1].result()))
+            self._in_flight = None if pending is None else (scheduler_output, pending)
+            return outputs
+        if self._in_flight is not None:  # a request that needs synchronous steps arrived
+            outputs.extend(self._apply(self._in_flight[0], self._in_flight[1].result()))
+            self._in_flight = None
         scheduler_output = self.scheduler.schedule()
         if self.proposer is not None:
             self.proposer.finish_requests(scheduler_output.finished_request_ids)
@@ -297,11 +329,16 @@ class LLMEngine:
         runner_output = self.runner.execute(scheduler_output, self._draft_probs)
         if self.proposer is not None:
             self._record_verify_steps(scheduler_output, runner_output)
+        outputs.extend(self._apply(scheduler_output, runner_output))
+        return outputs
+
+    def _apply(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[RequestOutput]:
+        """The scheduler's update with a step's tokens, then its outputs (and the next drafts)."""
         updates = self.scheduler.update(scheduler_output, runner_output)
         for update in updates:
             for sibling in self._deferred_choices.pop(update.request_id, ()):
                 self.scheduler.add_request(sibling)
-        outputs.extend(self._process_updates(updates, runner_output.logprobs))
+        outputs = self._process_updates(updates, runner_output.logprobs)
         if self.proposer is not None:
             self._propose_drafts(updates)
         return outputs
@@ -427,7 +464,8 @@ class LLMEngine:
         )
 
     def _retire(self, state: _RequestState) -> None:
-        self._requests.pop(state.prepared.request_id, None)
+        if self._requests.pop(state.prepared.request_id, None) is not None and not _async_safe(state.prepared.params):
+            self._num_sync_only -= 1
         for c in state.choices:
             self._choice_of.pop(c.request.request_id, None)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -29,7 +30,7 @@ from engine.attention.backend import select_attention_backend
 from engine.attention.metadata import set_forward_context
 from engine.config import EngineArgs
 from engine.cuda_graph import DecodeGraphs, step_logits
-from engine.input_buffers import InputBuffers
+from engine.input_buffers import InputBuffers, StepInputs
 from engine.kv_cache import (
     KVCaches,
     allocate_kv_cache,
@@ -44,6 +45,20 @@ from engine.spec_decode.rejection_sampler import RejectionSampler
 from scheduler.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PendingOutput:
+    """A step's sampled tokens, still on the device: ``result()`` waits for them."""
+
+    request_ids: list[str]
+    token_ids: torch.Tensor | None
+
+    def result(self) -> RunnerOutput:
+        if self.token_ids is None:
+            return RunnerOutput(sampled_token_ids={})
+        tokens = self.token_ids.tolist()
+        return RunnerOutput(sampled_token_ids={rid: [t] for rid, t in zip(self.request_ids, tokens, strict=True)})
 
 
 class ModelRunner:
@@ -74,6 +89,9 @@ class ModelRunner:
             max_blocks, self.block_size, self.device,
         )
         self.graphs: DecodeGraphs | None = None
+        # The last asynchronous step's sampled ids and each request's row in them: the next
+        # step's placeholder inputs.
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
     def load_model(self) -> None:
         self.model = load_model(self.model_config, self.args.load_format)
@@ -127,7 +145,7 @@ class ModelRunner:
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return RunnerOutput(sampled_token_ids={})
-        logits = step_logits(self.model, self.buffers, self.attention_backend, self.graphs, scheduled)
+        logits = self._logits(scheduled)
         sampled = [r for r in scheduled if r.sample]
         if not sampled:
             return RunnerOutput(sampled_token_ids={})
@@ -157,6 +175,39 @@ class ModelRunner:
             num_accepted_draft_tokens={r.request_id: n for r, n in zip(sampled, out.num_accepted, strict=True)
                                        if r.draft_token_ids},
         )
+
+    @torch.inference_mode()
+    def execute_async(self, scheduler_output: SchedulerOutput) -> PendingOutput:
+        """Launch the step and its sampling without waiting for the device; the returned
+        tokens also feed the next step's placeholder inputs. No logprobs: the engine schedules
+        asynchronously only requests that need none."""
+        assert self.model is not None and self.kv_caches, "load_model() and initialize_kv_cache() first"
+        scheduled = scheduler_output.scheduled
+        sampled = [r for r in scheduled if r.sample]
+        logits = self._logits(scheduled) if scheduled else None
+        if not sampled:
+            self._last_sampled = None
+            return PendingOutput([], None)
+        rows = [SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids) for r in sampled]
+        token_ids = self.sampler.sample_tokens(logits, rows)
+        self._last_sampled = (token_ids, {r.request_id: i for i, r in enumerate(sampled)})
+        return PendingOutput([r.request_id for r in sampled], token_ids)
+
+    def _logits(self, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
+        return step_logits(self.model, self.buffers, self.attention_backend, self.graphs, scheduled,
+                           fill_inputs=lambda inputs: self._fill_placeholders(scheduled, inputs))
+
+    def _fill_placeholders(self, scheduled: list[ScheduledRequest], inputs: StepInputs) -> None:
+        """Write, on the device, the ids the previous step sampled into this step's inputs."""
+        if not inputs.placeholder_tokens.size:
+            return
+        assert self._last_sampled is not None, "a placeholder input without a step in flight"
+        token_ids, rows = self._last_sampled
+        src = [rows[scheduled[i].request_id] for i in inputs.placeholder_requests]
+        index = torch.tensor([*inputs.placeholder_tokens.tolist(), *src], dtype=torch.long)
+        index = index.to(self.device, non_blocking=True)
+        n = len(src)
+        inputs.input_ids.index_copy_(0, index[:n], token_ids[index[n:]])
 
     def _profile_peak_bytes(self) -> int:
         """Peak device memory, less the KV cache, of a forward over a full token budget."""

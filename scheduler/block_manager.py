@@ -161,7 +161,11 @@ class BlockManager:
         while not cursor.broken and cursor.num_blocks < num_full:
             i = cursor.num_blocks
             block_id = table[i]
-            assert block_id != NULL_BLOCK_ID, "the window released a block before it was cached"
+            if block_id == NULL_BLOCK_ID:
+                # The window let it go before its tokens were known (a step scheduled ahead of
+                # update): the chain of cached blocks ends here.
+                cursor.broken = True
+                break
             entry = self.prefix_cache.entry(block_id)
             if entry is None:
                 tokens = [request.token_id_at(p) for p in range(i * bs, (i + 1) * bs)]

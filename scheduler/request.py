@@ -71,6 +71,9 @@ class Request:
     spec_token_ids: list[int] = field(default_factory=list)
     num_draft_tokens: int = 0  # drafts verified so far
     num_accepted_draft_tokens: int = 0
+    # Tokens sampled by a step still in flight (asynchronous scheduling): the next step already
+    # computes at their positions, with their ids filled in on the device.
+    num_output_placeholders: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

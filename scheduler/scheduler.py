@@ -51,14 +51,22 @@ class SchedulerStats:
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:
-    """The request's tokens at positions [start, end) (prompt, then output)."""
+    """The request's tokens at positions [start, end) (prompt, then output, then a placeholder
+    for each token still in flight)."""
     prompt, output = request.prompt_token_ids, request.output_token_ids
+    num_known = len(prompt) + len(output)
+    if end > num_known:
+        return _token_slice(request, start, num_known) + [PLACEHOLDER_TOKEN_ID] * (end - max(start, num_known))
     n = len(prompt)
     if end <= n:
         return prompt[start:end]
     if start >= n:
         return output[start - n : end - n]
     return prompt[start:] + output[: end - n]
+
+
+# The input id of a position whose token a step still in flight samples.
+PLACEHOLDER_TOKEN_ID = -1
 
 
 class Scheduler:
@@ -122,7 +130,12 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted above to make room
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_tokens = request.num_tokens + request.num_output_placeholders
+            if request.num_output_placeholders and (
+                    request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
+                    or num_tokens >= self.config.max_model_len):
+                continue  # the token in flight is its last
+            num_new = min(num_tokens - request.num_computed_tokens, budget)
             if num_new <= 0:
                 continue
             num_drafts = self._num_drafts_that_fit(request, num_new, budget - num_new - num_after)
@@ -171,6 +184,8 @@ class Scheduler:
             request = self._requests.get(scheduled.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # finished (aborted) since it was scheduled
+            if scheduled.sample:
+                request.num_output_placeholders = max(0, request.num_output_placeholders - 1)
             new_token_ids = runner_output.sampled_token_ids.get(scheduled.request_id, [])
             assert scheduled.sample or not new_token_ids, f"{request.request_id}: sampled mid-prompt"
             drafts = scheduled.draft_token_ids
@@ -271,7 +286,8 @@ class Scheduler:
         assert self.block_manager.holders() <= running_ids, "a request not running holds blocks"
         for request in self.running:
             assert request.status == RequestStatus.RUNNING
-            assert request.num_computed_tokens <= request.num_tokens + len(request.spec_token_ids)
+            assert request.num_computed_tokens <= (
+                request.num_tokens + request.num_output_placeholders + len(request.spec_token_ids))
             self.block_manager.check_request(request)
         for request in self.waiting:
             assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
@@ -313,12 +329,15 @@ class Scheduler:
         request.spec_token_ids = drafts
         # Optimistic: the runner computes these positions' KV in this very step.
         request.num_computed_tokens = end + num_drafts
+        sample = end == request.num_tokens + request.num_output_placeholders
+        if sample:
+            request.num_output_placeholders += 1  # until update() brings the sampled token
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=_token_slice(request, start, end) + drafts,
             start_position=start,
             block_table=self.block_manager.get_block_table(request.request_id),
-            sample=end == request.num_tokens,
+            sample=sample,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
@@ -330,6 +349,7 @@ class Scheduler:
         self.running.remove(request)
         self.block_manager.free(request)
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0  # its token in flight is dropped: it recomputes
         request.spec_token_ids = []  # they followed KV that is gone; the engine proposes anew
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1

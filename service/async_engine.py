@@ -60,6 +60,7 @@ class AsyncLLM:
         self.on_request_end: Callable[[RequestStream, RequestOutput | None], None] | None = None
         # Test-only failures (service/faults.py); empty unless the server was started with them.
         self.faults = FaultPlan()
+        self.stream_interval = 1  # see ServerArgs.stream_interval
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
@@ -129,7 +130,7 @@ class AsyncLLM:
         accepted = self._call_in_engine(lambda: self.engine.add_prepared_request(prepared))
         if self.faults.crashes_engine(prepared.request_id):
             self._call_in_engine(crash_engine, want_result=False)
-        stream = RequestStream(prepared, accepted, self._close_stream)
+        stream = RequestStream(prepared, accepted, self._close_stream, self.stream_interval)
         self._streams[prepared.request_id] = stream
         assert self._idle is not None
         self._idle.clear()

@@ -74,6 +74,14 @@ class _LoadCollector(Collector):
                                   value=load.get("prefix_cache_hits", 0))
         yield CounterMetricFamily("sluice:num_preemptions", "Requests preempted to free KV-cache blocks.",
                                   value=load.get("num_preemptions", 0))
+        yield GaugeMetricFamily("sluice:generation_tokens_per_second",
+                                "Output tokens per second over the last 10 seconds.",
+                                value=load.get("generation_tokens_per_s", 0.0))
+        yield CounterMetricFamily("sluice:spec_decode_num_draft_tokens",
+                                  "Draft tokens proposed to speculative decoding's verify steps.",
+                                  value=load.get("spec_decode_num_draft_tokens", 0))
+        yield CounterMetricFamily("sluice:spec_decode_num_accepted_tokens", "Draft tokens the target accepted.",
+                                  value=load.get("spec_decode_num_accepted_tokens", 0))
 
 
 class ServerMetrics:

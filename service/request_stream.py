@@ -18,14 +18,17 @@ class RequestStream:
     """The deltas of one submitted request, read on the asyncio loop.
 
     Deltas that arrive while the reader is busy are queued and handed over as one coalesced
-    delta, so a slow reader gets several tokens per message instead of falling behind.
+    delta, so a slow reader gets several tokens per message instead of falling behind. With
+    ``stream_interval`` n > 1 the reader also waits until n output tokens are queued, except
+    for the first delta and the final one.
     """
 
     __slots__ = ("request_id", "n", "prompt_token_ids", "num_top_logprobs", "num_output_tokens", "_accepted",
-                 "_pending", "_ready", "_open", "_on_close", "_closed")
+                 "_pending", "_ready", "_open", "_on_close", "_closed", "_interval", "_sent_first",
+                 "_pending_tokens")
 
     def __init__(self, prepared: PreparedRequest, accepted: asyncio.Future[None],
-                 on_close: Callable[[RequestStream], None]) -> None:
+                 on_close: Callable[[RequestStream], None], stream_interval: int = 1) -> None:
         self.request_id = prepared.request_id
         self.n = prepared.params.n
         self.prompt_token_ids = prepared.prompt_token_ids
@@ -37,6 +40,9 @@ class RequestStream:
         self._open = set(range(self.n))
         self._on_close = on_close
         self._closed = False
+        self._interval = stream_interval
+        self._sent_first = False
+        self._pending_tokens = 0
 
     @property
     def closed(self) -> bool:
@@ -57,6 +63,7 @@ class RequestStream:
         """Queue a delta from the engine (called on the loop)."""
         for c in output.outputs:
             self.num_output_tokens[c.index] += len(c.token_ids)
+            self._pending_tokens += len(c.token_ids)
             if c.finish_reason is not None:
                 self._open.discard(c.index)
         self._pending.append(output)
@@ -79,13 +86,21 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        while not self._pending:
-            if self.finished:
+        while not self._due():
+            if self.finished and not self._pending:
                 raise StopAsyncIteration
             self._ready.clear()
             await self._ready.wait()
         batch, self._pending = self._pending, []
+        self._sent_first, self._pending_tokens = True, 0
         return coalesce(batch)
+
+    def _due(self) -> bool:
+        """Whether the queued deltas make a message now."""
+        if not self._pending:
+            return False
+        return (self._interval == 1 or not self._sent_first or self.finished
+                or self._pending_tokens >= self._interval or self._pending[-1].error is not None)
 
     def close(self) -> None:
         """Stop reading; aborts the request in the engine unless it already finished. Idempotent."""

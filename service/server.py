@@ -64,6 +64,9 @@ class ServerArgs:
     api_key_file: str | None = None  # one 'key' or 'key:tenant' a line; also $SLUICE_API_KEYS
     metrics_port: int = 0  # Prometheus /metrics over HTTP on host:metrics_port; 0 = off
     log_format: str = "text"  # "text" or "json" (one object per line)
+    # Output tokens a stream gathers before it sends a message (the first and the last go at
+    # once): fewer, larger messages leave more of the process to the engine under heavy load.
+    stream_interval: int = 1
     # Limits that keep one client from taking the server down.
     max_message_bytes: int = 4 * 1024 * 1024  # largest request (and response) message
     max_prompt_tokens: int = 0  # longest prompt; 0 = as long as the model's context allows
@@ -78,6 +81,8 @@ class ServerArgs:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if self.max_message_bytes < 1024:
@@ -146,6 +151,7 @@ class Server:
             await self._grpc.stop(None)
             return 1
         self.llm.faults = self.faults
+        self.llm.stream_interval = self.server_args.stream_interval
         self.llm.start(on_dead=self._on_engine_dead)
         logger.info("engine: %s", json.dumps(engine_summary(self.llm)))
         started = time.monotonic()

@@ -51,11 +51,15 @@ ENGINE_SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 @pytest.mark.parametrize("setting", list(ENGINE_SETTINGS))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_matches_transformers(family: str, setting: str, tiny_models, hf_reference) -> None:
+def test_greedy_matches_transformers(family: str, setting: str, async_scheduling: bool, tiny_models,
+                                     hf_reference) -> None:
+    """Also with asynchronous scheduling: steps scheduled before the previous step's token is
+    known (EOS stops, chunked prefill and preemption in play) give the same tokens."""
     prompts, expected = hf_reference[family]
-    llm = LLM(str(tiny_models[family]), **ENGINE_SETTINGS[setting])
+    llm = LLM(str(tiny_models[family]), async_scheduling=async_scheduling, **ENGINE_SETTINGS[setting])
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
     assert [o.outputs[0].token_ids for o in outputs] == expected
     for o, exp in zip(outputs, expected):

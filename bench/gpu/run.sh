@@ -1,9 +1,17 @@
-# The GPU benchmarks, by stage; results land in $OUT/results. Source setup first.
-#   bash bench/gpu/run.sh offline-qwen BACKEND | offline-llama BACKEND | serve-qwen BACKEND
-set -x
+# The GPU benchmarks, by stage; results land in $OUT/results. Source bench/gpu/setup.sh first.
+#   bash bench/gpu/run.sh offline SHAPE BACKEND [bench_offline flags...]
+#   bash bench/gpu/run.sh serve SHAPE BACKEND [bench_serve / sluice serve flags...]
+#   bash bench/gpu/run.sh load [bench_load flags...]
+#   bash bench/gpu/run.sh spec NAME [bench_spec_decode flags...]
 R=$OUT/results; mkdir -p $R
-case "$1" in
-  offline-qwen)  python -m bench.bench_offline --shape qwen3-0.6b --attention-backend $2 --out $R/offline_qwen3-0.6b_$2.json ${3:+--baseline-batches} ;;
-  offline-llama) python -m bench.bench_offline --shape llama-3.1-8b --attention-backend $2 --out $R/offline_llama-3.1-8b_$2.json ${3:+--baseline-batches} ;;
-  serve-qwen)    python -m bench.bench_serve --shape qwen3-0.6b --attention-backend $2 --max-model-len 2064 --request-rate inf 16 32 --out $R/serve_qwen3-0.6b_$2.json ;;
-esac 2>&1 | grep -v Warning | tail -${TAIL:-6}
+stage=$1; shift
+case "$stage" in
+  offline) shape=$1 backend=$2; shift 2
+           python -m bench.bench_offline --shape $shape --attention-backend $backend --baseline-batches \
+             --out $R/offline_${shape}_${backend}${TAG}.json "$@" ;;
+  serve)   shape=$1 backend=$2; shift 2
+           python -m bench.bench_serve --shape $shape --attention-backend $backend --max-model-len 2064 \
+             --full-warmup --out $R/serve_${shape}_${backend}${TAG}.json "$@" ;;
+  load)    python -m bench.bench_load --out $R/load_h200${TAG}.json "$@" ;;
+  spec)    name=$1; shift; python -m bench.bench_spec_decode --out $R/spec_decode_${name}.json "$@" ;;
+esac 2>&1 | grep -v "Warning\|warn\|it/s\]\|req/s\]" | tail -${TAIL:-8}
