@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 import types
 from pathlib import Path
 
@@ -44,7 +45,7 @@ from service.cli import build_parser, engine_args_of
 from service.client import SluiceClient
 from service.deltas import coalesce
 from service.responses import responses_of
-from tests.service_fixtures import start_server, wait_until_serving
+from tests.service_fixtures import free_port, scrape_metrics, start_server, wait_until_serving
 from tests.tiny_models import FAMILIES, build_model
 
 BLOCK_SIZE = 4
@@ -471,8 +472,9 @@ def test_grpc_usage_and_load_report_speculation(service_model: Path, tmp_path: P
     """A real ``sluice serve --speculative-model``: the final message's usage counts the choice's
     drafts (none for a request that opts out) and GetLoad the acceptance since start-up; the
     tokens are those of the engine without speculation."""
+    metrics_port = free_port()
     server = start_server(service_model, tmp_path, "--num-kv-blocks", "64", "--max-model-len", "256",
-                          "--speculative-model", str(service_model))
+                          "--speculative-model", str(service_model), "--metrics-port", str(metrics_port))
     try:
         wait_until_serving(server)
         prompt = [5, 6, 7, 8, 9]
@@ -485,6 +487,12 @@ def test_grpc_usage_and_load_report_speculation(service_model: Path, tmp_path: P
                 tokens[opt_in] = [t for d in deltas for t in d.token_ids]
                 finals[opt_in] = deltas[-1]
             load = client.load()
+        deadline = time.monotonic() + 10
+        while True:  # the engine's load snapshot behind /metrics refreshes on a timer
+            metrics = scrape_metrics(metrics_port)
+            if metrics["sluice:spec_decode_num_draft_tokens_total"] > 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
     finally:
         server.stop()
     expected, _ = _generate(LLM(str(service_model), num_kv_blocks=64, max_model_len=256), [prompt],
@@ -495,6 +503,10 @@ def test_grpc_usage_and_load_report_speculation(service_model: Path, tmp_path: P
     assert (finals[False].usage.draft_tokens, finals[False].usage.accepted_draft_tokens) == (0, 0)
     assert load.spec_decode_acceptance_rate == pytest.approx(usage.accepted_draft_tokens / usage.draft_tokens)
     assert 1.0 < load.spec_decode_mean_accepted_length <= 5.0
+    # Prometheus: the same totals (the load snapshot refreshes on a timer, so at most behind).
+    drafted = metrics["sluice:spec_decode_num_draft_tokens_total"]
+    accepted = metrics["sluice:spec_decode_num_accepted_tokens_total"]
+    assert 0 < accepted <= drafted <= usage.draft_tokens
 
 
 def test_aborted_request_reports_its_drafts(tiny_models, drafts) -> None:
