@@ -20,6 +20,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.client import SluiceClient
 from tests.tiny_models import build_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -141,6 +142,22 @@ def wait_for_blocks_freed(stub, timeout: float = 10.0):
         if time.monotonic() > deadline:
             return load
         time.sleep(0.02)
+
+
+def wait_until_serving_through(srv: ServerProcess, client: SluiceClient) -> None:
+    """Poll health through ``client`` (TLS, client certificates: whatever it carries) until SERVING."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if srv.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {srv.proc.returncode}:\n{srv.log()}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server not SERVING after {START_TIMEOUT_S} s:\n{srv.log()}")
+        try:
+            if client.health() == "SERVING":
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.05)
 
 
 def scrape_metrics(port: int) -> dict[str, float]:

@@ -9,7 +9,6 @@ import datetime
 import ipaddress
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
@@ -23,7 +22,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.client import SluiceClient, make_request
 from sluice.v1 import generation_pb2 as pb
-from tests.service_fixtures import REPO_ROOT, START_TIMEOUT_S, ServerProcess, free_port, start_server
+from tests.service_fixtures import (
+    REPO_ROOT,
+    ServerProcess,
+    free_port,
+    start_server,
+    wait_until_serving_through,
+)
 
 KEYS = {"key-alice-7c1f": "alice", "key-bob-93ad": "bob"}
 GREEDY = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -66,18 +71,8 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory, service_model: Path):
 
 
 def _wait_serving(srv: ServerProcess, ca: bytes) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
     with SluiceClient(srv.address, timeout=1.0, root_certificates=ca) as client:
-        while True:
-            if srv.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {srv.proc.returncode}:\n{srv.log()}")
-            assert time.monotonic() < deadline, f"server not SERVING after {START_TIMEOUT_S} s:\n{srv.log()}"
-            try:
-                if client.health() == "SERVING":
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
+        wait_until_serving_through(srv, client)
 
 
 def _code(call) -> grpc.StatusCode:

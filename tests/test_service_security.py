@@ -7,7 +7,6 @@ import datetime
 import functools
 import ipaddress
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from service.auth import ApiKeys, parse_keys, tenant_cache_salt
 from service.client import SluiceClient
 from service.server import is_loopback
-from tests.service_fixtures import START_TIMEOUT_S, ServerProcess, start_server
+from tests.service_fixtures import ServerProcess, start_server, wait_until_serving_through
 
 BLOCK_SIZE = 16  # the server's default --block-size
 KEYS_FILE = "# tenants\nkey-alice:alice\nkey-bob:bob\n\nkey-unlabelled\n"
@@ -98,20 +97,9 @@ def _client(srv: ServerProcess, pki: Pki, api_key: str | None = None, **tls) -> 
 
 
 def _wait_serving(srv: ServerProcess, pki: Pki) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
     with _client(srv, pki) as client:
         client.timeout = 1.0
-        while True:
-            if srv.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {srv.proc.returncode}:\n{srv.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not SERVING after {START_TIMEOUT_S} s:\n{srv.log()}")
-            try:
-                if client.health() == "SERVING":
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
+        wait_until_serving_through(srv, client)
 
 
 def _code(call) -> grpc.StatusCode:
