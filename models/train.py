@@ -1,10 +1,16 @@
 """Train sluice's bundled default model pair on the standard library's Python source.
 
     python models/train.py --out DIR [--target-only | --draft-only] [--max-minutes M] [--steps N]
+    python models/train.py --out DIR --distill-from models/sluice-pycoder [--distill-alpha 0.9]
 
 writes ``DIR/sluice-pycoder/`` (the target), ``DIR/sluice-pycoder-draft/`` (its speculative
 draft, same tokenizer), ``DIR/heldout_files.txt``, ``DIR/validation_files.txt`` and
 ``DIR/train_report.json``. Both models see the same batches, each with its own optimizer.
+
+``--distill-from TARGET`` trains only a draft, with TARGET's tokenizer, on a mix of next-token
+cross-entropy and the KL divergence from TARGET's own next-token distribution (an AWQ TARGET is
+dequantized as sluice's CPU path does): a draft that predicts what the target predicts, not what
+the text says, gets more of its guesses accepted in speculative decoding.
 
 The cosine schedule's length is the smallest of ``--steps``, ``--max-epochs`` worth of tokens and
 what fits in ``--max-minutes`` of training (from the measured step time), so the learning rate
@@ -79,6 +85,8 @@ class TrainConfig:
     max_files: int | None
     compile: bool
     tiny: bool
+    distill_from: str | None = None
+    distill_alpha: float = 0.9  # weight of the KL term against cross-entropy when distilling
 
 
 @dataclass(slots=True)
@@ -119,8 +127,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--max-files", type=int, default=None, help="a small corpus: first N training files")
     p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
     p.add_argument("--tiny", action="store_true", help="tiny models and corpus, for tests")
+    p.add_argument("--distill-from", default=None,
+                   help="train only the draft, with this target checkpoint's tokenizer, towards its distribution")
+    p.add_argument("--distill-alpha", type=float, default=0.9, help="weight of the KL term (the rest: cross-entropy)")
     a = p.parse_args(argv)
+    if not 0.0 <= a.distill_alpha <= 1.0:
+        p.error(f"--distill-alpha must be in [0, 1], got {a.distill_alpha}")
     models = (TARGET_NAME,) if a.target_only else (DRAFT_NAME,) if a.draft_only else (TARGET_NAME, DRAFT_NAME)
+    if a.distill_from is not None:
+        if a.target_only:
+            p.error("--distill-from trains the draft: it cannot go with --target-only")
+        models = (DRAFT_NAME,)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     tiny = a.tiny
     return TrainConfig(
@@ -141,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         max_files=a.max_files if a.max_files is not None else (30 if tiny else None),
         compile=a.compile,
         tiny=tiny,
+        distill_from=a.distill_from,
+        distill_alpha=a.distill_alpha,
     )
 
 
@@ -233,8 +252,9 @@ def unigram_nll(train: np.ndarray, heldout: np.ndarray, vocab_size: int) -> floa
 
 
 def train(trainees: list[Trainee], train_stream: torch.Tensor, val_stream: torch.Tensor,
-          cfg: TrainConfig) -> dict:
-    """Train every trainee on the same batches; return what the report needs about the run."""
+          cfg: TrainConfig, teacher: torch.nn.Module | None = None) -> dict:
+    """Train every trainee on the same batches; return what the report needs about the run. With
+    a ``teacher``, each loss mixes in KL(teacher || trainee) with weight ``cfg.distill_alpha``."""
     device = train_stream.device
     tokens_per_step = cfg.batch_size * cfg.seq_len
     epoch_steps = max(1, math.ceil(cfg.max_epochs * train_stream.numel() / tokens_per_step))
@@ -253,12 +273,19 @@ def train(trainees: list[Trainee], train_stream: torch.Tensor, val_stream: torch
     while step < planned and time.perf_counter() < deadline:
         batch = sample_batch(train_stream, cfg.batch_size, cfg.seq_len, generator)
         x, y = batch[:, :-1], batch[:, 1:]
+        if teacher is not None:
+            with torch.no_grad(), autocast(device):
+                teacher_logp = F.log_softmax(teacher(input_ids=x, use_cache=False).logits.float(), -1).flatten(0, 1)
         for t in trainees:
             for group in t.optimizer.param_groups:
                 group["lr"] = lr_at(step, t.peak_lr, warmup, planned)
             with autocast(device):
                 logits = t.forward(input_ids=x, use_cache=False).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            if teacher is not None:
+                logp = F.log_softmax(logits.float().flatten(0, 1), -1)
+                kl = F.kl_div(logp, teacher_logp, log_target=True, reduction="batchmean")
+                loss = cfg.distill_alpha * kl + (1.0 - cfg.distill_alpha) * loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(t.model.parameters(), 1.0)
             t.optimizer.step()
@@ -363,6 +390,19 @@ def save_model(model: torch.nn.Module, tokenizer, directory: Path) -> dict[str, 
     return {p.name: p.stat().st_size for p in sorted(directory.iterdir())}
 
 
+def load_teacher(path: str, scratch: Path) -> torch.nn.Module:
+    """The target to distil from, in float32 for transformers: an AWQ checkpoint is dequantized
+    (into ``scratch``) exactly as sluice's CPU path computes its weights."""
+    from transformers import AutoModelForCausalLM
+
+    from models.dense_checkpoint import dequantized_state_dict, save_dense_checkpoint
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    if config.get("quantization_config", {}).get("quant_method") == "awq":
+        path = str(save_dense_checkpoint(dequantized_state_dict(path), path, scratch))
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run everything; return the report (also written to ``OUT/train_report.json``)."""
     import transformers
@@ -384,7 +424,12 @@ def main(argv: list[str] | None = None) -> dict:
     timings["corpus_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    tokenizer = train_tokenizer(corpus.texts["train"], cfg.vocab_size)
+    teacher = None
+    if cfg.distill_from is not None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.distill_from)
+        teacher = load_teacher(cfg.distill_from, out / "teacher-dense").to(device).eval()
+    else:
+        tokenizer = train_tokenizer(corpus.texts["train"], cfg.vocab_size)
     tokenizer.model_max_length = 2048
     timings["tokenizer_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -405,11 +450,14 @@ def main(argv: list[str] | None = None) -> dict:
         trainees.append(Trainee(name, model, optimizer, shapes[name].peak_lr, forward=forward))
 
     t0 = time.perf_counter()
-    run = train(trainees, on_device["train"], on_device["validation"], cfg)
+    run = train(trainees, on_device["train"], on_device["validation"], cfg, teacher)
     timings["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    heldout = evaluate([t.model for t in trainees], on_device["heldout"], cfg.seq_len, cfg.batch_size)
+    evaluated = [t.model for t in trainees] if teacher is None else [teacher, *(t.model for t in trainees)]
+    heldout = evaluate(evaluated, on_device["heldout"], cfg.seq_len, cfg.batch_size)
+    if teacher is not None:  # the teacher's figures are the target's, not this run's
+        heldout["nll"] = heldout["nll"][1:]
     unigram = unigram_nll(streams["train"], streams["heldout"], vocab_size)
     timings["eval_s"] = time.perf_counter() - t0
 
@@ -447,7 +495,8 @@ def main(argv: list[str] | None = None) -> dict:
         "heldout_tokens_predicted": heldout["tokens"],
         "unigram_heldout_nll": unigram,
         "unigram_heldout_ppl": math.exp(unigram),
-        "draft_target_greedy_agreement": heldout["agreement"] if len(trainees) == 2 else None,
+        "draft_target_greedy_agreement": heldout["agreement"] if len(evaluated) == 2 else None,
+        "distilled_from": cfg.distill_from,
         "timings": timings,
         "wall_time_s": time.perf_counter() - started,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
