@@ -18,7 +18,7 @@ import pytest
 
 from scheduler.block_manager import NULL_BLOCK_ID
 from scheduler.config import SchedulerConfig
-from scheduler.outputs import RequestUpdate, RunnerOutput, SchedulerOutput
+from scheduler.outputs import RequestUpdate, RunnerOutput, ScheduledRequest, SchedulerOutput
 from scheduler.request import Request, RequestStatus
 from scheduler.scheduler import QueueFullError, Scheduler
 
@@ -71,17 +71,22 @@ class FakeRunner:
         assert value is not None, f"position {position} was never written"
         return value
 
+    def _write_kv(self, sr: ScheduledRequest) -> int:
+        """Write the KV of every position the step computes; return the position after them."""
+        end = sr.start_position + sr.num_new_tokens
+        assert len(sr.block_table) * self.block_size >= end, "block table too short"
+        for i, token_id in enumerate(sr.token_ids):
+            p = sr.start_position + i
+            prev = self._read(sr.block_table, p - 1) if p else -1
+            self.kv[self._slot(sr.block_table, p)] = kv_value(prev, token_id, p)
+        return end
+
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         self.steps.append(scheduler_output)
         sampled: dict[str, list[int]] = {}
         for sr in scheduler_output.scheduled:
-            end = sr.start_position + sr.num_new_tokens
             assert sr.num_new_tokens > 0, "nothing to compute, so nothing to sample from"
-            assert len(sr.block_table) * self.block_size >= end, "block table too short"
-            for i, token_id in enumerate(sr.token_ids):
-                p = sr.start_position + i
-                prev = self._read(sr.block_table, p - 1) if p else -1
-                self.kv[self._slot(sr.block_table, p)] = kv_value(prev, token_id, p)
+            end = self._write_kv(sr)
             if not sr.sample:
                 continue
             if sr.request_id in self.forced:

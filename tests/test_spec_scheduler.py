@@ -22,7 +22,6 @@ from scheduler.scheduler import Scheduler
 from tests.test_scheduler import (
     VOCAB,
     FakeRunner,
-    kv_value,
     make_config,
     make_request,
     next_token,
@@ -44,12 +43,7 @@ class VerifyingRunner(FakeRunner):
         sampled: dict[str, list[int]] = {}
         accepted: dict[str, int] = {}
         for sr in scheduler_output.scheduled:
-            end = sr.start_position + sr.num_new_tokens
-            assert len(sr.block_table) * self.block_size >= end, "no KV slot for a draft"
-            for i, token_id in enumerate(sr.token_ids):
-                p = sr.start_position + i
-                prev = self._read(sr.block_table, p - 1) if p else -1
-                self.kv[self._slot(sr.block_table, p)] = kv_value(prev, token_id, p)
+            end = self._write_kv(sr)  # asserts the table holds a slot for every draft too
             if not sr.sample:
                 continue
             drafts = sr.draft_token_ids
