@@ -51,12 +51,13 @@ def _assert_within(actual: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype
 
 def _assert_rounds_like(actual: torch.Tensor, reference: torch.Tensor, msg: str) -> None:
     """Same 16-bit values as ``reference`` but for elements whose float32 intermediate sits within
-    float32 error of a rounding boundary: those differ by one unit and are rare (a kernel that
-    rounded at a different step differs in about a quarter of the elements)."""
+    float32 error of a rounding boundary: those differ and are rare (a kernel that rounded at a
+    different step differs in about a quarter of the elements). Such an element differs by one
+    unit after the first rounding; times a weight below 2 and rounded again, by at most two."""
     assert actual.dtype == reference.dtype and actual.shape == reference.shape
     # Same-sign values: bit patterns count units in the last place.
     units = (actual.cpu().view(torch.int16).int() - reference.cpu().view(torch.int16).int()).abs()
-    assert units.max().item() <= 1, msg
+    assert units.max().item() <= 2, msg
     assert units.float().mean().item() <= 0.01, f"{msg}: {units.float().mean().item():.2%} differ"
 
 

@@ -107,11 +107,14 @@ def _streaming_client(address: str, prompts: list[str], **params) -> subprocess.
         import threading
         from service.client import SluiceClient
 
+        printing = threading.Lock()  # print writes the line and its newline apart
+
         def stream(prompt):
             with SluiceClient({address!r}) as client:
                 for i, _ in enumerate(client.generate(prompt, **{params!r})):
                     if i == 0:
-                        print("streaming", flush=True)
+                        with printing:
+                            print("streaming", flush=True)
 
         threads = [threading.Thread(target=stream, args=(p,)) for p in {prompts!r}]
         for t in threads:
