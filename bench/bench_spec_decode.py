@@ -13,6 +13,12 @@ Workloads (greedy, ignore_eos), from the held-out split of the bundled models' c
 Modes: ``baseline`` (no speculation), ``draft`` (the draft model), ``ngram`` (prompt lookup) and
 ``oracle``: drafts the target's own greedy continuation recorded by the baseline run, so every
 draft the target would accept is proposed at no cost: it measures how cheap a verify step is.
+With ``--load-format dummy`` (random weights in a real shape) the weights are made *peaked*
+(``peak_dummy_weights``): random weights give near-flat logits whose argmax flips with rounding,
+so a 5-token verify and a 1-token decode disagree and the oracle falls off its path. Peaked, the
+model counts (after token t comes t + 1; t again when the embeddings are tied) by a wide margin.
+The kernels and their cost are the same; only the values change.
+
 A mode may carry options: ``-kN`` its k, ``-minN`` its ngram_prompt_lookup_min (``ngram-min3``).
 One engine per mode, all built first; each request runs alone (batch 1) in every mode in turn,
 so that a change in machine load hits all modes alike. Figures: time to first token, then decode
@@ -69,6 +75,19 @@ class OracleProposer(Proposer):
 
     def finish_requests(self, request_ids: Iterable[str]) -> None:
         """Nothing is kept per request."""
+
+
+@torch.no_grad()
+def peak_dummy_weights(model: torch.nn.Module, scale: float = 5000.0) -> None:
+    """Make random weights predict ``t + 1`` after ``t`` by a wide margin: the embeddings
+    (std 0.02) are scaled up to dominate the residual stream over the layers' random outputs,
+    and the output row of token ``v`` is the (unscaled) embedding of ``v - 1``, so the final
+    hidden state of token ``t`` scores ``t + 1`` highest (``t`` itself with tied embeddings)."""
+    embed = model.model.embed_tokens.weight
+    lm_head = model.lm_head.weight
+    if lm_head.data_ptr() != embed.data_ptr():
+        lm_head.copy_(torch.roll(embed, 1, 0))
+    embed.mul_(scale)
 
 
 # ---------------------------------------------------------------------------- workloads
@@ -213,6 +232,8 @@ def engine_for(args: argparse.Namespace, model: str, mode: str) -> LLMEngine:
         model=model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
         max_num_seqs=max(args.batch_sizes), num_kv_blocks=args.num_kv_blocks, **spec,
     ))
+    if args.load_format == "dummy":
+        peak_dummy_weights(engine.runner.model)
     return engine
 
 

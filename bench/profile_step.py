@@ -2,9 +2,11 @@
 kernels of a few steps, from torch.profiler), for one workload on one shape.
 
     python -m bench.profile_step --shape qwen3-0.6b --num-requests 64 --max-len 512 [--enforce-eager]
+    python -m bench.profile_step --shape llama-3.1-8b --single [--async-scheduling]
 
 Prints the top host functions by own time, the top kernels by device time, and the mean step
-wall time of decode-only steps.
+wall time of decode-only steps. ``--single``: one greedy stream (128 prompt, 256 new tokens),
+and how its step time splits between the device (one decode graph replayed alone) and the rest.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--async-scheduling", action="store_true")
+    parser.add_argument("--single", action="store_true", help="one stream: step wall time against graph replay time")
     parser.add_argument("--single-after", action="store_true",
                         help="after the run, profile one greedy stream (128 prompt, 256 new tokens) instead")
     args = parser.parse_args()
@@ -56,7 +60,10 @@ def main() -> None:
             model=str(write_shape_dir(args.shape, Path(tmp))), load_format="dummy",
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=2 * args.max_len + 16,
             attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+            async_scheduling=args.async_scheduling,
         ))
+    if args.single:
+        return single_stream(engine)
     _add(engine, args, 4, "warm")
     while engine.has_unfinished_requests():
         engine.step()
@@ -102,6 +109,49 @@ def main() -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
         engine.abort_request([f"prof-{i}" for i in range(args.num_requests)])
         engine.step()
+
+
+def single_stream(engine: LLMEngine) -> None:
+    """Decode step wall time of one stream against the device time of its graph alone."""
+    params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, detokenize=False)
+    step_ms = []
+    for run in range(3):  # the first run warms up
+        engine.add_request(f"single-{run}", list(range(2, 130)), params)
+        engine.step()  # the prompt
+        torch.cuda.synchronize()
+        steps, start = 0, time.perf_counter()
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        torch.cuda.synchronize()
+        step_ms.append(1000 * (time.perf_counter() - start) / steps)
+        engine.reset_prefix_cache()
+    graphs = engine.runner.graphs
+    replay_ms = float("nan")
+    if graphs is not None:
+        replays, begin, end = 100, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graphs.replay((1, 1))
+        begin.record()
+        for _ in range(replays):
+            graphs.replay((1, 1))
+        end.record()
+        torch.cuda.synchronize()
+        replay_ms = begin.elapsed_time(end) / replays
+    wall = min(step_ms[1:])
+    print(f"single stream: {wall:.3f} ms per step ({1000 / wall:.1f} tokens/s); decode graph alone "
+          f"{replay_ms:.3f} ms ({1000 / replay_ms:.1f} tokens/s); the rest {wall - replay_ms:.3f} ms")
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.add_request("single-prof", list(range(2, 130)), params)
+    for _ in range(8):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            engine.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    engine.abort_request(["single-prof"])
+    engine.step()
 
 
 if __name__ == "__main__":

@@ -123,6 +123,7 @@ def step_logits(model: nn.Module, buffers: InputBuffers, backend: AttentionBacke
         fill_inputs(inputs)
     with set_forward_context(inputs.metadata, backend):
         hidden = model(inputs.input_ids, inputs.positions)
+    assert inputs.logits_indices is not None
     if inputs.logits_indices.numel() == 0:
         return None
     return model.compute_logits(hidden[inputs.logits_indices])

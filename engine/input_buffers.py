@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from engine.attention.metadata import AttentionMetadata
+from engine.host_copy import to_device
 from scheduler.outputs import ScheduledRequest
 
 
@@ -29,7 +30,9 @@ class StepInputs:
     input_ids: torch.Tensor  # [T] on the device
     positions: torch.Tensor  # [T]
     metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # [number of sampled requests]: rows of the hidden states to sample
+    # Rows of the hidden states to sample, or None for a graph step (its graph computes the
+    # logits of every row, request by request).
+    logits_indices: torch.Tensor | None
     # Tokens whose id a step still in flight samples (asynchronous scheduling): their index in
     # input_ids, and the index of their request in the step's scheduled list.
     placeholder_tokens: np.ndarray
@@ -135,7 +138,8 @@ class InputBuffers:
         if self._copied is not None:
             self._copied.record()
 
-        logits_indices = torch.from_numpy(_logits_indices(scheduled, cu_new)).to(self.device, non_blocking=True)
+        logits_indices = None if graph_shape is not None else to_device(
+            _logits_indices(scheduled, cu_new), self.device)
         input_ids, positions_d, slots, query_start_loc, seq_lens_d, block_tables = self.device_views(
             num_tokens, num_rows
         )

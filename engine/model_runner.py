@@ -30,6 +30,7 @@ from engine.attention.backend import select_attention_backend
 from engine.attention.metadata import set_forward_context
 from engine.config import EngineArgs
 from engine.cuda_graph import DecodeGraphs, step_logits
+from engine.host_copy import to_device
 from engine.input_buffers import InputBuffers, StepInputs
 from engine.kv_cache import (
     KVCaches,
@@ -204,8 +205,7 @@ class ModelRunner:
         assert self._last_sampled is not None, "a placeholder input without a step in flight"
         token_ids, rows = self._last_sampled
         src = [rows[scheduled[i].request_id] for i in inputs.placeholder_requests]
-        index = torch.tensor([*inputs.placeholder_tokens.tolist(), *src], dtype=torch.long)
-        index = index.to(self.device, non_blocking=True)
+        index = to_device([*inputs.placeholder_tokens.tolist(), *src], self.device, torch.long)
         n = len(src)
         inputs.input_ids.index_copy_(0, index[:n], token_ids[index[n:]])
 
@@ -255,5 +255,5 @@ def _padded_draft_probs(sampled: list[ScheduledRequest], draft_probs: Mapping[st
             padded[i, :n] = draft_probs[r.request_id][:n]
         else:
             padded[i, torch.arange(n, device=logits.device),
-                   torch.tensor(r.draft_token_ids, device=logits.device)] = 1.0
+                   to_device(r.draft_token_ids, logits.device)] = 1.0
     return padded

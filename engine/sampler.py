@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.host_copy import to_device
 from engine.outputs import Logprob
 from engine.sampling_params import SamplingParams
 
@@ -70,7 +71,7 @@ class Sampler:
             return (probs / noise).argmax(dim=-1)
         token_ids = probs.argmax(dim=-1)
         if random_rows:
-            index = _on_device(random_rows, logits.device)
+            index = to_device(random_rows, logits.device)
             noise = self._exponential_noise(probs.shape[-1], [rows[i] for i in random_rows], logits.device)
             token_ids[index] = (probs[index] / noise).argmax(dim=-1)
         return token_ids
@@ -86,7 +87,7 @@ class Sampler:
         if unseeded:
             fresh = torch.empty((len(unseeded), vocab_size), device=device)
             fresh.exponential_(generator=self._generator(device))
-            noise[_on_device(unseeded, device)] = fresh
+            noise[to_device(unseeded, device)] = fresh
         for i, row in enumerate(rows):
             if row.params.seed is not None:
                 generator = torch.Generator(device=device)
@@ -124,12 +125,6 @@ def _is_plain_greedy(row: SamplingRow) -> bool:
             and len(row.output_token_ids) >= p.min_tokens)
 
 
-def _on_device(values: Sequence, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A small tensor of per-row values on ``device``, copied without waiting for the device's
-    queued work (a blocking copy would stall a step launched ahead)."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
-
 def _needs_processing(row: SamplingRow) -> bool:
     p = row.params
     return bool(p.logit_bias or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
@@ -147,7 +142,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow],
     if any(biased):
         at = _token_index([list(bias) for bias in biased], device)
         values = [value for bias in biased for value in bias.values()]
-        out.index_put_(at, _on_device(values, device, torch.float32), accumulate=True)
+        out.index_put_(at, to_device(values, device, torch.float32), accumulate=True)
 
     stop_ids = set(eos_token_ids)
     masked = [sorted(stop_ids.union(row.params.stop_token_ids))
@@ -160,7 +155,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow],
         seen = torch.zeros_like(out, dtype=torch.bool)
         seen[_token_index([row.prompt_token_ids + row.output_token_ids if p != 1.0 else []
                            for row, p in zip(rows, repetition, strict=True)], device)] = True
-        penalty = _on_device(repetition, device, torch.float32)[:, None]
+        penalty = to_device(repetition, device, torch.float32)[:, None]
         out = torch.where(seen, torch.where(out > 0, out / penalty, out * penalty), out)
 
     frequency = [row.params.frequency_penalty for row in rows]
@@ -170,8 +165,8 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow],
         at = _token_index([row.output_token_ids if f or p else []
                            for row, f, p in zip(rows, frequency, presence, strict=True)], device)
         counts.index_put_(at, torch.ones(len(at[0]), device=device), accumulate=True)
-        frequency_t = _on_device(frequency, device, torch.float32)[:, None]
-        presence_t = _on_device(presence, device, torch.float32)[:, None]
+        frequency_t = to_device(frequency, device, torch.float32)[:, None]
+        presence_t = to_device(presence, device, torch.float32)[:, None]
         out -= frequency_t * counts + presence_t * (counts > 0)
     return out
 
@@ -181,8 +176,8 @@ def _token_index(tokens_per_row: Sequence[Sequence[int]], device: torch.device
     """(row index, token id) index tensors over the given tokens of each row."""
     row_index = [i for i, tokens in enumerate(tokens_per_row) for _ in tokens]
     token_index = [t for tokens in tokens_per_row for t in tokens]
-    return (_on_device(row_index, device, torch.long),
-            _on_device(token_index, device, torch.long))
+    return (to_device(row_index, device, torch.long),
+            to_device(token_index, device, torch.long))
 
 
 def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -196,27 +191,27 @@ def sampling_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> to
     if all(t == temperatures[0] for t in temperatures):
         scaled = logits / temperatures[0]
     else:
-        scaled = logits / _on_device(temperatures, device)[:, None]
+        scaled = logits / to_device(temperatures, device)[:, None]
     top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in params]
     # top_p = 1 must keep every token, however the cumulative sum rounds.
     top_p = [p.top_p if p.top_p < 1.0 else float("inf") for p in params]
     if any(k < vocab_size for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
         position = torch.arange(vocab_size, device=device)
-        cut = position[None, :] >= _on_device(top_k, device)[:, None]
+        cut = position[None, :] >= to_device(top_k, device)[:, None]
         sorted_logits = sorted_logits.masked_fill(cut, float("-inf"))
         sorted_probs = sorted_logits.softmax(dim=-1)
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        cut |= mass_before >= _on_device(top_p, device)[:, None]
+        cut |= mass_before >= to_device(top_p, device)[:, None]
         scaled = scaled.scatter(-1, order, sorted_logits.masked_fill(cut, float("-inf")))
     probs = scaled.softmax(dim=-1)
     # Decided on the host from the parameters: no device syncs.
     if any(p.min_p > 0 for p in params):
-        min_p = _on_device([p.min_p for p in params], device)[:, None]
+        min_p = to_device([p.min_p for p in params], device)[:, None]
         probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     if any(p.is_greedy for p in params):
-        greedy = _on_device([p.is_greedy for p in params], device)
+        greedy = to_device([p.is_greedy for p in params], device)
         one_hot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy[:, None], one_hot, probs)
     return probs
@@ -230,7 +225,7 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequen
     wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
     if not wanted:
         return result
-    index = _on_device(wanted, logits.device)
+    index = to_device(wanted, logits.device)
     logprobs = torch.log_softmax(logits[index].float(), dim=-1)
     sampled = token_ids[index][:, None]
     sampled_logprob = logprobs.gather(-1, sampled)

@@ -1,7 +1,8 @@
 """Train sluice's bundled default model pair on the standard library's Python source.
 
     python models/train.py --out DIR [--target-only | --draft-only] [--max-minutes M] [--steps N]
-    python models/train.py --out DIR --distill-from models/sluice-pycoder [--distill-alpha 0.9]
+    python models/train.py --out DIR --distill-from models/sluice-pycoder [--distill-alpha 0.9] \
+        [--distill-generate 8192]
 
 writes ``DIR/sluice-pycoder/`` (the target), ``DIR/sluice-pycoder-draft/`` (its speculative
 draft, same tokenizer), ``DIR/heldout_files.txt``, ``DIR/validation_files.txt`` and
@@ -10,7 +11,11 @@ draft, same tokenizer), ``DIR/heldout_files.txt``, ``DIR/validation_files.txt`` 
 ``--distill-from TARGET`` trains only a draft, with TARGET's tokenizer, on a mix of next-token
 cross-entropy and the KL divergence from TARGET's own next-token distribution (an AWQ TARGET is
 dequantized as sluice's CPU path does): a draft that predicts what the target predicts, not what
-the text says, gets more of its guesses accepted in speculative decoding.
+the text says, gets more of its guesses accepted in speculative decoding. ``--distill-generate N``
+adds N sequences the target writes itself (greedy, from training-text prompts) to the draft's
+batches (``--distill-generate-fraction`` of each): in speculative decoding the draft guesses
+the target's own output, not the corpus. When distilling, validation picks the weights with
+the lowest KL(target || draft) on the validation files.
 
 The cosine schedule's length is the smallest of ``--steps``, ``--max-epochs`` worth of tokens and
 what fits in ``--max-minutes`` of training (from the measured step time), so the learning rate
@@ -87,6 +92,8 @@ class TrainConfig:
     tiny: bool
     distill_from: str | None = None
     distill_alpha: float = 0.9  # weight of the KL term against cross-entropy when distilling
+    distill_generate: int = 0  # sequences the target writes for the draft's training
+    distill_generate_fraction: float = 0.5  # of each batch, when there are any
 
 
 @dataclass(slots=True)
@@ -130,9 +137,17 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--distill-from", default=None,
                    help="train only the draft, with this target checkpoint's tokenizer, towards its distribution")
     p.add_argument("--distill-alpha", type=float, default=0.9, help="weight of the KL term (the rest: cross-entropy)")
+    p.add_argument("--distill-generate", type=int, default=0,
+                   help="with --distill-from: train also on this many sequences the target writes (greedy)")
+    p.add_argument("--distill-generate-fraction", type=float, default=0.5,
+                   help="the share of each batch taken from the target's sequences")
     a = p.parse_args(argv)
     if not 0.0 <= a.distill_alpha <= 1.0:
         p.error(f"--distill-alpha must be in [0, 1], got {a.distill_alpha}")
+    if not 0.0 < a.distill_generate_fraction < 1.0:
+        p.error(f"--distill-generate-fraction must be in (0, 1), got {a.distill_generate_fraction}")
+    if a.distill_generate < 0 or (a.distill_generate and a.distill_from is None):
+        p.error("--distill-generate takes a count >= 0 and needs --distill-from")
     models = (TARGET_NAME,) if a.target_only else (DRAFT_NAME,) if a.draft_only else (TARGET_NAME, DRAFT_NAME)
     if a.distill_from is not None:
         if a.target_only:
@@ -160,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         tiny=tiny,
         distill_from=a.distill_from,
         distill_alpha=a.distill_alpha,
+        distill_generate=a.distill_generate,
+        distill_generate_fraction=a.distill_generate_fraction,
     )
 
 
@@ -210,6 +227,51 @@ def sample_batch(stream: torch.Tensor, batch_size: int, seq_len: int, generator:
     return stream[index]
 
 
+@torch.no_grad()
+def generate_from_teacher(teacher: torch.nn.Module, stream: torch.Tensor, num: int, prompt_len: int,
+                          seq_len: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """``num`` sequences of ``seq_len + 1`` tokens: a random ``prompt_len``-token window of
+    ``stream``, then the teacher's greedy continuation (EOS included, as with ``ignore_eos``)."""
+    from transformers import DynamicCache
+
+    out = torch.empty((num, seq_len + 1), dtype=stream.dtype, device=stream.device)
+    bar = _progress(num, "generate")
+    for begin in range(0, num, batch_size):
+        rows = sample_batch(stream, min(batch_size, num - begin), prompt_len - 1, generator)
+        cache = DynamicCache()
+        tokens, fed = rows, rows
+        while tokens.shape[1] < seq_len + 1:
+            with autocast(stream.device):
+                logits = teacher(input_ids=fed, past_key_values=cache, use_cache=True).logits[:, -1]
+            fed = logits.argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, fed], 1)
+        out[begin:begin + len(rows)] = tokens
+        if bar is not None:
+            bar.update(len(rows))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+@torch.no_grad()
+def greedy_agreement(a: torch.nn.Module, b: torch.nn.Module, rows: torch.Tensor, start: int) -> float:
+    """How often two models' greedy next tokens agree on ``rows``, from position ``start`` on."""
+    with autocast(rows.device):
+        greedy = [m(input_ids=rows[:, :-1], use_cache=False).logits.argmax(-1)[:, start:] for m in (a, b)]
+    return float((greedy[0] == greedy[1]).float().mean())
+
+
+def mixed_batch(stream: torch.Tensor, generated: torch.Tensor | None, fraction: float, batch_size: int,
+                seq_len: int, generator: torch.Generator) -> torch.Tensor:
+    """A training batch: windows of ``stream``, and with ``generated`` about ``fraction`` of the
+    rows drawn from it instead."""
+    if generated is None:
+        return sample_batch(stream, batch_size, seq_len, generator)
+    num_generated = max(1, min(batch_size - 1, round(fraction * batch_size)))
+    rows = torch.randint(0, generated.shape[0], (num_generated,), generator=generator).to(generated.device)
+    return torch.cat([sample_batch(stream, batch_size - num_generated, seq_len, generator), generated[rows]])
+
+
 def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -217,8 +279,8 @@ def autocast(device: torch.device):
 @torch.no_grad()
 def evaluate(models: list[torch.nn.Module], stream: torch.Tensor, seq_len: int, batch_size: int) -> dict:
     """Mean next-token NLL of each model over non-overlapping ``seq_len`` windows of ``stream``
-    (every token but the first is predicted once), and the fraction of positions where all the
-    models' greedy next tokens agree."""
+    (every token but the first is predicted once), the fraction of positions where all the
+    models' greedy next tokens agree, and each later model's mean KL from the first."""
     device = stream.device
     inputs, targets = stream[:-1], stream[1:]
     n_full = inputs.numel() // seq_len
@@ -228,19 +290,26 @@ def evaluate(models: list[torch.nn.Module], stream: torch.Tensor, seq_len: int, 
     if inputs.numel() % seq_len:
         chunks.append((inputs[n_full * seq_len :][None], targets[n_full * seq_len :][None]))
     nll = [torch.zeros((), dtype=torch.float64, device=device) for _ in models]
+    kl = [torch.zeros((), dtype=torch.float64, device=device) for _ in models[1:]]
     agree = torch.zeros((), dtype=torch.long, device=device)
     for x_all, y_all in chunks:
         for i in range(0, x_all.shape[0], batch_size):
             x, y = x_all[i : i + batch_size], y_all[i : i + batch_size]
-            greedy = []
+            greedy, first = [], None
             for k, model in enumerate(models):
                 with autocast(device):
                     logits = model(input_ids=x, use_cache=False).logits.float()
                 nll[k] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
                 greedy.append(logits.argmax(-1))
+                logp = F.log_softmax(logits.flatten(0, 1), -1)
+                if first is None:
+                    first = logp
+                else:
+                    kl[k - 1] += F.kl_div(logp, first, log_target=True, reduction="sum").double()
             agree += torch.stack([g == greedy[0] for g in greedy]).all(0).sum()
     count = targets.numel()
-    return {"nll": [float(v) / count for v in nll], "agreement": float(agree) / count, "tokens": count}
+    return {"nll": [float(v) / count for v in nll], "kl": [float(v) / count for v in kl],
+            "agreement": float(agree) / count, "tokens": count}
 
 
 def unigram_nll(train: np.ndarray, heldout: np.ndarray, vocab_size: int) -> float:
@@ -252,9 +321,10 @@ def unigram_nll(train: np.ndarray, heldout: np.ndarray, vocab_size: int) -> floa
 
 
 def train(trainees: list[Trainee], train_stream: torch.Tensor, val_stream: torch.Tensor,
-          cfg: TrainConfig, teacher: torch.nn.Module | None = None) -> dict:
+          cfg: TrainConfig, teacher: torch.nn.Module | None = None, generated: torch.Tensor | None = None) -> dict:
     """Train every trainee on the same batches; return what the report needs about the run. With
-    a ``teacher``, each loss mixes in KL(teacher || trainee) with weight ``cfg.distill_alpha``."""
+    a ``teacher``, each loss mixes in KL(teacher || trainee) with weight ``cfg.distill_alpha``,
+    and ``generated`` (the teacher's own sequences) supplies part of each batch."""
     device = train_stream.device
     tokens_per_step = cfg.batch_size * cfg.seq_len
     epoch_steps = max(1, math.ceil(cfg.max_epochs * train_stream.numel() / tokens_per_step))
@@ -271,7 +341,8 @@ def train(trainees: list[Trainee], train_stream: torch.Tensor, val_stream: torch
         trainee.model.train()
         trainee.loss_sum = torch.zeros((), device=device)
     while step < planned and time.perf_counter() < deadline:
-        batch = sample_batch(train_stream, cfg.batch_size, cfg.seq_len, generator)
+        batch = mixed_batch(train_stream, generated, cfg.distill_generate_fraction, cfg.batch_size, cfg.seq_len,
+                            generator)
         x, y = batch[:, :-1], batch[:, 1:]
         if teacher is not None:
             with torch.no_grad(), autocast(device):
@@ -307,7 +378,7 @@ def train(trainees: list[Trainee], train_stream: torch.Tensor, val_stream: torch
             _log(trainees, step, planned, log_start, tokens_per_step, bar)
             log_start = (step, time.perf_counter())
         if step % cfg.eval_every == 0 or step == planned:
-            seconds = _validate(trainees, step, val_stream, cfg)
+            seconds = _validate(trainees, step, val_stream, cfg, teacher)
             validation_s += seconds
             log_start = (log_start[0], log_start[1] + seconds)  # tokens/s counts training time only
         if bar is not None:
@@ -319,7 +390,7 @@ def train(trainees: list[Trainee], train_stream: torch.Tensor, val_stream: torch
         _log(trainees, step, planned, log_start, tokens_per_step, None)
     train_s = time.perf_counter() - started - validation_s
     if not trainees[0].val_curve or trainees[0].val_curve[-1][0] != step:
-        _validate(trainees, step, val_stream, cfg)
+        _validate(trainees, step, val_stream, cfg, teacher)
     for t in trainees:
         t.model.eval()
         if t.best_state is not None and t.best_step != step:
@@ -329,12 +400,17 @@ def train(trainees: list[Trainee], train_stream: torch.Tensor, val_stream: torch
             "train_tokens_per_s": step * tokens_per_step / max(1e-9, train_s)}
 
 
-def _validate(trainees: list[Trainee], step: int, val_stream: torch.Tensor, cfg: TrainConfig) -> float:
-    """Record each trainee's validation loss, keeping a copy of its best weights; return the seconds taken."""
+def _validate(trainees: list[Trainee], step: int, val_stream: torch.Tensor, cfg: TrainConfig,
+              teacher: torch.nn.Module | None = None) -> float:
+    """Record each trainee's validation loss (its KL from the ``teacher`` when there is one),
+    keeping a copy of its best weights; return the seconds taken."""
     started = time.perf_counter()
     for t in trainees:
         t.model.eval()
-        loss = evaluate([t.model], val_stream, cfg.seq_len, cfg.batch_size)["nll"][0]
+        if teacher is None:
+            loss = evaluate([t.model], val_stream, cfg.seq_len, cfg.batch_size)["nll"][0]
+        else:
+            loss = evaluate([teacher, t.model], val_stream, cfg.seq_len, cfg.batch_size)["kl"][0]
         t.model.train()
         t.val_curve.append((step, loss))
         if loss < t.best_val_loss:
@@ -361,13 +437,13 @@ def _log(trainees: list[Trainee], step: int, planned: int, log_start: tuple[int,
         print(f"step {step}/{planned}: {line}", flush=True)
 
 
-def _progress(total: int):
+def _progress(total: int, desc: str = "train"):
     try:
         from tqdm import tqdm
     except ImportError:
         return None
     # Updates are rare so that a captured log's tail still shows the lines that matter.
-    return tqdm(total=total, desc="train", mininterval=10.0, file=sys.stderr)
+    return tqdm(total=total, desc=desc, mininterval=10.0, file=sys.stderr)
 
 
 def _sync(device: torch.device) -> None:
@@ -449,15 +525,29 @@ def main(argv: list[str] | None = None) -> dict:
         forward = torch.compile(model) if cfg.compile else model
         trainees.append(Trainee(name, model, optimizer, shapes[name].peak_lr, forward=forward))
 
+    generated = None
+    if cfg.distill_generate:
+        t0 = time.perf_counter()
+        generated = generate_from_teacher(teacher, on_device["train"], cfg.distill_generate, min(64, cfg.seq_len // 2),
+                                          cfg.seq_len, 4 * cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1))
+        timings["generate_s"] = time.perf_counter() - t0
+        print(f"generated {generated.numel():,} tokens with the target in {timings['generate_s']:.0f}s", flush=True)
+
     t0 = time.perf_counter()
-    run = train(trainees, on_device["train"], on_device["validation"], cfg, teacher)
+    run = train(trainees, on_device["train"], on_device["validation"], cfg, teacher, generated)
     timings["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     evaluated = [t.model for t in trainees] if teacher is None else [teacher, *(t.model for t in trainees)]
     heldout = evaluate(evaluated, on_device["heldout"], cfg.seq_len, cfg.batch_size)
+    on_target_text = None
     if teacher is not None:  # the teacher's figures are the target's, not this run's
         heldout["nll"] = heldout["nll"][1:]
+        # What speculative decoding meets: the target's own greedy continuations of held-out prompts.
+        prompt_len = min(64, cfg.seq_len // 2)
+        rows = generate_from_teacher(teacher, on_device["heldout"], 64, prompt_len, cfg.seq_len, 64,
+                                     torch.Generator().manual_seed(cfg.seed + 2))
+        on_target_text = greedy_agreement(teacher, trainees[0].model, rows, prompt_len - 1)
     unigram = unigram_nll(streams["train"], streams["heldout"], vocab_size)
     timings["eval_s"] = time.perf_counter() - t0
 
@@ -496,6 +586,8 @@ def main(argv: list[str] | None = None) -> dict:
         "unigram_heldout_nll": unigram,
         "unigram_heldout_ppl": math.exp(unigram),
         "draft_target_greedy_agreement": heldout["agreement"] if len(evaluated) == 2 else None,
+        "draft_target_greedy_agreement_on_target_text": on_target_text,
+        "heldout_kl_from_target": heldout["kl"][0] if teacher is not None else None,
         "distilled_from": cfg.distill_from,
         "timings": timings,
         "wall_time_s": time.perf_counter() - started,
@@ -506,7 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "train_report.json").write_text(json.dumps(report, indent=1))
     summary = {n: round(m["heldout_ppl"], 2) for n, m in models_report.items()}
     print(f"held-out perplexity {summary} (unigram {math.exp(unigram):.1f}), agreement "
-          f"{report['draft_target_greedy_agreement']}, {run['steps']} steps, {run['epochs']:.1f} epochs, "
+          f"{report['draft_target_greedy_agreement']} (on the target's own text {on_target_text}), {run['steps']} steps, {run['epochs']:.1f} epochs, "
           f"{run['train_tokens_per_s']:,.0f} tokens/s, "
           f"wall {report['wall_time_s']:.0f}s", flush=True)
     return report

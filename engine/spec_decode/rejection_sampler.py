@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.host_copy import to_device
 from engine.outputs import Logprob
 from engine.sampler import Sampler, SamplingRow, compute_logprobs, process_logits, sampling_probs
 
@@ -125,15 +126,15 @@ class RejectionSampler:
         assert logits.dim() == 2 and logits.shape[0] == len(vrows), (tuple(logits.shape), len(vrows))
         device = logits.device
         probs, noise = self._target(logits, vrows)
-        num_drafts = torch.tensor([len(d) for d in draft_token_ids], dtype=torch.long, device=device)
+        num_drafts = to_device([len(d) for d in draft_token_ids], device, torch.long)
         k = max((len(d) for d in draft_token_ids), default=0)
         # Row r's flat index of position j; padded positions repeat its last one, nothing reads them.
         positions = torch.arange(k + 1, device=device)[None, :]
         starts = torch.cumsum(num_drafts + 1, 0) - (num_drafts + 1)
         padded = starts[:, None] + torch.minimum(positions, num_drafts[:, None])
-        drafts = torch.tensor([list(d) + [-1] * (k - len(d)) for d in draft_token_ids], dtype=torch.long,
-                              device=device).reshape(len(rows), k)
-        greedy = torch.tensor([row.params.is_greedy for row in rows], dtype=torch.bool, device=device)
+        drafts = to_device([list(d) + [-1] * (k - len(d)) for d in draft_token_ids], device,
+                           torch.long).reshape(len(rows), k)
+        greedy = to_device([row.params.is_greedy for row in rows], device, torch.bool)
         token_ids, num_accepted = rejection_sample(probs[padded], drafts, num_drafts, draft_probs, greedy,
                                                    noise[padded])
         num_accepted_list = num_accepted.tolist()
@@ -159,6 +160,6 @@ class RejectionSampler:
         noise = torch.ones_like(probs)
         random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if random_rows:
-            noise[torch.tensor(random_rows, device=logits.device)] = self.sampler._exponential_noise(
+            noise[to_device(random_rows, logits.device)] = self.sampler._exponential_noise(
                 logits.shape[-1], [vrows[i] for i in random_rows], logits.device)
         return probs, noise
