@@ -19,4 +19,8 @@ def to_device(values: Sequence | np.ndarray, device: torch.device, dtype: torch.
     """``values`` as a tensor on ``device``, queued on the current stream without waiting."""
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    if isinstance(values, np.ndarray):  # torch cannot pin a tensor built from an array: copy it
+        staged = torch.as_tensor(values, dtype=dtype).pin_memory()
+    else:
+        staged = torch.tensor(values, dtype=dtype, pin_memory=True)
+    return staged.to(device, non_blocking=True)
