@@ -2,7 +2,7 @@
 
     python models/train.py --out DIR [--target-only | --draft-only] [--max-minutes M] [--steps N]
     python models/train.py --out DIR --distill-from models/sluice-pycoder [--distill-alpha 0.9] \
-        [--distill-generate 8192]
+        [--distill-generate 16384] [--distill-prompts windows|file-starts] [--init-from DRAFT_DIR] [--lr LR]
 
 writes ``DIR/sluice-pycoder/`` (the target), ``DIR/sluice-pycoder-draft/`` (its speculative
 draft, same tokenizer), ``DIR/heldout_files.txt``, ``DIR/validation_files.txt`` and
@@ -14,8 +14,12 @@ dequantized as sluice's CPU path does): a draft that predicts what the target pr
 the text says, gets more of its guesses accepted in speculative decoding. ``--distill-generate N``
 adds N sequences the target writes itself (greedy, from training-text prompts) to the draft's
 batches (``--distill-generate-fraction`` of each): in speculative decoding the draft guesses
-the target's own output, not the corpus. When distilling, validation picks the weights with
-the lowest KL(target || draft) on the validation files.
+the target's own output, not the corpus. Their prompts are random windows of the training text,
+or with ``--distill-prompts file-starts`` the first 32-256 tokens of training files (what a
+client sending a file's head asks for). ``--init-from`` starts the draft from a checkpoint
+(a second, shorter stage), ``--lr`` overrides the peak learning rate. When distilling, validation picks the weights with
+the lowest KL(target || draft) on the validation files (on the target's own continuations of
+validation prompts, made like the training ones, when there are generated sequences).
 
 The cosine schedule's length is the smallest of ``--steps``, ``--max-epochs`` worth of tokens and
 what fits in ``--max-minutes`` of training (from the measured step time), so the learning rate
@@ -94,6 +98,9 @@ class TrainConfig:
     distill_alpha: float = 0.9  # weight of the KL term against cross-entropy when distilling
     distill_generate: int = 0  # sequences the target writes for the draft's training
     distill_generate_fraction: float = 0.5  # of each batch, when there are any
+    distill_prompts: str = "windows"  # where the generated sequences' prompts come from
+    init_from: str | None = None  # a checkpoint to start the draft from
+    lr: float | None = None  # peak learning rate instead of the shape's
 
 
 @dataclass(slots=True)
@@ -141,7 +148,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="with --distill-from: train also on this many sequences the target writes (greedy)")
     p.add_argument("--distill-generate-fraction", type=float, default=0.5,
                    help="the share of each batch taken from the target's sequences")
+    p.add_argument("--distill-prompts", choices=("windows", "file-starts"), default="windows",
+                   help="prompts of the generated sequences: random training windows, or training files' heads")
+    p.add_argument("--init-from", default=None, help="start the draft from this checkpoint (with --distill-from)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the shape's)")
     a = p.parse_args(argv)
+    if a.init_from is not None and a.distill_from is None:
+        p.error("--init-from starts a distilled draft: it needs --distill-from")
     if not 0.0 <= a.distill_alpha <= 1.0:
         p.error(f"--distill-alpha must be in [0, 1], got {a.distill_alpha}")
     if not 0.0 < a.distill_generate_fraction < 1.0:
@@ -177,6 +190,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         distill_alpha=a.distill_alpha,
         distill_generate=a.distill_generate,
         distill_generate_fraction=a.distill_generate_fraction,
+        distill_prompts=a.distill_prompts,
+        init_from=a.init_from,
+        lr=a.lr,
     )
 
 
@@ -200,6 +216,12 @@ def build_model(shape: ModelShape, vocab_size: int, seed: int, eos_id: int, pad_
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+
+
+def shape_of(config, peak_lr: float) -> ModelShape:
+    """The ModelShape of a loaded Llama config."""
+    return ModelShape(config.hidden_size, config.num_hidden_layers, config.num_attention_heads,
+                      config.num_key_value_heads, config.intermediate_size, peak_lr)
 
 
 def make_optimizer(model: torch.nn.Module, weight_decay: float, fused: bool) -> torch.optim.Optimizer:
@@ -229,15 +251,24 @@ def sample_batch(stream: torch.Tensor, batch_size: int, seq_len: int, generator:
 
 @torch.no_grad()
 def generate_from_teacher(teacher: torch.nn.Module, stream: torch.Tensor, num: int, prompt_len: int,
-                          seq_len: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+                          seq_len: int, batch_size: int, generator: torch.Generator,
+                          file_starts: torch.Tensor | None = None) -> torch.Tensor:
     """``num`` sequences of ``seq_len + 1`` tokens: a random ``prompt_len``-token window of
-    ``stream``, then the teacher's greedy continuation (EOS included, as with ``ignore_eos``)."""
+    ``stream``, then the teacher's greedy continuation (EOS included, as with ``ignore_eos``).
+    With ``file_starts`` (positions in ``stream``), prompts are instead the first 32 to 256
+    tokens (one length per batch) from a random one of them."""
     from transformers import DynamicCache
 
     out = torch.empty((num, seq_len + 1), dtype=stream.dtype, device=stream.device)
     bar = _progress(num, "generate")
     for begin in range(0, num, batch_size):
-        rows = sample_batch(stream, min(batch_size, num - begin), prompt_len - 1, generator)
+        n = min(batch_size, num - begin)
+        if file_starts is None:
+            rows = sample_batch(stream, n, prompt_len - 1, generator)
+        else:
+            length = int(torch.randint(32, min(256, seq_len // 2) + 1, (), generator=generator))
+            starts = file_starts[torch.randint(0, len(file_starts), (n,), generator=generator)].to(stream.device)
+            rows = stream[starts[:, None] + torch.arange(length, device=stream.device)]
         cache = DynamicCache()
         tokens, fed = rows, rows
         while tokens.shape[1] < seq_len + 1:
@@ -259,6 +290,25 @@ def greedy_agreement(a: torch.nn.Module, b: torch.nn.Module, rows: torch.Tensor,
     with autocast(rows.device):
         greedy = [m(input_ids=rows[:, :-1], use_cache=False).logits.argmax(-1)[:, start:] for m in (a, b)]
     return float((greedy[0] == greedy[1]).float().mean())
+
+
+def file_starts(stream: torch.Tensor, eos_id: int, min_len: int) -> torch.Tensor:
+    """Positions where a file begins in an EOS-separated ``stream`` and ``min_len`` tokens follow."""
+    starts = torch.cat([torch.zeros(1, dtype=torch.long, device=stream.device),
+                        torch.nonzero(stream[:-1] == eos_id).flatten() + 1])
+    return starts[starts + min_len <= stream.numel()].cpu()
+
+
+@torch.no_grad()
+def kl_on_rows(teacher: torch.nn.Module, model: torch.nn.Module, rows: torch.Tensor, batch_size: int) -> float:
+    """Mean KL(teacher || model) over every next-token position of ``rows``."""
+    total = 0.0
+    for i in range(0, rows.shape[0], batch_size):
+        x = rows[i:i + batch_size, :-1]
+        with autocast(rows.device):
+            target, logits = (m(input_ids=x, use_cache=False).logits.float().flatten(0, 1) for m in (teacher, model))
+        total += float(F.kl_div(F.log_softmax(logits, -1), F.log_softmax(target, -1), log_target=True, reduction="sum"))
+    return total / (rows.shape[0] * (rows.shape[1] - 1))
 
 
 def mixed_batch(stream: torch.Tensor, generated: torch.Tensor | None, fraction: float, batch_size: int,
@@ -321,7 +371,8 @@ def unigram_nll(train: np.ndarray, heldout: np.ndarray, vocab_size: int) -> floa
 
 
 def train(trainees: list[Trainee], train_stream: torch.Tensor, val_stream: torch.Tensor,
-          cfg: TrainConfig, teacher: torch.nn.Module | None = None, generated: torch.Tensor | None = None) -> dict:
+          cfg: TrainConfig, teacher: torch.nn.Module | None = None, generated: torch.Tensor | None = None,
+          val_rows: torch.Tensor | None = None) -> dict:
     """Train every trainee on the same batches; return what the report needs about the run. With
     a ``teacher``, each loss mixes in KL(teacher || trainee) with weight ``cfg.distill_alpha``,
     and ``generated`` (the teacher's own sequences) supplies part of each batch."""
@@ -378,7 +429,7 @@ def train(trainees: list[Trainee], train_stream: torch.Tensor, val_stream: torch
             _log(trainees, step, planned, log_start, tokens_per_step, bar)
             log_start = (step, time.perf_counter())
         if step % cfg.eval_every == 0 or step == planned:
-            seconds = _validate(trainees, step, val_stream, cfg, teacher)
+            seconds = _validate(trainees, step, val_stream, cfg, teacher, val_rows)
             validation_s += seconds
             log_start = (log_start[0], log_start[1] + seconds)  # tokens/s counts training time only
         if bar is not None:
@@ -390,7 +441,7 @@ def train(trainees: list[Trainee], train_stream: torch.Tensor, val_stream: torch
         _log(trainees, step, planned, log_start, tokens_per_step, None)
     train_s = time.perf_counter() - started - validation_s
     if not trainees[0].val_curve or trainees[0].val_curve[-1][0] != step:
-        _validate(trainees, step, val_stream, cfg, teacher)
+        _validate(trainees, step, val_stream, cfg, teacher, val_rows)
     for t in trainees:
         t.model.eval()
         if t.best_state is not None and t.best_step != step:
@@ -401,7 +452,7 @@ def train(trainees: list[Trainee], train_stream: torch.Tensor, val_stream: torch
 
 
 def _validate(trainees: list[Trainee], step: int, val_stream: torch.Tensor, cfg: TrainConfig,
-              teacher: torch.nn.Module | None = None) -> float:
+              teacher: torch.nn.Module | None = None, val_rows: torch.Tensor | None = None) -> float:
     """Record each trainee's validation loss (its KL from the ``teacher`` when there is one),
     keeping a copy of its best weights; return the seconds taken."""
     started = time.perf_counter()
@@ -409,6 +460,8 @@ def _validate(trainees: list[Trainee], step: int, val_stream: torch.Tensor, cfg:
         t.model.eval()
         if teacher is None:
             loss = evaluate([t.model], val_stream, cfg.seq_len, cfg.batch_size)["nll"][0]
+        elif val_rows is not None:
+            loss = kl_on_rows(teacher, t.model, val_rows, cfg.batch_size)
         else:
             loss = evaluate([teacher, t.model], val_stream, cfg.seq_len, cfg.batch_size)["kl"][0]
         t.model.train()
@@ -519,22 +572,34 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = TINY_SHAPES if cfg.tiny else SHAPES
     trainees = []
     for name in cfg.models:
-        model = build_model(shapes[name], vocab_size, cfg.seed, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        if cfg.init_from is not None:
+            model = transformers.AutoModelForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32)
+            shapes = {**shapes, name: shape_of(model.config, shapes[name].peak_lr)}
+        else:
+            model = build_model(shapes[name], vocab_size, cfg.seed, tokenizer.eos_token_id, tokenizer.pad_token_id)
         model.to(device)
         optimizer = make_optimizer(model, cfg.weight_decay, fused=device.type == "cuda")
         forward = torch.compile(model) if cfg.compile else model
-        trainees.append(Trainee(name, model, optimizer, shapes[name].peak_lr, forward=forward))
+        trainees.append(Trainee(name, model, optimizer, cfg.lr or shapes[name].peak_lr, forward=forward))
 
-    generated = None
+    generated = val_rows = None
     if cfg.distill_generate:
         t0 = time.perf_counter()
+        starts = None
+        if cfg.distill_prompts == "file-starts":
+            starts = file_starts(on_device["train"], tokenizer.eos_token_id, cfg.seq_len + 1)
         generated = generate_from_teacher(teacher, on_device["train"], cfg.distill_generate, min(64, cfg.seq_len // 2),
-                                          cfg.seq_len, 4 * cfg.batch_size, torch.Generator().manual_seed(cfg.seed + 1))
+                                          cfg.seq_len, 1024, torch.Generator().manual_seed(cfg.seed + 1), starts)
+        val_starts = None
+        if cfg.distill_prompts == "file-starts":
+            val_starts = file_starts(on_device["validation"], tokenizer.eos_token_id, cfg.seq_len + 1)
+        val_rows = generate_from_teacher(teacher, on_device["validation"], 4 * cfg.batch_size, min(64, cfg.seq_len // 2),
+                                         cfg.seq_len, 1024, torch.Generator().manual_seed(cfg.seed + 3), val_starts)
         timings["generate_s"] = time.perf_counter() - t0
         print(f"generated {generated.numel():,} tokens with the target in {timings['generate_s']:.0f}s", flush=True)
 
     t0 = time.perf_counter()
-    run = train(trainees, on_device["train"], on_device["validation"], cfg, teacher, generated)
+    run = train(trainees, on_device["train"], on_device["validation"], cfg, teacher, generated, val_rows)
     timings["train_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

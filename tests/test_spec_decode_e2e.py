@@ -365,11 +365,14 @@ def test_speculation_is_off_while_more_requests_run_than_the_switch_off_size(tin
     assert tokens == expected
 
 
-def test_a_request_whose_drafts_keep_failing_stops_drafting(tiny_models, drafts) -> None:
+def test_a_request_whose_drafts_keep_failing_pauses_drafting(tiny_models, drafts) -> None:
+    """A window of failed verify steps (>= 9 tokens), a pause of FIRST_PAUSE steps, a second
+    failed window (>= 8 more tokens, by token 60 at the latest), then a pause of twice that: exactly
+    two windows' drafts in 60 tokens."""
     llm = _speculative("llama", "unrelated", tiny_models, drafts)
     tokens, (out,) = _generate(llm, [[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))
     k = llm.engine.args.num_speculative_tokens
-    assert out.num_draft_tokens == policy.WINDOW * k  # exactly the window's verify steps, then no more
+    assert out.num_draft_tokens == 2 * policy.WINDOW * k
     assert out.num_accepted_draft_tokens < policy.MIN_ACCEPTANCE * out.num_draft_tokens
 
 
@@ -380,14 +383,18 @@ def test_switch_off_rule_looks_at_the_last_window_of_verify_steps() -> None:
         rule.record("a", 4, 0)
     assert rule.allows("a")  # too few steps to judge
     rule.record("a", 4, 0)
-    assert not rule.allows("a")
-    rule.record("a", 4, 4)
-    assert not rule.allows("a")  # off for good
+    assert [rule.allows("a") for _ in range(policy.FIRST_PAUSE + 1)] == [False] * policy.FIRST_PAUSE + [True]
+    for _ in range(policy.WINDOW - 1):  # a fresh window after the pause
+        rule.record("a", 4, 0)
+    assert rule.allows("a")
+    rule.record("a", 4, 0)  # failed again: twice the pause
+    assert [rule.allows("a") for _ in range(2 * policy.FIRST_PAUSE + 1)] == [False] * 2 * policy.FIRST_PAUSE + [True]
     for accepted in [4] + [0] * (policy.WINDOW - 1):  # 4 of 32 = 0.125 >= 0.1: keeps drafting
         rule.record("b", 4, accepted)
     assert rule.allows("b")
     rule.record("b", 4, 0)  # the accepted step leaves the window: 0 of 32
     assert not rule.allows("b")
+    rule.record("a", 4, 0)
     rule.finish_requests(["a", "b"])
     assert rule.allows("a") and rule.allows("b")
 

@@ -5,9 +5,11 @@
   bound by compute and rejected drafts cost real time. Above ``disable_batch_size`` running
   requests nobody drafts (the default comes from bench/bench_spec_decode.py's batch sweep).
 - Per request: when its acceptance rate over its last ``WINDOW`` verify steps is below
-  ``MIN_ACCEPTANCE``, it drafts no more for the rest of its life (its text is not what the
-  proposer can guess: with k = 4 it keeps less than one draft in 2.5 steps, so each verify step
-  costs more than it saves).
+  ``MIN_ACCEPTANCE`` (its text is not what the proposer can guess: with k = 4 it keeps less than
+  one draft in 2.5 steps, so each verify step costs more than it saves), it sits out its next
+  ``FIRST_PAUSE`` decode steps, then drafts again; each further failed window doubles the pause.
+  Text changes character (a data table, then code again), so a request is never written off for
+  good, and a hopeless one spends at most ``WINDOW`` verify steps per pause.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ from dataclasses import dataclass, field
 
 WINDOW = 8
 MIN_ACCEPTANCE = 0.1
+FIRST_PAUSE = 32  # decode steps without drafts after the first failed window
 
 
 @dataclass(slots=True)
 class _History:
     # (drafts verified, drafts accepted) of the request's last WINDOW verify steps.
     steps: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=WINDOW))
-    switched_off: bool = False
+    pause: int = 0  # decode steps left to sit out
+    next_pause: int = FIRST_PAUSE
 
 
 class SpeculationPolicy:
@@ -36,8 +40,12 @@ class SpeculationPolicy:
         return self.disable_batch_size is None or num_running <= self.disable_batch_size
 
     def allows(self, request_id: str) -> bool:
+        """Whether the request may draft for its next step (asked once per decode step)."""
         history = self._histories.get(request_id)
-        return history is None or not history.switched_off
+        if history is None or not history.pause:
+            return True
+        history.pause -= 1
+        return False
 
     def record(self, request_id: str, num_draft_tokens: int, num_accepted: int) -> None:
         """One verify step of the request."""
@@ -46,7 +54,9 @@ class SpeculationPolicy:
         if len(history.steps) == WINDOW:
             drafted = sum(d for d, _ in history.steps)
             accepted = sum(a for _, a in history.steps)
-            history.switched_off |= accepted < MIN_ACCEPTANCE * drafted
+            if accepted < MIN_ACCEPTANCE * drafted:
+                history.pause, history.next_pause = history.next_pause, 2 * history.next_pause
+                history.steps.clear()  # the next window starts after the pause
 
     def finish_requests(self, request_ids: Iterable[str]) -> None:
         for request_id in request_ids:
