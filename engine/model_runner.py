@@ -50,14 +50,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class PendingOutput:
-    """A step's sampled tokens, still on the device: ``result()`` waits for them."""
+    """A step's sampled tokens, not yet on the host: ``result()`` waits for them. On CUDA they
+    travel to a pinned host tensor right behind the step's sampling, and ``ready`` marks the end
+    of that copy: reading a device tensor instead would queue its copy behind whatever was
+    launched since (the next step), and the host would wait for that step too."""
 
     request_ids: list[str]
     token_ids: torch.Tensor | None
+    ready: torch.cuda.Event | None = None
 
     def result(self) -> RunnerOutput:
         if self.token_ids is None:
             return RunnerOutput(sampled_token_ids={})
+        if self.ready is not None:
+            self.ready.synchronize()
         tokens = self.token_ids.tolist()
         return RunnerOutput(sampled_token_ids={rid: [t] for rid, t in zip(self.request_ids, tokens, strict=True)})
 
@@ -192,7 +198,14 @@ class ModelRunner:
         rows = [SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids) for r in sampled]
         token_ids = self.sampler.sample_tokens(logits, rows)
         self._last_sampled = (token_ids, {r.request_id: i for i, r in enumerate(sampled)})
-        return PendingOutput([r.request_id for r in sampled], token_ids)
+        request_ids = [r.request_id for r in sampled]
+        if not token_ids.is_cuda:
+            return PendingOutput(request_ids, token_ids)
+        host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
+        host.copy_(token_ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingOutput(request_ids, host, ready)
 
     def _logits(self, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
         return step_logits(self.model, self.buffers, self.attention_backend, self.graphs, scheduled,
