@@ -23,14 +23,14 @@ A mode may carry options: ``-kN`` its k, ``-minN`` its ngram_prompt_lookup_min (
 One engine per mode, all built first; each request runs alone (batch 1) in every mode in turn,
 so that a change in machine load hits all modes alike. Figures: time to first token, then decode
 tokens/s from the first token to the last. The sweep runs ``B`` ``regenerate`` requests at once
-per batch size and reports decode tokens/s once every request has its first token: where
-speculation stops paying sets ``speculative_disable_batch_size``.
+per batch size and reports decode tokens/s once every request has its first token (on a GPU
+after one untimed run of the same batch, whose steps may compile kernels): where speculation
+stops paying sets ``speculative_disable_batch_size``.
 
     python -m bench.bench_spec_decode --modes baseline,draft,ngram,ngram-min3,oracle --batch-sizes 1,2,4,8,16,32 \\
         --out bench/results/spec_decode_cpu.json
-    python -m bench.bench_spec_decode --shape llama-3.1-8b --load-format dummy --oracle --batch-sizes 1 \\
-        --out bench/results/spec_decode_h200_oracle.json
-    python -m bench.bench_spec_decode --shape llama-3.1-8b --load-format dummy --batch-sizes 1,2,4,8,16,32,64 \\
+    python -m bench.bench_spec_decode --shape llama-3.1-8b --load-format dummy --modes baseline,oracle,ngram \\
+        --workloads heldout,regenerate --num-prompts 4 --batch-sizes 1,2,4,8,16,32,64 \\
         --out bench/results/spec_decode_h200.json
 """
 
@@ -270,6 +270,8 @@ def sweep(engines: dict[str, LLMEngine], items: list[Item], batch_sizes: list[in
     for batch_size in batch_sizes:
         batch = [items[i % len(items)] for i in range(batch_size)]
         for mode, engine in engines.items():
+            if torch.cuda.is_available():  # a batch size's first steps may compile kernels
+                run_batch(engine, batch)
             counter = Counter(engine)
             num_tokens, seconds = run_batch(engine, batch)
             figures[mode][str(batch_size)] = {"decode_tokens_per_s": num_tokens / seconds, **counter.figures()}
