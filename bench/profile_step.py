@@ -149,7 +149,8 @@ def single_stream(engine: LLMEngine) -> None:
         for _ in range(10):
             engine.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
     engine.abort_request(["single-prof"])
     engine.step()
 

@@ -39,6 +39,9 @@ class EngineArgs:
     # synchronously (the engine drains the step in flight first).
     async_scheduling: bool = False
     enforce_eager: bool = False  # never use CUDA graphs (they replay decode steps on CUDA)
+    # On a CPU in float32: linears through oneDNN with weights packed once (faster at 2-16 rows and
+    # for the LM head, batch-invariant; a second copy of dense weights). engine/layers/cpu_linear.py
+    cpu_onednn_linear: bool = True
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch; default max_num_seqs
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)
     # Speculative decoding (off unless a method or a draft model is given).

@@ -18,6 +18,8 @@ from safetensors import safe_open
 from torch import nn
 
 import engine.quantization  # noqa: F401 (registers the quantized linear methods)
+from engine.layers import cpu_linear
+from engine.layers.linear import LinearBase
 from engine.model_config import ModelConfig
 from engine.models import get_model_class
 
@@ -25,11 +27,13 @@ from engine.models import get_model_class
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_model(config: ModelConfig, load_format: str = "auto") -> nn.Module:
+def load_model(config: ModelConfig, load_format: str = "auto", cpu_onednn_linear: bool = False) -> nn.Module:
     """Build ``config``'s model on its device and dtype, load its weights, return it in eval mode.
 
     ``load_format="dummy"`` fills the weights with random values instead of reading the checkpoint
     (benchmarks of real shapes without real weights: speed does not depend on the values).
+    ``cpu_onednn_linear``: on a CPU in float32, linears run through oneDNN with packed weights
+    (engine/layers/cpu_linear.py).
     """
     with _default_dtype(config.dtype), config.device:
         model = get_model_class(config.architecture)(config)
@@ -43,6 +47,11 @@ def load_model(config: ModelConfig, load_format: str = "auto") -> nn.Module:
         quant_method = getattr(module, "quant_method", None)
         if quant_method is not None:
             quant_method.process_weights_after_loading(module)
+    if (cpu_onednn_linear and config.device.type == "cpu" and config.dtype == torch.float32
+            and cpu_linear.available()):
+        for module in model.modules():
+            if isinstance(module, LinearBase):
+                module.pack_for_cpu()
     return model.eval()
 
 

@@ -101,7 +101,7 @@ class ModelRunner:
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
 
     def load_model(self) -> None:
-        self.model = load_model(self.model_config, self.args.load_format)
+        self.model = load_model(self.model_config, self.args.load_format, self.args.cpu_onednn_linear)
 
     def initialize_kv_cache(self, draft_block_bytes: int = 0) -> int:
         """Size, allocate and bind the KV cache; return its number of blocks. A draft model's

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.cpu_linear import pack, packed_linear
+
 # quant_method name (as in a checkpoint's quantization_config) -> factory(config, prefix).
 QuantMethodFactory = Callable[[dict[str, Any], str], "LinearMethod"]
 _QUANT_METHODS: dict[str, QuantMethodFactory] = {}
@@ -48,6 +50,13 @@ class LinearMethod(ABC):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         return None
 
+    def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
+        """The dense ``[out_features, in_features]`` weight on the CPU, if the layer holds one."""
+        return None
+
+    def release_cpu_weight(self, layer: nn.Module) -> None:
+        """Drop what ``cpu_weight`` returned, if it is a copy nothing else needs."""
+
 
 class DenseLinearMethod(LinearMethod):
     """Unquantized weights ``[out_features, in_features]`` in the model dtype."""
@@ -60,6 +69,9 @@ class DenseLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
+
+    def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
+        return None if layer.weight.is_cuda else layer.weight
 
 
 def register_bias(layer: nn.Module, out_features: int, bias: bool) -> None:
@@ -115,6 +127,7 @@ class LinearBase(nn.Module):
         self.quant_method.create_weights(self, in_features, out_features, bias)
         for param in self.parameters(recurse=False):
             set_weight_attrs(param, weight_loader=self.weight_loader)
+        self.packed_weight: torch.Tensor | None = None  # oneDNN's copy of the weight (CPU, fp32)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         assert shard_id is None, f"{type(self).__name__} has no shards, got {shard_id!r}"
@@ -125,7 +138,16 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None and x.dtype == torch.float32 and not x.is_cuda:
+            return packed_linear(x, self.packed_weight, self.bias, self.out_features)
         return self.quant_method.apply(self, x)
+
+    def pack_for_cpu(self) -> None:
+        """Run this layer through oneDNN with a packed fp32 weight (engine/layers/cpu_linear.py)."""
+        weight = self.quant_method.cpu_weight(self)
+        if weight is not None and weight.dtype == torch.float32:
+            self.packed_weight = pack(weight)
+            self.quant_method.release_cpu_weight(self)
 
 
 class FusedLinear(LinearBase):

@@ -203,6 +203,12 @@ class AWQLinearMethod(LinearMethod):
         if _cpu_memory_allows(nbytes):
             layer.dense_weight = dequantize(layer.qweight, layer.qzeros, layer.scales).to(layer.awq_dtype)
 
+    def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
+        return None if layer.dense_weight is None else layer.dense_weight.t()
+
+    def release_cpu_weight(self, layer: nn.Module) -> None:
+        layer.dense_weight = None  # the packed copy replaces it
+
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             from engine.kernels.awq_gemm import awq_linear

@@ -94,7 +94,7 @@ class DraftModelProposer(Proposer):
         self._states: dict[str, _DraftState] = {}
 
     def load_model(self) -> None:
-        self.model = load_model(self.config, self.args.load_format)
+        self.model = load_model(self.config, self.args.load_format, self.args.cpu_onednn_linear)
 
     def kv_block_bytes(self) -> int:
         return kv_block_bytes(self.config, self.block_size)
