@@ -63,7 +63,7 @@ def measure_parse(args, files) -> dict:
 
 
 def measure_speed(args) -> dict:
-    llm = LLM(str(args.awq), num_kv_blocks=512, enable_prefix_caching=False)
+    llm = LLM(str(args.awq), num_kv_blocks=512, enable_prefix_caching=False, cpu_onednn_linear=args.cpu_onednn_linear)
     params = SamplingParams(temperature=0.0, max_tokens=args.speed_tokens, ignore_eos=True)
     prompts = [f"def f{i}(x):\n" for i in range(8)]
     llm.generate(prompts[:1], SamplingParams(temperature=0.0, max_tokens=8))  # warm-up
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SECTIONS))
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--speed-tokens", type=int, default=64)
+    parser.add_argument("--cpu-onednn-linear", action="store_true", help="speed: linears through oneDNN")
     args = parser.parse_args()
     listed = args.heldout.read_text().split()
     files = [f for f in listed if _exists(f)]

@@ -230,7 +230,8 @@ def engine_for(args: argparse.Namespace, model: str, mode: str) -> LLMEngine:
         spec.update(num_speculative_tokens=k, speculative_disable_batch_size=None)
     engine = LLMEngine(EngineArgs(
         model=model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
-        max_num_seqs=max(args.batch_sizes), num_kv_blocks=args.num_kv_blocks, **spec,
+        max_num_seqs=max(args.batch_sizes), num_kv_blocks=args.num_kv_blocks,
+        cpu_onednn_linear=args.cpu_onednn_linear, **spec,
     ))
     if args.load_format == "dummy":
         peak_dummy_weights(engine.runner.model)
@@ -307,6 +308,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--num-kv-blocks", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--cpu-onednn-linear", action="store_true", help="on CPU, linears through oneDNN")
     parser.add_argument("--note", default="", help="free text stored with the results (the machine's state)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "spec_decode_cpu.json")
     args = parser.parse_args()

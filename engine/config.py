@@ -40,8 +40,9 @@ class EngineArgs:
     async_scheduling: bool = False
     enforce_eager: bool = False  # never use CUDA graphs (they replay decode steps on CUDA)
     # On a CPU in float32: linears through oneDNN with weights packed once (faster at 2-16 rows and
-    # for the LM head, batch-invariant; a second copy of dense weights). engine/layers/cpu_linear.py
-    cpu_onednn_linear: bool = True
+    # for the LM head, batch-invariant; a second copy of dense weights). engine/layers/cpu_linear.py.
+    # Off by default: through `sluice serve` one stream decoded slower with it (docs/benchmarks.md).
+    cpu_onednn_linear: bool = False
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch; default max_num_seqs
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)
     # Speculative decoding (off unless a method or a draft model is given).
@@ -50,9 +51,9 @@ class EngineArgs:
     num_speculative_tokens: int = 4  # k: drafts verified per step
     ngram_prompt_lookup_min: int = 1
     ngram_prompt_lookup_max: int = 4
-    # No drafts while more requests than this run. bench/results/spec_decode_cpu.json: on CPU
-    # verifying still paid at 32 (n-gram 1.45x, oracle drafts 5.2x); past it a GPU's verify step
-    # turns compute-bound (5 tokens x 32 requests), where rejected drafts cost real time.
+    # No drafts while more requests than this run. bench/results/spec_decode_h200.json: on an H200
+    # (8B shape) a verify step costs 1.27x a decode step at batch 1 and 1.98x at 32, so drafts
+    # giving a mean accepted length of 2 stop paying near 32 (docs/benchmarks.md).
     speculative_disable_batch_size: int | None = 32
 
     def __post_init__(self) -> None:
