@@ -97,18 +97,24 @@ def main() -> None:
 
     # Device: a few steps of a fresh run (prefill and decode) under torch.profiler.
     if torch.cuda.is_available():
-        from torch.profiler import ProfilerActivity, profile
-
         _add(engine, args, args.num_requests, "prof")
-        for _ in range(3):
-            engine.step()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(12):
-                engine.step()
-            torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top))
+        _profile_steps(engine, warm=3, steps=12, top=args.top)
         engine.abort_request([f"prof-{i}" for i in range(args.num_requests)])
         engine.step()
+
+
+def _profile_steps(engine: LLMEngine, warm: int, steps: int, top: int) -> None:
+    """``warm`` steps, then ``steps`` under torch.profiler: the top ops by host and by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warm):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top))
 
 
 def single_stream(engine: LLMEngine) -> None:
@@ -140,17 +146,8 @@ def single_stream(engine: LLMEngine) -> None:
     wall = min(step_ms[1:])
     print(f"single stream: {wall:.3f} ms per step ({1000 / wall:.1f} tokens/s); decode graph alone "
           f"{replay_ms:.3f} ms ({1000 / replay_ms:.1f} tokens/s); the rest {wall - replay_ms:.3f} ms")
-    from torch.profiler import ProfilerActivity, profile
-
     engine.add_request("single-prof", list(range(2, 130)), params)
-    for _ in range(8):
-        engine.step()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(10):
-            engine.step()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30))
+    _profile_steps(engine, warm=8, steps=10, top=30)
     engine.abort_request(["single-prof"])
     engine.step()
 

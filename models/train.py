@@ -593,8 +593,9 @@ def main(argv: list[str] | None = None) -> dict:
         val_starts = None
         if cfg.distill_prompts == "file-starts":
             val_starts = file_starts(on_device["validation"], tokenizer.eos_token_id, cfg.seq_len + 1)
-        val_rows = generate_from_teacher(teacher, on_device["validation"], 4 * cfg.batch_size, min(64, cfg.seq_len // 2),
-                                         cfg.seq_len, 1024, torch.Generator().manual_seed(cfg.seed + 3), val_starts)
+        val_rows = generate_from_teacher(teacher, on_device["validation"], 4 * cfg.batch_size,
+                                         min(64, cfg.seq_len // 2), cfg.seq_len, 1024,
+                                         torch.Generator().manual_seed(cfg.seed + 3), val_starts)
         timings["generate_s"] = time.perf_counter() - t0
         print(f"generated {generated.numel():,} tokens with the target in {timings['generate_s']:.0f}s", flush=True)
 
@@ -663,7 +664,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "train_report.json").write_text(json.dumps(report, indent=1))
     summary = {n: round(m["heldout_ppl"], 2) for n, m in models_report.items()}
     print(f"held-out perplexity {summary} (unigram {math.exp(unigram):.1f}), agreement "
-          f"{report['draft_target_greedy_agreement']} (on the target's own text {on_target_text}), {run['steps']} steps, {run['epochs']:.1f} epochs, "
+          f"{report['draft_target_greedy_agreement']} (on the target's own text {on_target_text}), "
+          f"{run['steps']} steps, {run['epochs']:.1f} epochs, "
           f"{run['train_tokens_per_s']:,.0f} tokens/s, "
           f"wall {report['wall_time_s']:.0f}s", flush=True)
     return report

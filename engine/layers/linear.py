@@ -56,6 +56,7 @@ class LinearMethod(ABC):
 
     def release_cpu_weight(self, layer: nn.Module) -> None:
         """Drop what ``cpu_weight`` returned, if it is a copy nothing else needs."""
+        return None
 
 
 class DenseLinearMethod(LinearMethod):
