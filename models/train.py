@@ -351,6 +351,8 @@ def evaluate(models: list[torch.nn.Module], stream: torch.Tensor, seq_len: int, 
                     logits = model(input_ids=x, use_cache=False).logits.float()
                 nll[k] += F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").double()
                 greedy.append(logits.argmax(-1))
+                if len(models) == 1:
+                    continue  # no KL to compute: spare the log-softmax over the vocabulary
                 logp = F.log_softmax(logits.flatten(0, 1), -1)
                 if first is None:
                     first = logp
