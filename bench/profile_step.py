@@ -113,8 +113,19 @@ def _profile_steps(engine: LLMEngine, warm: int, steps: int, top: int) -> None:
         for _ in range(steps):
             engine.step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=top))
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top))
+    # Every kernel, by device time, with its launches per step: the row limit must not hide the
+    # many small kernels whose sum matters at batch 1.
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in kernels)
+    print(f"device time {total / steps / 1000:.3f} ms per step over {steps} steps; "
+          f"{sum(e.count for e in kernels) / steps:.0f} device ops per step")
+    print(f"{'us/step':>9} {'share':>6} {'n/step':>7} {'us each':>8}  kernel")
+    for e in kernels[:max(top, 60)]:
+        print(f"{e.self_device_time_total / steps:9.1f} {e.self_device_time_total / total:6.1%} "
+              f"{e.count / steps:7.1f} {e.self_device_time_total / e.count:8.2f}  {e.key[:100]}")
 
 
 def single_stream(engine: LLMEngine) -> None:
