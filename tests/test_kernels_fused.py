@@ -255,3 +255,52 @@ def test_model_through_the_kernels_matches_its_cpu_path(
     monkeypatch.undo()
     for out, ref in zip(got, expected, strict=True):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize(("num_tokens", "heads", "kv_heads", "head_dim"), [(1, 4, 2, 64), (19, 6, 3, 128)])
+def test_rope_and_cache_equals_the_kernels_it_fuses(num_tokens, heads, kv_heads, head_dim, qk_norm, dtype) -> None:
+    """The fused q/k norm + rotary + cache write against rms_norm, rotary_embedding and
+    reshape_and_cache run in turn (each tested above against float64 and the layers): bit for bit
+    without the norm, within the dtype's rounding with it."""
+    from engine.kernels.reshape_and_cache import reshape_and_cache
+    from engine.kernels.rotary import rope_and_cache
+
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    qkv, q, k = _fused_qkv(gen, num_tokens, heads, kv_heads, head_dim, dtype)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(num_tokens, kv_heads, head_dim)
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=gen).to(DEVICE)
+    block_size, num_blocks = 16, 8
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[0] = -1  # a padded token: rotated, never cached
+    slots = slots.to(DEVICE)
+    rotary = RotaryEmbedding(head_dim, MAX_POSITION, 10000.0, None)
+    cos, sin = rotary.cos_cache.to(DEVICE), rotary.sin_cache.to(DEVICE)
+    weights = [(torch.rand(head_dim, generator=gen) + 0.5).to(DEVICE) for _ in range(2)] if qk_norm else [None] * 2
+
+    ref_qkv = qkv.clone()
+    ref_q = ref_qkv[:, : heads * head_dim].view(num_tokens, heads, head_dim)
+    ref_k = ref_qkv[:, heads * head_dim: (heads + kv_heads) * head_dim].view(num_tokens, kv_heads, head_dim)
+    if qk_norm:
+        ref_q, ref_k = rms_norm(ref_q, weights[0], EPS), rms_norm(ref_k, weights[1], EPS)
+    rotary_embedding(positions, ref_q, ref_k, cos, sin)
+    caches = [torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(4)]
+    reshape_and_cache(ref_k, v, caches[0], caches[1], slots)
+
+    rope_and_cache(positions, q, k, v, cos, sin, caches[2], caches[3], slots, *weights, EPS)
+    msg = f"seed {seed}"
+    assert torch.equal(caches[3], caches[1]), msg  # v: copied
+    if not qk_norm:
+        assert torch.equal(q, ref_q) and torch.equal(k, ref_k) and torch.equal(caches[2], caches[0]), msg
+    else:
+        # The norm sums the squares of the two halves separately: rstd agrees to fp32 rounding, the
+        # normed halves within a unit of the dtype, and a rotated element, a sum of two of them
+        # that may cancel, within a unit of the larger term: bounded per head by its largest value.
+        for got, ref in ((q, ref_q), (k, ref_k), (caches[2], caches[0])):
+            ref = ref.cpu().double()
+            scale = ref.abs().amax(dim=-1, keepdim=True)
+            tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+            assert ((got.cpu().double() - ref).abs() <= tol * scale).all(), msg
+    assert (caches[2].abs().sum() > 0) == (num_tokens > 1), "cached a padded token, or nothing"

@@ -36,6 +36,9 @@ class AttentionBackend(ABC):
     Hkv, D]``; the result ``[T, H, D]`` in q's dtype. Block-table entries of blocks wholly
     outside the window may be 0 (freed) and must not be read.
 
+    A backend with ``accepts_cached_kv`` reads the new tokens' keys and values from the cache
+    only; the model may then write them itself (fused with rotary) and pass ``k = v = None``.
+
     Constructors take no arguments and must not touch the device: the registry instantiates a
     backend before asking ``is_available``.
     """
@@ -44,6 +47,7 @@ class AttentionBackend(ABC):
     # Whether a decode step can be captured in a CUDA graph: no host syncs, and one captured
     # launch stays right when lengths and block tables change between replays.
     graph_safe: ClassVar[bool] = False
+    accepts_cached_kv: ClassVar[bool] = False
 
     @classmethod
     def is_available(cls, device: torch.device) -> bool:
@@ -55,8 +59,8 @@ class AttentionBackend(ABC):
         self,
         layer: nn.Module,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         scale: float,

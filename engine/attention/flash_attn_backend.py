@@ -48,6 +48,7 @@ def _load(major: int) -> tuple[str, Callable] | None:
 class FlashAttentionBackend(AttentionBackend):
     name = "flash_attn"
     graph_safe = True
+    accepts_cached_kv = True
 
     def __init__(self) -> None:
         self._api: str | None = None
@@ -74,15 +75,16 @@ class FlashAttentionBackend(AttentionBackend):
         self,
         layer: nn.Module,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        if k is not None:
+            reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
         varlen = self._function(q.device)
         decode = metadata.max_query_len == 1 and metadata.num_tokens == metadata.num_reqs
         if decode and self._num_splits == 1 and metadata.num_reqs * k_cache.shape[2] < num_sms(q.device):

@@ -27,6 +27,7 @@ from engine.kernels.reshape_and_cache import reshape_and_cache
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     graph_safe = True
+    accepts_cached_kv = True
 
     @classmethod
     def is_available(cls, device: torch.device) -> bool:
@@ -37,15 +38,16 @@ class TritonAttentionBackend(AttentionBackend):
         self,
         layer: nn.Module,
         q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        k: torch.Tensor | None,
+        v: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
         k_cache, v_cache = kv_cache
-        reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        if k is not None:
+            reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
         out = torch.empty_like(q)
         paged = (k_cache, v_cache, metadata.block_tables, metadata.seq_lens)
         max_seq_len = metadata.max_seq_len

@@ -82,3 +82,117 @@ def rotary_embedding(
         BLOCK_HALF=triton.next_power_of_2(half_dim),
         num_warps=num_warps,
     )
+
+
+@triton.jit
+def _norm_rotate_heads(base_ptr, num_heads, stride_head, half_dim, cos, sin, dims, norm_ptr, eps,
+                       NORM: tl.constexpr, BLOCK_H: tl.constexpr):
+    # As _rotate_heads, after a per-head RMSNorm with the roundings of engine/kernels/rms_norm.py
+    # (normalize in fp32, round, times the weight, round); returns the rotated halves.
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    mask = (heads < num_heads) & (dims < half_dim)
+    first_ptrs = base_ptr + heads * stride_head + dims
+    x1 = tl.load(first_ptrs, mask=mask, other=0.0)
+    x2 = tl.load(first_ptrs + half_dim, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half_dim) + eps)[:, None]
+        w1 = tl.load(norm_ptr + dims, mask=dims < half_dim, other=0.0).to(dtype).to(tl.float32)
+        w2 = tl.load(norm_ptr + half_dim + dims, mask=dims < half_dim, other=0.0).to(dtype).to(tl.float32)
+        x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+        x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    r1 = (x1 * cos - x2 * sin).to(dtype)
+    r2 = (x2 * cos + x1 * sin).to(dtype)
+    tl.store(first_ptrs, r1, mask=mask)
+    tl.store(first_ptrs + half_dim, r2, mask=mask)
+    return r1, r2
+
+
+@triton.jit
+def _rope_and_cache_kernel(
+    positions_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr,
+    key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
+    num_q_heads, num_kv_heads, half_dim, eps,
+    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+    stride_cache_pos, stride_kc_block, stride_kc_slot, stride_kc_head,
+    stride_vc_block, stride_vc_slot, stride_vc_head,
+    NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):
+    """Grid ``(num_tokens,)``: one program per token does what the per-head q/k RMSNorm (with
+    NORM), rotary and cache-write kernels do for it, in one launch: q and k normalized and rotated
+    in place as ``[BLOCK_HQ | BLOCK_HK, BLOCK_HALF]`` tiles of half heads, then k's rotated halves
+    and v written at the token's slot (slot < 0: padding, nothing written to the cache). Same
+    roundings as those kernels: without NORM bit-identical to running them in turn; with it the
+    sum of squares adds the two halves' sums, so rstd may differ in its last fp32 bit."""
+    tok = tl.program_id(0).to(tl.int64)
+    pos = tl.load(positions_ptr + tok).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    cos = tl.load(cos_ptr + pos * stride_cache_pos + dims, mask=dims < half_dim, other=0.0)
+    sin = tl.load(sin_ptr + pos * stride_cache_pos + dims, mask=dims < half_dim, other=0.0)
+    _norm_rotate_heads(q_ptr + tok * stride_q_tok, num_q_heads, stride_q_head, half_dim, cos, sin, dims,
+                       q_norm_ptr, eps, NORM, BLOCK_HQ)
+    k1, k2 = _norm_rotate_heads(k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, half_dim, cos, sin,
+                                dims, k_norm_ptr, eps, NORM, BLOCK_HK)
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+    if slot >= 0:
+        heads = tl.arange(0, BLOCK_HK)[:, None]
+        mask = (heads < num_kv_heads) & (dims < half_dim)
+        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        kc = key_cache_ptr + block * stride_kc_block + offset * stride_kc_slot + heads * stride_kc_head + dims
+        tl.store(kc, k1.to(key_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(kc + half_dim, k2.to(key_cache_ptr.dtype.element_ty), mask=mask)
+        v = v_ptr + tok * stride_v_tok + heads * stride_v_head + dims
+        vc = value_cache_ptr + block * stride_vc_block + offset * stride_vc_slot + heads * stride_vc_head + dims
+        tl.store(vc, tl.load(v, mask=mask).to(value_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc + half_dim, tl.load(v + half_dim, mask=mask).to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def rope_and_cache(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_cache: torch.Tensor,
+    sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    num_warps: int = 4,
+) -> None:
+    """One launch for a layer's q/k preparation: (per-head RMSNorm of q and k with the given
+    weights, Qwen3's q/k norm,) rotary on q and k in place, and k and v stored in the paged caches
+    ``[num_blocks, block_size, num_kv_heads, head_dim]`` at ``slot_mapping`` (< 0: skipped).
+    The same as ``rms_norm`` on q and k, ``rotary_embedding``, then ``reshape_and_cache`` (bit
+    for bit without the norm; with it, to the last bit of the fp32 norm statistic). q, k, v ``[T, H | Hkv, D]`` with a contiguous last dim (views of a
+    fused qkv output are fine). No host syncs."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert k.shape == v.shape == (num_tokens, num_kv_heads, head_dim) and k.dtype == q.dtype == v.dtype
+    assert positions.shape == slot_mapping.shape == (num_tokens,)
+    assert key_cache.shape[2:] == (num_kv_heads, head_dim) and value_cache.shape == key_cache.shape
+    assert (q_norm_weight is None) == (k_norm_weight is None)
+    for t in (q, k, v, key_cache, value_cache):
+        assert t.stride(-1) == 1, "the last dim must be contiguous"
+    half_dim = head_dim // 2
+    assert cos_cache.shape[1] == half_dim and sin_cache.stride() == cos_cache.stride()
+    if num_tokens == 0:
+        return
+    norm = q_norm_weight is not None
+    _rope_and_cache_kernel[(num_tokens,)](
+        positions, q, k, v, cos_cache, sin_cache,
+        q_norm_weight if norm else cos_cache, k_norm_weight if norm else cos_cache,
+        key_cache, value_cache, slot_mapping,
+        num_q_heads, num_kv_heads, half_dim, eps,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        cos_cache.stride(0), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
+        NORM=norm, BLOCK_SIZE=key_cache.shape[1],
+        BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
+        BLOCK_HALF=triton.next_power_of_2(half_dim), num_warps=num_warps,
+    )

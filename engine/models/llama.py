@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from engine.attention.metadata import get_forward_context
+from engine.kernels.rotary import rope_and_cache
 from engine.layers.activation import SiluAndMul
 from engine.layers.linear import FusedLinear, LinearBase
 from engine.layers.norm import RMSNorm
@@ -59,11 +60,18 @@ class LlamaAttention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
         assert self.kv_cache is not None, "KV cache not bound: call bind_kv_cache() first"
         context = get_forward_context()
+        if q.is_cuda and context.backend.accepts_cached_kv:
+            # One kernel: q/k norm, rotary, and the cache write the backend would do.
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
+            rope_and_cache(positions, q, k, v, self.rotary.cos_cache, self.rotary.sin_cache, *self.kv_cache,
+                           context.metadata.slot_mapping, *norms)
+            k = v = None
+        else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary(positions, q, k)
         out = context.backend.forward(
             self, q, k, v, self.kv_cache, context.metadata, self.scale, self.sliding_window
         )

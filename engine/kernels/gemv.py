@@ -1,0 +1,141 @@
+"""A dense GEMV for few tokens: ``y = x @ W^T`` with ``x`` [M, K] (M <= 4) and an ``nn.Linear``
+weight ``W`` [N, K], 16-bit or fp32, accumulated in fp32.
+
+Decode at batch 1 reads every weight once per token, so the linears should stream the weights
+at the memory's rate. For the small projections of a 0.6B model (4-12 MB) the vendor GEMV
+kernels reach only 1-1.6 TB/s on an H200; this kernel gives every program a [BLOCK_N, K] slab of
+rows (split over SPLIT_K programs along K when N alone makes too few programs), streams it in
+[BLOCK_N, BLOCK_K] tiles with the K dimension contiguous, and keeps one fp32 accumulator tile
+per token that is reduced over K once, at the end: the loop body is loads and FMAs only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_TOKENS = 4
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, w_ptr, out_ptr,
+    M, N, K, stride_wn, x_row1, x_row2, x_row3,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; program (p, s) computes rows ``[p * BLOCK_N, (p + 1) *
+    BLOCK_N)`` of ``W`` against the ``M <= BLOCK_M <= 4`` tokens over the s-th contiguous K range
+    (a whole number of BLOCK_K tiles). With SPLIT_K == 1 it writes ``out`` [M, N] in its dtype;
+    otherwise fp32 partial sums to ``out`` [SPLIT_K, M, N], summed by ``_split_k_sum_kernel``.
+    ``EVEN_K``: every K tile is full (K % (BLOCK_K * SPLIT_K) == 0), so loads are unmasked.
+    ``x_row{1,2,3}``: offsets of x's rows 1-3, clamped to its last row (a padded token row reads
+    real memory and is never stored)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = pid_k * k_len
+    k_hi = tl.minimum(k_lo + k_len, K)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+    # One accumulator tile per token (unused ones are never touched and compile away).
+    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + offs_k
+        if EVEN_K:
+            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+            x0 = tl.load(x_ptr + k).to(tl.float32)
+        else:
+            k_ok = k < k_hi
+            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            x0 = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        acc0 += w * x0[None, :]
+        if BLOCK_M > 1:
+            x1 = tl.load(x_ptr + x_row1 + k, mask=k < k_hi, other=0.0).to(tl.float32)
+            acc1 += w * x1[None, :]
+        if BLOCK_M > 2:
+            x2 = tl.load(x_ptr + x_row2 + k, mask=k < k_hi, other=0.0).to(tl.float32)
+            acc2 += w * x2[None, :]
+        if BLOCK_M > 3:
+            x3 = tl.load(x_ptr + x_row3 + k, mask=k < k_hi, other=0.0).to(tl.float32)
+            acc3 += w * x3[None, :]
+
+    if SPLIT_K == 1:
+        out_rows = out_ptr
+        dtype = out_ptr.dtype.element_ty
+    else:
+        out_rows = out_ptr + pid_k * M * N
+        dtype = tl.float32
+    tl.store(out_rows + offs_n, tl.sum(acc0, 1).to(dtype), mask=n_ok)
+    if BLOCK_M > 1:
+        if M > 1:
+            tl.store(out_rows + N + offs_n, tl.sum(acc1, 1).to(dtype), mask=n_ok)
+    if BLOCK_M > 2:
+        if M > 2:
+            tl.store(out_rows + 2 * N + offs_n, tl.sum(acc2, 1).to(dtype), mask=n_ok)
+    if BLOCK_M > 3:
+        if M > 3:
+            tl.store(out_rows + 3 * N + offs_n, tl.sum(acc3, 1).to(dtype), mask=n_ok)
+
+
+@triton.jit
+def _split_k_sum_kernel(part_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(cdiv(M * N, BLOCK),)``: ``out = sum over s of part[s]``, in out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(part_ptr + s * MN + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+class GemvConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(n: int, k: int, num_sms: int = 132) -> GemvConfig:
+    """Rows per program so that about two programs run per SM without splitting K; split K when
+    N is too small for that."""
+    block_n = 16
+    while block_n > 4 and triton.cdiv(n, block_n) < 2 * num_sms:
+        block_n //= 2
+    split_k = 1
+    while triton.cdiv(n, block_n) * split_k < 2 * num_sms and k // (split_k * 2) >= 512:
+        split_k *= 2
+    return GemvConfig(block_n, 512 if k >= 512 else triton.next_power_of_2(k), split_k)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """``x @ weight.T`` for ``x`` [M, K] with M <= MAX_TOKENS, ``weight`` [N, K] (both with a
+    contiguous last dim), in x's dtype."""
+    m, k = x.shape
+    n, k_w = weight.shape
+    assert 1 <= m <= MAX_TOKENS and k_w == k, f"gemv takes [<= {MAX_TOKENS}, K] x [N, K], got {x.shape}, {weight.shape}"
+    assert x.stride(1) == 1 and weight.stride(1) == 1
+    cfg = config or default_config(n, k)
+    block_m = 1 if m == 1 else 2 if m == 2 else 4
+    split_k = cfg.split_k
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    target = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
+        x, weight, target, m, n, k, weight.stride(0), *(min(i, m - 1) * x.stride(0) for i in (1, 2, 3)),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
+        EVEN_K=k % (cfg.block_k * split_k) == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split_k > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](target, out, m * n, SPLIT_K=split_k, BLOCK=block)
+    return out
