@@ -102,7 +102,8 @@ def main() -> None:
               f"{ {k: v for k, v in best.items() if k != 'us'} }  [{time.perf_counter() - t0:.0f} s]", flush=True)
         del case
     if args.out:
-        write_result(args.out, {"benchmark": "decode_attention", "settings": vars(args), "rows": rows})
+        write_result(args.out, {"benchmark": "decode_attention", "settings": vars(args) | {"out": str(args.out)},
+                                "rows": rows})
     else:
         print(json.dumps(rows, indent=1))
 
