@@ -67,7 +67,8 @@ class RequestStream:
             if c.finish_reason is not None:
                 self._open.discard(c.index)
         self._pending.append(output)
-        self._ready.set()
+        if self._due():  # the reader wakes only for a message it will send
+            self._ready.set()
 
     def reject(self) -> None:
         """The engine refused the request: the stream ends with nothing to read."""
