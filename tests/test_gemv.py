@@ -47,3 +47,20 @@ def test_default_config_is_the_measured_tiling() -> None:
     assert default_config(6144, 1024) == GemvConfig(8, 512, 1, 4)  # 0.6B gate_up_proj
     assert default_config(28672, 4096) == GemvConfig(16, 256, 1, 4)  # 8B gate_up_proj
     assert default_config(24, 40).block_k == 64  # tiny K: one tile
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_with_silu_mul_equals_the_activation_kernel_then_gemv(m, dtype) -> None:
+    """The activation fused into the loads: bit for bit the SiLU-and-mul kernel's output (same
+    fp32 math, same rounding) through the same GEMV."""
+    from engine.kernels.activation import silu_and_mul
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    k, n = 96, 40
+    gate_up = (torch.randn(m, 2 * k, generator=gen) * 3).to(DEVICE, dtype)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+    config = GemvConfig(8, 32)
+    fused = gemv(gate_up, w, config, silu_mul=True)
+    assert torch.equal(fused, gemv(silu_and_mul(gate_up), w, config)), f"seed {seed}"

@@ -21,11 +21,21 @@ MAX_TOKENS = 4
 
 
 @triton.jit
+def _x_tile(row_ptr, k, k_ok, K, SILU_MUL: tl.constexpr):
+    x = tl.load(row_ptr + k, mask=k_ok, other=0.0)
+    if SILU_MUL:
+        gate = x.to(tl.float32)
+        up = tl.load(row_ptr + K + k, mask=k_ok, other=0.0).to(tl.float32)
+        x = (gate / (1.0 + tl.exp(-gate)) * up).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, out_ptr,
     M, N, K, stride_wn, x_row1, x_row2, x_row3,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; program (p, s) computes rows ``[p * BLOCK_N, (p + 1) *
     BLOCK_N)`` of ``W`` against the ``M <= BLOCK_M <= 4`` tokens over the s-th contiguous K range
@@ -33,7 +43,9 @@ def _gemv_kernel(
     otherwise fp32 partial sums to ``out`` [SPLIT_K, M, N], summed by ``_split_k_sum_kernel``.
     ``EVEN_K``: every K tile is full (K % (BLOCK_K * SPLIT_K) == 0), so loads are unmasked.
     ``x_row{1,2,3}``: offsets of x's rows 1-3, clamped to its last row (a padded token row reads
-    real memory and is never stored)."""
+    real memory and is never stored).
+    ``SILU_MUL``: x's rows are [gate | up], 2K wide, and the kernel multiplies ``silu(gate) * up``
+    (rounded to x's dtype, as engine/kernels/activation.py does) by W."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -50,23 +62,18 @@ def _gemv_kernel(
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + offs_k
+        k_ok = k < k_hi
         if EVEN_K:
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
-            x0 = tl.load(x_ptr + k).to(tl.float32)
         else:
-            k_ok = k < k_hi
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            x0 = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        acc0 += w * x0[None, :]
+        acc0 += w * _x_tile(x_ptr, k, k_ok, K, SILU_MUL)[None, :]
         if BLOCK_M > 1:
-            x1 = tl.load(x_ptr + x_row1 + k, mask=k < k_hi, other=0.0).to(tl.float32)
-            acc1 += w * x1[None, :]
+            acc1 += w * _x_tile(x_ptr + x_row1, k, k_ok, K, SILU_MUL)[None, :]
         if BLOCK_M > 2:
-            x2 = tl.load(x_ptr + x_row2 + k, mask=k < k_hi, other=0.0).to(tl.float32)
-            acc2 += w * x2[None, :]
+            acc2 += w * _x_tile(x_ptr + x_row2, k, k_ok, K, SILU_MUL)[None, :]
         if BLOCK_M > 3:
-            x3 = tl.load(x_ptr + x_row3 + k, mask=k < k_hi, other=0.0).to(tl.float32)
-            acc3 += w * x3[None, :]
+            acc3 += w * _x_tile(x_ptr + x_row3, k, k_ok, K, SILU_MUL)[None, :]
 
     if SPLIT_K == 1:
         out_rows = out_ptr
@@ -117,10 +124,14 @@ def default_config(n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n, block_k, 1, 8 if block_k == 1024 else 4)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None, *,
+         silu_mul: bool = False) -> torch.Tensor:
     """``x @ weight.T`` for ``x`` [M, K] with M <= MAX_TOKENS, ``weight`` [N, K] (both with a
-    contiguous last dim), in x's dtype."""
+    contiguous last dim), in x's dtype. ``silu_mul``: x is [M, 2K] = [gate | up] and the product
+    is ``silu_and_mul(x) @ weight.T``, the activation fused into the loads."""
     m, k = x.shape
+    if silu_mul:
+        k //= 2
     n, k_w = weight.shape
     assert 1 <= m <= MAX_TOKENS and k_w == k, f"gemv takes [<= {MAX_TOKENS}, K] x [N, K], got {x.shape}, {weight.shape}"
     assert x.stride(1) == 1 and weight.stride(1) == 1
@@ -132,7 +143,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
         x, weight, target, m, n, k, weight.stride(0), *(min(i, m - 1) * x.stride(0) for i in (1, 2, 3)),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
-        EVEN_K=k % (cfg.block_k * split_k) == 0,
+        EVEN_K=k % (cfg.block_k * split_k) == 0, SILU_MUL=silu_mul,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if split_k > 1:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.activation import SiluAndMul
 from engine.layers.cpu_linear import pack, packed_linear
 
 # One token through a 16-bit weight up to this size goes through our GEMV kernel
@@ -56,6 +57,11 @@ class LinearMethod(ABC):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         return None
 
+    def apply_gated(self, layer: nn.Module, gate_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
+                    ) -> torch.Tensor:
+        """``apply(layer, act(gate_up))``; a method may fuse the activation into its matmul."""
+        return self.apply(layer, act(gate_up))
+
     def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
         """The dense ``[out_features, in_features]`` weight on the CPU, if the layer holds one."""
         return None
@@ -75,17 +81,31 @@ class DenseLinearMethod(LinearMethod):
         register_bias(layer, out_features, bias)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        weight = layer.weight
-        if (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
-                and weight.numel() * weight.element_size() <= GEMV_MAX_WEIGHT_BYTES):
-            from engine.kernels.gemv import gemv
+        if _gemv_applies(x, layer.weight):
+            return _gemv(layer, x)
+        return F.linear(x, layer.weight, layer.bias)
 
-            out = gemv(x if x.stride(1) == 1 else x.contiguous(), weight)
-            return out if layer.bias is None else out + layer.bias
-        return F.linear(x, weight, layer.bias)
+    def apply_gated(self, layer: nn.Module, gate_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
+                    ) -> torch.Tensor:
+        # One token: SiLU-and-mul inside the GEMV's loads (the Llama family's only gated activation).
+        if _gemv_applies(gate_up, layer.weight) and isinstance(act, SiluAndMul):
+            return _gemv(layer, gate_up, silu_mul=True)
+        return self.apply(layer, act(gate_up))
 
     def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
         return None if layer.weight.is_cuda else layer.weight
+
+
+def _gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.numel() * weight.element_size() <= GEMV_MAX_WEIGHT_BYTES)
+
+
+def _gemv(layer: nn.Module, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+    from engine.kernels.gemv import gemv
+
+    out = gemv(x if x.stride(1) == 1 else x.contiguous(), layer.weight, silu_mul=silu_mul)
+    return out if layer.bias is None else out + layer.bias
 
 
 def register_bias(layer: nn.Module, out_features: int, bias: bool) -> None:
@@ -155,6 +175,12 @@ class LinearBase(nn.Module):
         if self.packed_weight is not None and x.dtype == torch.float32 and not x.is_cuda:
             return packed_linear(x, self.packed_weight, self.bias, self.out_features)
         return self.quant_method.apply(self, x)
+
+    def forward_gated(self, gate_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``forward(act(gate_up))``, with the activation fused into the matmul where the method can."""
+        if not gate_up.is_cuda:
+            return self.forward(act(gate_up))
+        return self.quant_method.apply_gated(self, gate_up, act)
 
     def pack_for_cpu(self) -> None:
         """Run this layer through oneDNN with a packed fp32 weight (engine/layers/cpu_linear.py)."""
