@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -67,6 +68,10 @@ class ServerArgs:
     # Output tokens a stream gathers before it sends a message (the first and the last go at
     # once): fewer, larger messages leave more of the process to the engine under heavy load.
     stream_interval: int = 1
+    # How long (ms) a Python thread may hold the GIL while another waits for it (Python's default:
+    # 5). The engine thread wakes from each device step needing the GIL, which the asyncio thread
+    # (sending messages) holds: a shorter interval lets the next step start sooner.
+    gil_switch_interval_ms: float = 0.5
     # Limits that keep one client from taking the server down.
     max_message_bytes: int = 4 * 1024 * 1024  # largest request (and response) message
     max_prompt_tokens: int = 0  # longest prompt; 0 = as long as the model's context allows
@@ -83,6 +88,8 @@ class ServerArgs:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {self.stream_interval}")
+        if self.gil_switch_interval_ms <= 0:
+            raise ValueError(f"gil_switch_interval_ms must be > 0, got {self.gil_switch_interval_ms}")
         if self.max_n < 1:
             raise ValueError(f"max_n must be >= 1, got {self.max_n}")
         if self.max_message_bytes < 1024:
@@ -317,4 +324,5 @@ def serve(engine_args: EngineArgs, server_args: ServerArgs) -> int:
     """Run the server in a fresh event loop; returns the exit code."""
     logger.info("engine args: %s", json.dumps(dataclasses.asdict(engine_args)))
     logger.info("server args: %s", json.dumps(dataclasses.asdict(server_args)))
+    sys.setswitchinterval(server_args.gil_switch_interval_ms / 1000)
     return asyncio.run(Server(engine_args, server_args).run())
