@@ -1,13 +1,18 @@
 """AWQ 4-bit linear vs bf16 ``F.linear`` on Llama-3.1-8B's projection shapes (needs a CUDA GPU).
 
-    python bench/bench_awq_linear.py [--tokens 1 4 16 64 256 2048] [--sweep 1 16 64] [--out FILE]
+    python bench/bench_awq_linear.py [--tokens 1 4 16 64 256 2048] [--sweep 1 16 64]
+                                     [--gemv-sweep [1 4 8]] [--out FILE]
 
 For each shape and token count it times, replayed from CUDA graphs over enough weight copies
 that weights stream from memory: bf16 ``F.linear``; ``awq_linear`` as the engine calls it; the
 fused kernel and dequantize + matmul separately (their crossing is where ``FUSED_MAX_TOKENS``
-comes from). It reports the int4 weight bytes streamed per second against a measured device
-copy bandwidth. ``--sweep``
+comes from); and, up to ``GEMV_MAX_TOKENS`` tokens, the split-K gemv. It reports the int4 weight
+bytes streamed per second against a measured device copy bandwidth. ``--sweep``
 also times a grid of fused-kernel tilings at the token counts it names and records the best.
+``--gemv-sweep`` (alone: at 1, 4 and 8 tokens, among those of ``--tokens``) times a grid of gemv
+configurations (``gemv_sweep_configs``, compiled first in parallel processes), records the best per
+case, compares the gemv's split-K reductions and zero-point modes on its default configuration, and
+prints a summary table.
 Results go to JSON.
 """
 
@@ -15,24 +20,32 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench as triton_do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.kernels.awq_gemm import (  # noqa: E402
     FUSED_MAX_TOKENS,
+    GEMV_FACTORED_ZERO_MAX_TOKENS,
+    GEMV_MAX_TOKENS,
     GemmConfig,
+    GemvConfig,
     awq_dequantize,
     awq_gemm,
+    awq_gemv,
     awq_linear,
     gemm_config,
+    gemv_config,
 )
 from engine.quantization.awq import quantize  # noqa: E402
 
@@ -44,13 +57,22 @@ SHAPES = {
     "down": (14336, 4096),
 }
 GROUP_SIZE = 128
+GEMV_SWEEP_TOKENS = [1, 4, 8]
+GEMV_SWEEP_TILES = 8  # tilings per token count (each with each number of stages: a compiled kernel)
+GEMV_SWEEP_STAGES = (1, 2)
+GEMV_SWEEP_WARPS_PER_SM = (3, 6, 12)  # split-K targets (a runtime argument: no recompilation)
+
+
+def do_bench(fn, rep: int = 50) -> float:
+    """Milliseconds per call of ``fn`` (triton.testing.do_bench; warmup a fifth of ``rep``)."""
+    return triton_do_bench(fn, warmup=max(5, rep // 5), rep=rep)
 
 
 def copy_bandwidth() -> float:
     """Device-to-device copy rate in bytes/s, counting bytes read and written."""
     src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
+    ms = do_bench(lambda: dst.copy_(src))
     return 2 * src.numel() / (ms * 1e-3)
 
 
@@ -68,7 +90,98 @@ def sweep_configs(m: int) -> list[GemmConfig]:
     ]
 
 
-def graph_us(calls: list) -> float:
+def gemv_tiles(m: int, n: int, k: int) -> list[tuple[int, int, int]]:
+    """(block_w, block_k, num_warps) worth compiling for ``m`` tokens, at most GEMV_SWEEP_TILES.
+
+    From block_w in {16, 32, 64, 128}, block_k in {8, ..., 128}, num_warps in {1, 2, 4}: a
+    thread holds ``words`` = block_w / (32 * num_warps) words (at least 1) of each of its ``rows``
+    = block_k / lanes-along-K rows, the tile's activations (m * rows) and two accumulators
+    (16 * m * words) in registers; tilings whose estimate passes ~200 registers would spill, and
+    fewer than 8 rows per thread leave the per-tile work (scales, zeros, activations) unamortized.
+    The default tiling always comes first."""
+    bm = triton.next_power_of_2(m)
+    d = gemv_config(m, n, k, GROUP_SIZE, 132)
+    default = (d.block_w, d.block_k, d.num_warps)
+    tiles = []
+    for num_warps in (1, 2, 4):
+        for block_w in (16, 32, 64, 128):
+            lanes_k = max(1, 32 * num_warps // block_w)
+            words = max(1, block_w // (32 * num_warps))
+            for block_k in (8, 16, 32, 64, 128):
+                rows = block_k // lanes_k
+                if rows < 8 or words > 2 or k % block_k or GROUP_SIZE % block_k:
+                    continue
+                if bm * rows + rows * words + 16 * bm * words > 200 or (block_w, block_k, num_warps) == default:
+                    continue
+                tiles.append((block_w, block_k, num_warps))
+    # Keep an evenly spread subset (the list runs over warps, then widths, then K tiles).
+    keep = GEMV_SWEEP_TILES - 1
+    if len(tiles) > keep:
+        tiles = [tiles[round(i * (len(tiles) - 1) / (keep - 1))] for i in range(keep)]
+    return [default, *tiles]
+
+
+def gemv_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[GemvConfig]:
+    """Gemv configurations to time for ``m`` tokens on an [K, N] weight (at most 49): each tiling of
+    ``gemv_tiles`` with the split-K values (from 1..32, one to sixteen warps per SM) nearest
+    GEMV_SWEEP_WARPS_PER_SM, with 1 stage and, for one or two tokens, 2 (pipelined loads cost
+    registers that more tokens need); and the default configuration."""
+    default = gemv_config(m, n, k, GROUP_SIZE, num_sms)
+    configs = [default]
+    for block_w, block_k, num_warps in gemv_tiles(m, n, k):
+        warps = triton.cdiv(n // 8, block_w) * num_warps
+        splits = [s for s in (1, 2, 4, 8, 16, 32)
+                  if s <= k // block_k and num_sms <= warps * s <= 16 * num_sms] or [1]
+        picked = sorted({min(splits, key=lambda s: abs(math.log2(warps * s / num_sms / target)))
+                         for target in GEMV_SWEEP_WARPS_PER_SM})
+        configs += [GemvConfig(block_w, block_k, s, num_warps, stages)
+                    for stages in GEMV_SWEEP_STAGES if stages == 1 or m <= 2 for s in picked]
+    return list(dict.fromkeys(configs))
+
+
+def _compile_gemv_jobs(jobs: list[tuple[int, int, int, tuple, str | None, bool | None]]) -> int:
+    """Worker process: run each (k, n, m, config, reduce, exact_zero) once on zero weights, which
+    compiles the kernel into Triton's on-disk cache for the parent to load."""
+    weights = {}
+    for k, n, m, cfg, reduce, exact_zero in jobs:
+        if (k, n) not in weights:
+            weights[(k, n)] = (
+                torch.zeros(k, n // 8, dtype=torch.int32, device="cuda"),
+                torch.zeros(k // GROUP_SIZE, n // 8, dtype=torch.int32, device="cuda"),
+                torch.ones(k // GROUP_SIZE, n, dtype=torch.float16, device="cuda"),
+            )
+        x = torch.zeros(m, k, dtype=torch.bfloat16, device="cuda")
+        awq_gemv(x, *weights[(k, n)], GemvConfig(*cfg), reduce, exact_zero)
+    torch.cuda.synchronize()
+    return len(jobs)
+
+
+def precompile_gemv(cases: list[tuple[int, int, int, GemvConfig, str | None, bool | None]]) -> None:
+    """Compile the gemv kernels of ``cases`` in parallel processes (one job per distinct kernel:
+    tiling, token block, reduction and zero-point modes, the specializations of the integers)."""
+    distinct = {}
+    for k, n, m, cfg, reduce, exact_zero in cases:
+        block_k = cfg.block_k
+        k_per_split = triton.cdiv(k // block_k, cfg.split_k) * block_k
+        split = triton.cdiv(k, k_per_split)
+        key = (m if m == 1 else triton.next_power_of_2(m), cfg.block_w, block_k, cfg.num_warps, cfg.num_stages,
+               split == 1, reduce, m > GEMV_FACTORED_ZERO_MAX_TOKENS if exact_zero is None else exact_zero,
+               k % 16 == 0, n % 16 == 0)
+        distinct.setdefault(key, (k, n, m, tuple(cfg), reduce, exact_zero))
+    jobs = list(distinct.values())
+    workers = max(1, min(len(jobs), (os.cpu_count() or 2) // 2, 16))
+    start = time.perf_counter()
+    try:
+        ctx = torch.multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            done = sum(pool.map(_compile_gemv_jobs, [jobs[i::workers] for i in range(workers)]))
+    except Exception as e:  # the timing loop then compiles as it goes
+        print(f"precompile failed ({type(e).__name__}: {e}); compiling lazily", flush=True)
+        return
+    print(f"compiled {done} gemv kernels in {workers} processes in {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def graph_us(calls: list, rep: int = 50) -> float:
     """Microseconds per call of ``calls`` replayed back to back from one CUDA graph: no launch
     overhead (decode runs from CUDA graphs too), and every call reads its own weights, so with
     enough copies the weights stream from memory instead of L2."""
@@ -79,7 +192,7 @@ def graph_us(calls: list) -> float:
     with torch.cuda.graph(graph):
         for call in calls:
             call()
-    return do_bench(graph.replay, warmup=10, rep=50) * 1e3 / len(calls)
+    return do_bench(graph.replay, rep=rep) * 1e3 / len(calls)
 
 
 def copies_for(nbytes: int) -> int:
@@ -88,15 +201,18 @@ def copies_for(nbytes: int) -> int:
     return max(2, -(-4 * l2 // nbytes))
 
 
-def bench_case(k: int, n: int, m: int, sweep: bool, num_sms: int) -> dict:
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.float() - ref).norm() / ref.norm()).item()
+
+
+def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: int, copy_bps: float) -> dict:
     torch.manual_seed(0)
     w = torch.randn(n, k, device="cuda") * 0.02
     qweight, qzeros, scales = quantize(w, GROUP_SIZE)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 
     ref = x.float() @ awq_dequantize(qweight, qzeros, scales, torch.float32)
-    got = awq_linear(x, qweight, qzeros, scales).float()
-    rel_err = ((got - ref).norm() / ref.norm()).item()
+    err = rel_err(awq_linear(x, qweight, qzeros, scales), ref)
 
     weight_bytes = qweight.numel() * 4 + qzeros.numel() * 4 + scales.numel() * 2
     awq_copies = [(qweight.clone(), qzeros.clone(), scales.clone()) for _ in range(copies_for(weight_bytes))]
@@ -106,16 +222,25 @@ def bench_case(k: int, n: int, m: int, sweep: bool, num_sms: int) -> dict:
     def awq_calls(fn) -> list:
         return [lambda c=c: fn(x, *c) for c in awq_copies]
 
+    def bw_fraction(us: float) -> float:
+        return weight_bytes / (us * 1e-6) / copy_bps
+
     bf16_us = graph_us([lambda d=d: F.linear(x, d) for d in dense_copies])
     auto_us = graph_us(awq_calls(awq_linear))
     dequant_us = graph_us(awq_calls(lambda x, *c: torch.matmul(x, awq_dequantize(*c, torch.bfloat16))))
     default_cfg = gemm_config(m, n, k, GROUP_SIZE, num_sms)
     fused_us = graph_us(awq_calls(lambda x, *c: awq_gemm(x, *c, default_cfg)))
     result = {
-        "tokens": m, "k": k, "n": n, "rel_err_vs_fp32": rel_err,
+        "tokens": m, "k": k, "n": n, "rel_err_vs_fp32": err,
         "bf16_us": bf16_us, "awq_linear_us": auto_us, "fused_us": fused_us,
         "fused_config": list(default_cfg), "dequant_matmul_us": dequant_us,
     }
+    if m <= GEMV_MAX_TOKENS:
+        gemv_cfg = gemv_config(m, n, k, GROUP_SIZE, num_sms)
+        result["gemv_config"] = list(gemv_cfg)
+        result["gemv_rel_err_vs_fp32"] = rel_err(awq_gemv(x, qweight, qzeros, scales, gemv_cfg), ref)
+        result["gemv_us"] = graph_us(awq_calls(lambda x, *c: awq_gemv(x, *c, gemv_cfg)))
+        result["gemv_weight_bw_fraction_of_copy"] = bw_fraction(result["gemv_us"])
     if sweep and sweep_configs(m):
         best = (float("inf"), None)
         for cfg in sweep_configs(m):
@@ -126,48 +251,124 @@ def bench_case(k: int, n: int, m: int, sweep: bool, num_sms: int) -> dict:
                 continue
             best = min(best, (us, cfg), key=lambda b: b[0])
         result["sweep_best_us"], result["sweep_best_config"] = best[0], list(best[1])
+    if gemv_sweep:
+        timings = []
+        for cfg in gemv_sweep_configs(m, n, k, num_sms):
+            try:
+                e = rel_err(awq_gemv(x, qweight, qzeros, scales, cfg), ref)
+                if not e < 1e-2:
+                    print(f"  skip {cfg}: relative error {e:.1e}", flush=True)
+                    continue
+                timings.append((graph_us(awq_calls(lambda x, *c, cfg=cfg: awq_gemv(x, *c, cfg)), rep=20), cfg))
+            except Exception as e:  # a tiling can fail to compile or launch
+                print(f"  skip {cfg}: {type(e).__name__}: {e}", flush=True)
+        timings.sort(key=lambda t: t[0])
+        result["gemv_sweep_configs"] = len(timings)
+        result["gemv_sweep_top"] = [[us, list(cfg)] for us, cfg in timings[:5]]
+        if timings:
+            result["gemv_sweep_best_us"], best_cfg = timings[0][0], timings[0][1]
+            result["gemv_sweep_best_config"] = list(best_cfg)
+            result["gemv_sweep_best_weight_bw_fraction_of_copy"] = bw_fraction(timings[0][0])
+        # On the default tiling: how the split-K partial sums are combined, and the zero point
+        # subtracted per weight (exact) or per K tile (factored).
+        gemv_cfg = gemv_config(m, n, k, GROUP_SIZE, num_sms)
+        if gemv_cfg.split_k > 1:
+            result["gemv_reduce_us"] = {
+                reduce: graph_us(awq_calls(lambda x, *c, r=reduce: awq_gemv(x, *c, gemv_cfg, r)), rep=20)
+                for reduce in ("serial", "partials", "atomic")
+            }
+        result["gemv_zero_us"] = {
+            name: graph_us(awq_calls(lambda x, *c, e=exact: awq_gemv(x, *c, gemv_cfg, None, e)), rep=20)
+            for name, exact in (("factored", False), ("exact", True))
+        }
     result["int4_weight_bytes"] = weight_bytes
     result["awq_linear_weight_gbps"] = weight_bytes / (auto_us * 1e-6) / 1e9
+    result["weight_bw_fraction_of_copy"] = bw_fraction(auto_us)
     result["speedup_vs_bf16"] = bf16_us / auto_us
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def gemv_summary(results: list[dict]) -> str:
+    """The --gemv-sweep table: shape, tokens, bf16, the fused kernel, the best gemv and its
+    config (block_w, block_k, split_k, num_warps, num_stages), its weight bandwidth (fraction of
+    the copy bandwidth) and speedup over bf16; then the default gemv config's time."""
+    lines = [f"{'shape':8s} {'tok':>3s} {'bf16 us':>8s} {'gemm us':>8s} {'gemv us':>8s} {'config':22s}"
+             f" {'BW':>4s} {'vs bf16':>7s} {'default us':>10s}"]
+    for r in results:
+        if "gemv_sweep_best_us" not in r:
+            continue
+        best = r["gemv_sweep_best_us"]
+        lines.append(
+            f"{r['shape']:8s} {r['tokens']:3d} {r['bf16_us']:8.1f} {r['fused_us']:8.1f} {best:8.1f}"
+            f" {str(tuple(r['gemv_sweep_best_config'])):22s} {r['gemv_sweep_best_weight_bw_fraction_of_copy']:4.0%}"
+            f" {r['bf16_us'] / best:6.2f}x {r.get('gemv_us', float('nan')):10.1f}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 2048])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--sweep", type=int, nargs="*", default=[],
                         help="token counts at which to also time a grid of fused-kernel tilings")
+    parser.add_argument("--gemv-sweep", type=int, nargs="*", default=None,
+                        help=f"token counts at which to time a grid of gemv tilings (alone: {GEMV_SWEEP_TOKENS})")
     parser.add_argument("--out", default="bench/results/awq_linear.json")
     args = parser.parse_args(argv)
+    if args.gemv_sweep == []:
+        args.gemv_sweep = list(GEMV_SWEEP_TOKENS)
+    args.gemv_sweep = [m for m in args.gemv_sweep or [] if m in args.tokens]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_awq_linear needs a CUDA GPU", file=sys.stderr)
         return 2
     props = torch.cuda.get_device_properties(0)
+    num_sms = props.multi_processor_count
     copy_bps = copy_bandwidth()
-    print(f"{props.name}: copy bandwidth {copy_bps / 1e12:.2f} TB/s; FUSED_MAX_TOKENS={FUSED_MAX_TOKENS}")
+    print(f"{props.name}: copy bandwidth {copy_bps / 1e12:.2f} TB/s; FUSED_MAX_TOKENS={FUSED_MAX_TOKENS},"
+          f" GEMV_MAX_TOKENS={GEMV_MAX_TOKENS}")
+    if args.gemv_sweep:
+        cases = [(*SHAPES[name], m) for name in args.shapes for m in args.gemv_sweep]
+        defaults = [(k, n, m, gemv_config(m, n, k, GROUP_SIZE, num_sms)) for k, n, m in cases]
+        precompile_gemv(
+            [(k, n, m, cfg, None, None) for k, n, m in cases for cfg in gemv_sweep_configs(m, n, k, num_sms)]
+            + [(*d, reduce, None) for d in defaults for reduce in ("partials", "atomic")]
+            + [(*d, None, exact) for d in defaults for exact in (False, True)]
+        )
     results = []
     for name in args.shapes:
         k, n = SHAPES[name]
         for m in args.tokens:
             start = time.perf_counter()
-            r = bench_case(k, n, m, m in args.sweep, props.multi_processor_count)
+            r = bench_case(k, n, m, m in args.sweep, m in args.gemv_sweep, num_sms, copy_bps)
             r["shape"] = name
-            r["weight_bw_fraction_of_copy"] = r["awq_linear_weight_gbps"] * 1e9 / copy_bps
             results.append(r)
             line = (f"{name:8s} {k:5d}->{n:5d} tokens {m:5d}: bf16 {r['bf16_us']:8.1f} us"
                     f"  awq {r['awq_linear_us']:8.1f} us ({r['speedup_vs_bf16']:.2f}x,"
                     f" {r['weight_bw_fraction_of_copy']:.0%} of copy BW)"
                     f"  fused {r['fused_us']:8.1f}  dequant+mm {r['dequant_matmul_us']:8.1f}")
+            if "gemv_us" in r:
+                line += f"  gemv {r['gemv_us']:7.1f} ({r['gemv_weight_bw_fraction_of_copy']:.0%})"
             if "sweep_best_us" in r:
                 line += f"  best {r['sweep_best_us']:.1f} {r['sweep_best_config']}"
+            if "gemv_sweep_best_us" in r:
+                line += f"  best gemv {r['gemv_sweep_best_us']:.1f} {r['gemv_sweep_best_config']}"
+            for key in ("gemv_reduce_us", "gemv_zero_us"):
+                if key in r:
+                    line += f"  {key[5:-3]} " + " ".join(f"{k} {v:.1f}" for k, v in r[key].items())
             elapsed = time.perf_counter() - start
             print(line + f"  err {r['rel_err_vs_fp32']:.1e}  [{elapsed:.0f}s]", flush=True)
+    if args.gemv_sweep:
+        print(gemv_summary(results))
     out = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
         "copy_bandwidth_tbps": copy_bps / 1e12, "group_size": GROUP_SIZE,
-        "fused_max_tokens": FUSED_MAX_TOKENS, "results": results,
+        "fused_max_tokens": FUSED_MAX_TOKENS, "gemv_max_tokens": GEMV_MAX_TOKENS, "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

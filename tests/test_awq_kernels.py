@@ -8,7 +8,18 @@ import os
 import pytest
 import torch
 
-from engine.kernels.awq_gemm import FUSED_MAX_TOKENS, awq_dequantize, awq_gemm, awq_linear, gemm_config
+import engine.kernels.awq_gemm as awq_kernels
+from engine.kernels.awq_gemm import (
+    FUSED_MAX_TOKENS,
+    GEMV_MAX_TOKENS,
+    GemvConfig,
+    awq_dequantize,
+    awq_gemm,
+    awq_gemv,
+    awq_linear,
+    gemm_config,
+    gemv_config,
+)
 from engine.quantization.awq import pack_int4
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -84,9 +95,62 @@ def test_split_k_fills_an_idle_gpu() -> None:
     assert gemm_config(4096, 4096, 4096, 128, num_sms=132)[3] == 1
 
 
-@pytest.mark.parametrize("tokens", [4, FUSED_MAX_TOKENS + 1])
-def test_awq_linear_both_paths(tokens: int) -> None:
-    """Few tokens take the fused kernel, many the dequantize + matmul path; same answer."""
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("m", "k", "n", "group_size", "config"),
+    [
+        (1, 128, 64, 32, None),  # the default tiling: split-K over 4 "SMs"
+        (3, 256, 80, 64, GemvConfig(4, 16, 1)),  # N not a multiple of 8 * block_w, no split
+        (8, 256, 96, 128, GemvConfig(8, 32, 4, 1, 2)),  # K tiles per group, splits inside one; 2 stages
+        (5, 72, 40, 72, GemvConfig(8, 8, 3)),  # one group over all of K = 72; block_w > N / 8
+        (2, 128, 64, 32, GemvConfig(16, 32, 2, 2)),  # 4 lanes along K (2 warps over 16 words)
+    ],
+)
+def test_gemv_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:
+    seed = _seed()
+    qweight, qzeros, scales, w64 = _random_weight(k, n, group_size, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    _check_matmul(awq_gemv(x, qweight, qzeros, scales, config), x, w64, seed)
+
+
+@pytest.mark.parametrize("reduce", ["serial", "partials", "atomic"])
+def test_gemv_split_k_reductions(reduce: str) -> None:
+    """The three ways of summing split-K partials agree with the reference; the serial one leaves
+    its arrival counters at zero for the next launch."""
+    seed = _seed()
+    qweight, qzeros, scales, w64 = _random_weight(128, 48, 32, seed)
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16)
+    _check_matmul(awq_gemv(x, qweight, qzeros, scales, GemvConfig(4, 16, 4), reduce), x, w64, seed)
+    if reduce == "serial":
+        assert not awq_kernels._GEMV_LOCKS[x.device].any()
+
+
+@pytest.mark.parametrize(("m", "exact_zero"), [(2, True), (8, False)])
+def test_gemv_zero_point_modes(m: int, exact_zero: bool) -> None:
+    """The zero point subtracted per weight (exact) or per tile (factored), each where it is not the
+    default; fp32, the tightest bound."""
+    seed = _seed()
+    qweight, qzeros, scales, w64 = _random_weight(128, 64, 64, seed)
+    x = torch.randn(m, 128, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.float32)
+    _check_matmul(awq_gemv(x, qweight, qzeros, scales, GemvConfig(8, 16, 2), exact_zero=exact_zero), x, w64, seed)
+
+
+def test_gemv_config_fills_the_gpu() -> None:
+    for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+        for m in (1, 4, 8):
+            cfg = gemv_config(m, n, k, 128, num_sms=132)
+            warps = -(-n // 8 // cfg.block_w) * cfg.split_k * cfg.num_warps
+            assert 128 % cfg.block_k == 0 and warps >= 132 * 3, (n, k, m, cfg)
+    assert gemv_config(1, 64, 72, 72, num_sms=4).block_k == 8  # a power of two dividing K = 72
+
+
+@pytest.mark.parametrize("tokens", [4, GEMV_MAX_TOKENS + 1, FUSED_MAX_TOKENS + 1])
+def test_awq_linear_all_paths(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few tokens take the gemv, more the fused kernel, many dequantize + matmul; same answer."""
+    called = []
+    for name in ("awq_gemv", "awq_gemm"):
+        kernel = getattr(awq_kernels, name)
+        monkeypatch.setattr(awq_kernels, name, lambda *a, kernel=kernel, name=name: called.append(name) or kernel(*a))
     seed = _seed()
     k, n = 64, 32
     qweight, qzeros, scales, w64 = _random_weight(k, n, 32, seed)
@@ -96,3 +160,5 @@ def test_awq_linear_both_paths(tokens: int) -> None:
     y = awq_linear(x.view(1, tokens, k), qweight, qzeros, scales, bias)
     assert y.shape == (1, tokens, n)
     _check_matmul(y.view(tokens, n), x, w64, seed, bias)
+    expected = "awq_gemv" if tokens <= GEMV_MAX_TOKENS else "awq_gemm" if tokens <= FUSED_MAX_TOKENS else None
+    assert called == ([expected] if expected else [])
