@@ -144,7 +144,7 @@ def test_gemv_config_fills_the_gpu() -> None:
     assert gemv_config(1, 64, 72, 72, num_sms=4).block_k == 8  # a power of two dividing K = 72
 
 
-@pytest.mark.parametrize("tokens", [4, GEMV_MAX_TOKENS + 1, FUSED_MAX_TOKENS + 1])
+@pytest.mark.parametrize("tokens", [1, 4, GEMV_MAX_TOKENS + 1, FUSED_MAX_TOKENS + 1])
 def test_awq_linear_all_paths(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Few tokens take the gemv, more the fused kernel, many dequantize + matmul; same answer."""
     called = []

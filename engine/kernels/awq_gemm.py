@@ -38,8 +38,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FUSED_MAX_TOKENS = 64
 
 # Up to this many tokens the split-K gemv (no tensor cores: one FFMA per weight and token) beats
-# the fused kernel; a first guess, to be measured with bench/bench_awq_linear.py --gemv-sweep.
-GEMV_MAX_TOKENS = 8
+# the fused kernel: on an H200 (bench/results/awq_linear.json, Llama-3.1-8B shapes, best tilings)
+# at 1 token 1.5-1.9x faster than bf16 where awq_gemm is 0.85-1.05x; at 4 tokens the two are even
+# (a layer's four linears: 143 vs 136 us) and at 8 awq_gemm is 1.6x faster.
+GEMV_MAX_TOKENS = 1
 
 # A 4-bit q OR-ed into these exponent bits reads as the float MAGIC + q, exactly: q - z then
 # costs one subtraction and no integer-to-float conversion.
@@ -439,31 +441,32 @@ class GemvConfig(NamedTuple):
 
 
 def gemv_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> GemvConfig:
-    """The gemv's tiling: 32 words (256 columns) per program, one per lane; per thread 32 rows a
-    K tile for one or two tokens, 16 for up to four and 8 above (a tile's activations and two
-    accumulators of 8 * M fp32 sit in registers: about 130-250 of them); and split-K until about
-    6 warps per SM. For one or two tokens, which stream the weight fastest, a program has 4 warps
-    on interleaved K rows (their partial sums meet once, at the end): twice the warps for a given
-    split, for ~10% more instructions (a barrier-synchronized activation tile); above, one warp.
-    From sm_90 SASS and a first guess; bench/bench_awq_linear.py --gemv-sweep times the rest."""
+    """The gemv's tiling. One token (measured, bench/results/awq_linear.json: within 7% of the best
+    of 28-48 tilings on each Llama-3.1-8B shape): 16 words (128 columns) and 2 warps per program,
+    64-row K tiles, pipelined loads, and split-K up to about 1024 programs. More tokens (a first
+    guess from the sm_90 SASS; awq_linear sends them to awq_gemm): 32 words per program, per
+    thread 16 rows a K tile for up to four tokens and 8 above, one warp, split-K to ~6 warps per
+    SM."""
     n_words = n // 8
-    block_w = min(32, triton.next_power_of_2(n_words))
-    num_warps = 4 if block_w == 32 and m <= 2 else 1
-    k_lanes = 32 * num_warps // block_w
-    rows = 32 if m <= 2 else 16 if m <= 4 else 8 if m <= 8 else 4
+    if m == 1:
+        block_w, num_warps, rows, num_stages = min(16, triton.next_power_of_2(n_words)), 2, 16, 2
+    else:
+        block_w, num_warps, rows, num_stages = min(32, triton.next_power_of_2(n_words)), 1, 16 if m <= 4 else 8, 1
+    k_lanes = max(1, 32 * num_warps // block_w)
     block_k = _gemv_block_k(rows * k_lanes, k, group_size)
     if block_k % k_lanes:  # K or the groups too short for the K lanes
-        num_warps, k_lanes = 1, 32 // block_w
-        block_k = _gemv_block_k(rows * k_lanes, k, group_size)
-        if block_k % k_lanes:
-            num_warps, block_w, k_lanes = 1, 32, 1
-            block_k = _gemv_block_k(rows, k, group_size)
+        num_warps, block_w, k_lanes = 1, 32, 1
+        block_k = _gemv_block_k(rows, k, group_size)
     programs = triton.cdiv(n_words, block_w)
     k_tiles = k // block_k
     split_k = 1
-    while programs * split_k * num_warps < num_sms * 6 and split_k * 2 <= min(32, k_tiles):
-        split_k *= 2
-    return GemvConfig(block_w, block_k, split_k, num_warps)
+    if m == 1:
+        while programs * split_k * 2 <= 1024 and split_k * 2 <= min(32, k_tiles):
+            split_k *= 2
+    else:
+        while programs * split_k * num_warps < num_sms * 6 and split_k * 2 <= min(32, k_tiles):
+            split_k *= 2
+    return GemvConfig(block_w, block_k, split_k, num_warps, num_stages)
 
 
 def _gemv_block_k(block_k: int, k: int, group_size: int) -> int:
