@@ -14,6 +14,7 @@ preemption. Every step is a batched tensor op on ``logits.device``.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,7 @@ class Sampler:
         self.eos_token_ids = tuple(eos_token_ids)
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._host_rng = random.Random(seed)  # seeds of the fused kernel's noise, one per step
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         token_ids = self.sample_tokens(logits, rows)
@@ -62,6 +64,13 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         if all(_is_plain_greedy(row) for row in rows):
             return logits.argmax(dim=-1)
+        if logits.is_cuda and logits.numel() < 2**31 and all(_is_plain_random(row) for row in rows):
+            # One pass over the logits instead of the dozen below (engine/kernels/sampling.py).
+            from engine.kernels.sampling import gumbel_sample
+
+            inv_temperature = to_device([1.0 / row.params.temperature for row in rows], logits.device,
+                                        torch.float32)
+            return gumbel_sample(logits, inv_temperature, self._host_rng.getrandbits(31))
         processed = process_logits(logits, rows, self.eos_token_ids) if any(map(_needs_processing, rows)) else logits
         probs = sampling_probs(processed, [row.params for row in rows])
         # Greedy rows hold a one-hot distribution, so argmax is their token.
@@ -123,6 +132,13 @@ def _is_plain_greedy(row: SamplingRow) -> bool:
     return (p.is_greedy and p.logprobs is None and not p.logit_bias and p.repetition_penalty == 1.0
             and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
             and len(row.output_token_ids) >= p.min_tokens)
+
+
+def _is_plain_random(row: SamplingRow) -> bool:
+    """Sampled at a temperature from the whole softmax, unseeded, nothing to process."""
+    p = row.params
+    return (not p.is_greedy and p.seed is None and p.top_k <= 0 and p.top_p >= 1.0 and p.min_p == 0.0
+            and not _needs_processing(row))
 
 
 def _needs_processing(row: SamplingRow) -> bool:

@@ -1,0 +1,72 @@
+"""Temperature sampling in one pass over the logits (Gumbel-max).
+
+``argmax(logits / T + g)`` with ``g = -log(-log(u))`` Gumbel noise (``u`` uniform) draws token
+``i`` with probability ``softmax(logits / T)[i]``, the same law as the sampler's exponential race
+``argmax(softmax(logits / T) / e)`` (``-log e`` is Gumbel), without forming the softmax: the
+logits are read once, the noise made in registers. For a batch of 256 rows over a 152k vocabulary
+that is one read of 155 MB where the torch ops (divide, softmax, noise, clamp, divide, argmax)
+make about a dozen passes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gumbel_argmax_kernel(
+    logits_ptr, inv_temp_ptr, best_val_ptr, best_idx_ptr,
+    vocab_size, stride_row, chunk_len, seed,
+    NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid ``(num_rows, NUM_CHUNKS)``: program (r, c) scans columns ``[c * chunk_len, (c + 1) *
+    chunk_len)`` of row r in BLOCK-wide tiles, scoring each ``logit * inv_temp[r] + gumbel`` with
+    noise from ``tl.rand(seed, r * vocab_size + column)`` (Philox: a function of the seed and the
+    element alone), and writes its best score and column to ``best_*[r, c]`` (ties: the lowest
+    column)."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    inv_temp = tl.load(inv_temp_ptr + row)
+    lo = chunk * chunk_len
+    hi = tl.minimum(lo + chunk_len, vocab_size)
+    best_val = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    best_idx = tl.zeros((BLOCK,), dtype=tl.int32)
+    for start in range(lo, hi, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        ok = cols < hi
+        logit = tl.load(logits_ptr + row.to(tl.int64) * stride_row + cols, mask=ok, other=float("-inf"))
+        u = tl.rand(seed, row * vocab_size + cols)
+        score = logit.to(tl.float32) * inv_temp - tl.log(-tl.log(u))
+        score = tl.where(ok, score, float("-inf"))
+        better = score > best_val
+        best_val = tl.where(better, score, best_val)
+        best_idx = tl.where(better, cols, best_idx)
+    top = tl.max(best_val, axis=0)
+    idx = tl.min(tl.where(best_val == top, best_idx, vocab_size), axis=0)
+    tl.store(best_val_ptr + row * NUM_CHUNKS + chunk, top)
+    tl.store(best_idx_ptr + row * NUM_CHUNKS + chunk, idx)
+
+
+def gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: int, *,
+                  num_chunks: int | None = None, block: int = 1024) -> torch.Tensor:
+    """One token per row of ``logits`` [R, V] drawn from ``softmax(logits * inv_temperature[r])``
+    (``inv_temperature`` [R] float32 on the same device), as int64 [R], with noise that is a
+    function of ``seed`` (< 2**31) and the element alone. No host syncs."""
+    rows, vocab = logits.shape
+    assert logits.stride(1) == 1 and inv_temperature.shape == (rows,)
+    assert rows * vocab < 2**31, "Philox offsets are 32-bit"
+    assert 0 <= seed < 2**31
+    if num_chunks is None:  # about 4 programs per SM for small batches, one chunk per row for big
+        num_chunks = max(1, min(32, 512 // max(rows, 1)))
+    chunk_len = triton.cdiv(triton.cdiv(vocab, num_chunks), block) * block
+    best_val = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
+    best_idx = torch.empty((rows, num_chunks), dtype=torch.int32, device=logits.device)
+    _gumbel_argmax_kernel[(rows, num_chunks)](
+        logits, inv_temperature, best_val, best_idx, vocab, logits.stride(0), chunk_len, seed,
+        NUM_CHUNKS=num_chunks, BLOCK=block, num_warps=4,
+    )
+    if num_chunks == 1:
+        return best_idx[:, 0].long()
+    return best_idx.gather(1, best_val.argmax(dim=1, keepdim=True))[:, 0].long()
