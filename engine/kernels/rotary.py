@@ -17,8 +17,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate_heads(base_ptr, num_heads, stride_head, half_dim, cos, sin, dims, BLOCK_H: tl.constexpr):
-    # Rotates the heads of one token in place: their first halves at dims, second halves half_dim on.
+def _norm_rotate_heads(base_ptr, num_heads, stride_head, half_dim, cos, sin, dims, norm_ptr, eps,
+                       NORM: tl.constexpr, BLOCK_H: tl.constexpr):
+    # Rotates the heads of one token in place (their first halves at dims, second halves half_dim
+    # on), with NORM after a per-head RMSNorm with the roundings of engine/kernels/rms_norm.py
+    # (normalize in fp32, round, times the weight, round); returns the rotated halves.
     heads = tl.arange(0, BLOCK_H)[:, None]
     mask = (heads < num_heads) & (dims < half_dim)
     first_ptrs = base_ptr + heads * stride_head + dims
@@ -26,8 +29,17 @@ def _rotate_heads(base_ptr, num_heads, stride_head, half_dim, cos, sin, dims, BL
     x2 = tl.load(first_ptrs + half_dim, mask=mask, other=0.0)
     dtype = x1.dtype
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    tl.store(first_ptrs, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(first_ptrs + half_dim, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    if NORM:
+        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half_dim) + eps)[:, None]
+        w1 = tl.load(norm_ptr + dims, mask=dims < half_dim, other=0.0).to(dtype).to(tl.float32)
+        w2 = tl.load(norm_ptr + half_dim + dims, mask=dims < half_dim, other=0.0).to(dtype).to(tl.float32)
+        x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+        x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+    r1 = (x1 * cos - x2 * sin).to(dtype)
+    r2 = (x2 * cos + x1 * sin).to(dtype)
+    tl.store(first_ptrs, r1, mask=mask)
+    tl.store(first_ptrs + half_dim, r2, mask=mask)
+    return r1, r2
 
 
 @triton.jit
@@ -46,8 +58,10 @@ def _rotary_kernel(
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     cos = tl.load(cos_ptr + pos * stride_cache_pos + dims, mask=dims < half_dim, other=0.0)
     sin = tl.load(sin_ptr + pos * stride_cache_pos + dims, mask=dims < half_dim, other=0.0)
-    _rotate_heads(q_ptr + tok * stride_q_tok, num_q_heads, stride_q_head, half_dim, cos, sin, dims, BLOCK_HQ)
-    _rotate_heads(k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, half_dim, cos, sin, dims, BLOCK_HK)
+    _norm_rotate_heads(q_ptr + tok * stride_q_tok, num_q_heads, stride_q_head, half_dim, cos, sin, dims,
+                       cos_ptr, 0.0, False, BLOCK_HQ)
+    _norm_rotate_heads(k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, half_dim, cos, sin, dims,
+                       cos_ptr, 0.0, False, BLOCK_HK)
 
 
 def rotary_embedding(
@@ -82,31 +96,6 @@ def rotary_embedding(
         BLOCK_HALF=triton.next_power_of_2(half_dim),
         num_warps=num_warps,
     )
-
-
-@triton.jit
-def _norm_rotate_heads(base_ptr, num_heads, stride_head, half_dim, cos, sin, dims, norm_ptr, eps,
-                       NORM: tl.constexpr, BLOCK_H: tl.constexpr):
-    # As _rotate_heads, after a per-head RMSNorm with the roundings of engine/kernels/rms_norm.py
-    # (normalize in fp32, round, times the weight, round); returns the rotated halves.
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    mask = (heads < num_heads) & (dims < half_dim)
-    first_ptrs = base_ptr + heads * stride_head + dims
-    x1 = tl.load(first_ptrs, mask=mask, other=0.0)
-    x2 = tl.load(first_ptrs + half_dim, mask=mask, other=0.0)
-    dtype = x1.dtype
-    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    if NORM:
-        rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half_dim) + eps)[:, None]
-        w1 = tl.load(norm_ptr + dims, mask=dims < half_dim, other=0.0).to(dtype).to(tl.float32)
-        w2 = tl.load(norm_ptr + half_dim + dims, mask=dims < half_dim, other=0.0).to(dtype).to(tl.float32)
-        x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-        x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-    r1 = (x1 * cos - x2 * sin).to(dtype)
-    r2 = (x2 * cos + x1 * sin).to(dtype)
-    tl.store(first_ptrs, r1, mask=mask)
-    tl.store(first_ptrs + half_dim, r2, mask=mask)
-    return r1, r2
 
 
 @triton.jit
@@ -169,8 +158,9 @@ def rope_and_cache(
     weights, Qwen3's q/k norm,) rotary on q and k in place, and k and v stored in the paged caches
     ``[num_blocks, block_size, num_kv_heads, head_dim]`` at ``slot_mapping`` (< 0: skipped).
     The same as ``rms_norm`` on q and k, ``rotary_embedding``, then ``reshape_and_cache`` (bit
-    for bit without the norm; with it, to the last bit of the fp32 norm statistic). q, k, v ``[T, H | Hkv, D]`` with a contiguous last dim (views of a
-    fused qkv output are fine). No host syncs."""
+    for bit without the norm; with it, to the last bit of the fp32 norm statistic). q, k, v
+    ``[T, H | Hkv, D]`` with a contiguous last dim (views of a fused qkv output are fine). No host
+    syncs."""
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     assert k.shape == v.shape == (num_tokens, num_kv_heads, head_dim) and k.dtype == q.dtype == v.dtype
