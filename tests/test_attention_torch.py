@@ -39,21 +39,30 @@ def dense_reference(
     return out
 
 
+# (cached prefix, new tokens): a prefill, a prefill after a prefix hit, a chunk, decodes.
+MIXED = [(0, 13), (8, 9), (21, 6), (37, 1), (5, 1), (0, 1)]
+# Steps whose requests all have the same number of new tokens: the lean path pads them into one batch.
+UNIFORM = {
+    "decode": [(37, 1), (5, 1), (0, 1), (70, 1)],
+    "verify": [(37, 5), (3, 5), (70, 5)],
+    "prefill": [(9, 40)],
+}
+
+
 def _random_batch(
     seed: int, num_heads: int, num_kv_heads: int, block_size: int, window: int | None,
-    null_out_of_window: bool = False,
+    null_out_of_window: bool = False, shapes: list[tuple[int, int]] = MIXED,
 ):
-    """Requests with cached prefixes and new tokens, random non-contiguous blocks. The prefix
-    K/V are written into the cache directly; the new ones are left for the backend to write."""
+    """Requests with cached prefixes and new tokens (``shapes``), random non-contiguous blocks.
+    The prefix K/V are written into the cache directly; the new ones are left for the backend
+    to write. Unwritten slots hold NaN."""
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    head_dim, num_blocks = 16, 128
+    head_dim, num_blocks = 16, 160
     k_cache = torch.full((num_blocks, block_size, num_kv_heads, head_dim), float("nan"))
     v_cache = torch.full_like(k_cache, float("nan"))
     free = list(range(1, num_blocks))
     rng.shuffle(free)
-    # (cached prefix, new tokens): a prefill, a prefill after a prefix hit, a chunk, decodes.
-    shapes = [(0, 13), (8, 9), (21, 6), (37, 1), (5, 1), (0, 1)]
     requests, tables, slots, qs, ks, vs = [], [], [], [], [], []
     for cached, new in shapes:
         total = cached + new
@@ -126,6 +135,58 @@ def test_sliding_window_skips_null_blocks_outside_the_window() -> None:
     for i, (cached, keys, values) in enumerate(requests):
         expected = dense_reference(q[starts[i] : starts[i + 1]], keys, values, cached, window, 0.25)
         torch.testing.assert_close(out[starts[i] : starts[i + 1]].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5, 16])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+@pytest.mark.parametrize("step", [*UNIFORM, "mixed"])
+def test_lean_path_matches_the_reference_path(step: str, block_size: int, window: int | None) -> None:
+    """The CPU's lean path (slots planned once per forward, padded batches, one gather per layer)
+    gives the reference path's result to float32 rounding, reads no freed block, and writes the
+    same cache."""
+    shapes = MIXED if step == "mixed" else UNIFORM[step]
+    requests, q, k, v, kv_cache, metadata = _random_batch(
+        block_size + 3, 8, 2, block_size, window, null_out_of_window=True, shapes=shapes)
+    reference_cache = (kv_cache[0].clone(), kv_cache[1].clone())
+    lean = TorchAttentionBackend().forward(None, q, k, v, kv_cache, metadata, 0.25, window)
+    reference = TorchAttentionBackend(reference=True).forward(None, q, k, v, reference_cache, metadata, 0.25, window)
+    assert not lean.isnan().any()
+    torch.testing.assert_close(lean, reference, atol=1e-6, rtol=1e-6)
+    for ours, theirs in zip(kv_cache, reference_cache, strict=True):
+        assert torch.equal(ours.nan_to_num(), theirs.nan_to_num())
+    starts = metadata.query_start_loc.tolist()
+    for i, (cached, keys, values) in enumerate(requests):
+        expected = dense_reference(q[starts[i] : starts[i + 1]], keys, values, cached, window, 0.25)
+        torch.testing.assert_close(lean[starts[i] : starts[i + 1]].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_backend_plans_each_forward_anew() -> None:
+    """Decode steps of one request through two layers and one backend: every step's metadata
+    gets its own plan (the new key is seen), which both layers share."""
+    gen = torch.Generator().manual_seed(0)
+    block_size, num_kv_heads, head_dim = 4, 2, 16
+    caches = [(torch.full((8, block_size, num_kv_heads, head_dim), float("nan")),
+               torch.full((8, block_size, num_kv_heads, head_dim), float("nan"))) for _ in range(2)]
+    table = [5, 2, 7, 1, 3]
+    keys = [torch.empty(0, num_kv_heads, head_dim) for _ in caches]
+    values = [torch.empty(0, num_kv_heads, head_dim) for _ in caches]
+    backend = TorchAttentionBackend()
+    for position in range(17):
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor([table[position // block_size] * block_size + position % block_size]),
+            query_start_loc=torch.tensor([0, 1], dtype=torch.int32),
+            seq_lens=torch.tensor([position + 1], dtype=torch.int32),
+            block_tables=torch.tensor([table], dtype=torch.int32),
+            max_query_len=1,
+            max_seq_len=position + 1,
+        )
+        for layer, cache in enumerate(caches):
+            q = torch.randn(1, 4, head_dim, generator=gen)
+            k, v = (torch.randn(1, num_kv_heads, head_dim, generator=gen) for _ in range(2))
+            keys[layer], values[layer] = torch.cat([keys[layer], k]), torch.cat([values[layer], v])
+            out = backend.forward(None, q, k, v, cache, metadata, 0.25, None)
+            expected = dense_reference(q, keys[layer], values[layer], position, None, 0.25)
+            torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_bfloat16_inputs_give_bfloat16_close_to_reference() -> None:

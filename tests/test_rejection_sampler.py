@@ -81,6 +81,28 @@ def test_greedy_emits_the_argmax_prefix_then_the_argmax() -> None:
         assert all(t == -1 for row, m in zip(token_ids.tolist(), num_accepted.tolist()) for t in row[m + 1 :])
 
 
+def test_all_greedy_batch_verified_on_the_host_equals_the_batched_rule() -> None:
+    """An all-greedy batch takes the host path (one argmax, no padding or noise): the tokens of
+    the padded ``rejection_sample`` path, penalties and min_tokens included."""
+    g = torch.Generator().manual_seed(3)
+    vocab = 10
+    verifier = RejectionSampler(Sampler(eos_token_ids=[1], seed=0))
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.0, repetition_penalty=1.5),
+              SamplingParams(temperature=0.0, min_tokens=3, logit_bias={2: 1.0})]
+    for trial in range(30):
+        rows = [SamplingRow(params[(trial + i) % 3], [2, 4], [5] * (i % 3)) for i in range(4)]
+        lengths = [(trial + i) % 5 for i in range(4)]
+        logits = torch.randn(sum(lengths) + len(rows), vocab, generator=g)
+        argmax = logits.argmax(dim=-1).tolist()
+        drafts, start = [], 0
+        for n in lengths:  # mostly the raw argmax (often what the processed logits pick too)
+            drafts.append([argmax[start + j] if torch.rand(1, generator=g) < 0.8 else 0 for j in range(n)])
+            start += n + 1
+        vrows = verification_rows(rows, drafts)
+        out = verifier(logits, rows, drafts)
+        assert (out.token_ids, out.num_accepted) == verifier._verify_sampled(logits, vrows, rows, drafts, None)
+
+
 def sequential_oracle(sampler: Sampler, logits: torch.Tensor, row: SamplingRow, drafts: list[int]) -> list[int]:
     """What sampling without speculation emits over the verify positions: one token per step,
     each from the output so far, stopping after the first token that is not the draft."""

@@ -59,6 +59,8 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.arange(max_position, dtype=torch.int64).float()[:, None] * inv_freq.to(torch.float32)
         self.register_buffer("cos_cache", freqs.cos(), persistent=False)
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
+        self._cached_positions: torch.Tensor | None = None
+        self._cached = (self.cos_cache[:0], self.sin_cache[:0])
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
@@ -69,8 +71,17 @@ class RotaryEmbedding(nn.Module):
 
             rotary_embedding(positions, q, k, self.cos_cache, self.sin_cache)
             return q, k
-        cos = self.cos_cache[positions]
-        sin = self.sin_cache[positions]
-        cos = torch.cat((cos, cos), dim=-1).to(q.dtype)[:, None, :]
-        sin = torch.cat((sin, sin), dim=-1).to(q.dtype)[:, None, :]
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        cos, signed_sin = self._cos_sin(positions, q.dtype)
+        # rotate_half(x) * sin == roll(x, D / 2) * signed_sin, bit for bit, in one op fewer than three.
+        half = q.shape[-1] // 2
+        return q * cos + q.roll(half, -1) * signed_sin, k * cos + k.roll(half, -1) * signed_sin
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos`` and ``cat(-sin, sin)`` at ``positions``, ``[T, 1, D]``: made by a forward's first
+        layer, kept for the others (they share this module and the positions tensor)."""
+        if self._cached_positions is not positions or self._cached[0].dtype != dtype:
+            cos, sin = self.cos_cache[positions], self.sin_cache[positions]
+            self._cached = (torch.cat((cos, cos), dim=-1).to(dtype)[:, None, :],
+                            torch.cat((-sin, sin), dim=-1).to(dtype)[:, None, :])
+            self._cached_positions = positions
+        return self._cached

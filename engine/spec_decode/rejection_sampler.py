@@ -27,6 +27,7 @@ since dj has no residual mass when rejected.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -124,6 +125,43 @@ class RejectionSampler:
         without a distribution."""
         vrows = verification_rows(rows, draft_token_ids)
         assert logits.dim() == 2 and logits.shape[0] == len(vrows), (tuple(logits.shape), len(vrows))
+        if all(row.params.is_greedy for row in rows):
+            tokens, num_accepted = self._verify_greedy(logits, vrows, draft_token_ids)
+        else:
+            tokens, num_accepted = self._verify_sampled(logits, vrows, rows, draft_token_ids, draft_probs)
+        logprobs: list[list[dict[int, Logprob]] | None] = [None] * len(rows)
+        if any(row.params.logprobs is not None for row in rows):
+            # Positions past a row's emitted tokens get any token: their entries are dropped.
+            flat = [0] * len(vrows)
+            starts = list(itertools.accumulate((len(d) + 1 for d in draft_token_ids), initial=0))[:-1]
+            for start, row_tokens in zip(starts, tokens, strict=True):
+                flat[start:start + len(row_tokens)] = row_tokens
+            entries = compute_logprobs(logits, to_device(flat, logits.device, torch.long), vrows)
+            for r, (start, row_tokens) in enumerate(zip(starts, tokens, strict=True)):
+                if rows[r].params.logprobs is not None:
+                    logprobs[r] = entries[start : start + len(row_tokens)]
+        return VerifyOutput(tokens, num_accepted, logprobs)
+
+    def _verify_greedy(self, logits: torch.Tensor, vrows: list[SamplingRow],
+                       draft_token_ids: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[int]]:
+        """Every row greedy: ``rejection_sample``'s rule for greedy rows (a draft passes iff it is
+        the argmax of its position's processed logits; the correction or bonus is that argmax),
+        on the host from one argmax over all positions: no padded batch, no noise."""
+        drawn = process_logits(logits, vrows, self.sampler.eos_token_ids).argmax(dim=-1).tolist()
+        tokens, num_accepted, start = [], [], 0
+        for drafts in draft_token_ids:
+            n = 0
+            while n < len(drafts) and drafts[n] == drawn[start + n]:
+                n += 1
+            tokens.append([*drafts[:n], drawn[start + n]])
+            num_accepted.append(n)
+            start += len(drafts) + 1
+        return tokens, num_accepted
+
+    def _verify_sampled(self, logits: torch.Tensor, vrows: list[SamplingRow], rows: Sequence[SamplingRow],
+                        draft_token_ids: Sequence[Sequence[int]], draft_probs: torch.Tensor | None
+                        ) -> tuple[list[list[int]], list[int]]:
+        """``rejection_sample`` over the drafts padded to a batch."""
         device = logits.device
         probs, noise = self._target(logits, vrows)
         num_drafts = to_device([len(d) for d in draft_token_ids], device, torch.long)
@@ -139,17 +177,7 @@ class RejectionSampler:
                                                    noise[padded])
         num_accepted_list = num_accepted.tolist()
         tokens = [row[: m + 1] for row, m in zip(token_ids.tolist(), num_accepted_list, strict=True)]
-        logprobs: list[list[dict[int, Logprob]] | None] = [None] * len(rows)
-        if any(row.params.logprobs is not None for row in rows):
-            real = positions <= num_drafts[:, None]
-            flat = torch.zeros(len(vrows), dtype=torch.long, device=device)
-            # Positions past the emitted tokens (-1) get any token: their entries are dropped.
-            flat[padded[real]] = token_ids[real].clamp_min(0)
-            entries = compute_logprobs(logits, flat, vrows)
-            for r, (start, row_tokens) in enumerate(zip(starts.tolist(), tokens, strict=True)):
-                if rows[r].params.logprobs is not None:
-                    logprobs[r] = entries[start : start + len(row_tokens)]
-        return VerifyOutput(tokens, num_accepted_list, logprobs)
+        return tokens, num_accepted_list
 
     def _target(self, logits: torch.Tensor, vrows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per verified position, the distribution the sampler draws from (its processed logits
