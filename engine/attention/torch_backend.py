@@ -266,7 +266,8 @@ class TorchAttentionBackend(AttentionBackend):
 
     def plan(self, metadata: AttentionMetadata, block_size: int, sliding_window: int | None) -> AttentionPlan:
         """The forward's plan: made by its first layer, reused by the others."""
-        if self._plan is None or self._plan_metadata is not metadata or self._plan_shape != (block_size, sliding_window):
+        shape = (block_size, sliding_window)
+        if self._plan is None or self._plan_metadata is not metadata or self._plan_shape != shape:
             self._plan = plan_attention(metadata, block_size, sliding_window)
-            self._plan_metadata, self._plan_shape = metadata, (block_size, sliding_window)
+            self._plan_metadata, self._plan_shape = metadata, shape
         return self._plan
