@@ -259,7 +259,7 @@ def _padded_draft_probs(sampled: list[ScheduledRequest], draft_probs: Mapping[st
     if not any(r.request_id in draft_probs and not r.sampling_params.is_greedy for r in sampled):
         return None
     k = max(len(r.draft_token_ids) for r in sampled)
-    padded = logits.new_zeros((len(sampled), k, logits.shape[-1]))
+    padded = logits.new_zeros((len(sampled), k, logits.shape[-1]), dtype=torch.float32)
     for i, r in enumerate(sampled):
         n = len(r.draft_token_ids)
         if not n or r.sampling_params.is_greedy:

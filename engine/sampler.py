@@ -71,7 +71,10 @@ class Sampler:
             inv_temperature = to_device([1.0 / row.params.temperature for row in rows], logits.device,
                                         torch.float32)
             return gumbel_sample(logits, inv_temperature, self._host_rng.getrandbits(31))
-        processed = process_logits(logits, rows, self.eos_token_ids) if any(map(_needs_processing, rows)) else logits
+        if any(map(_needs_processing, rows)):
+            processed = process_logits(logits, rows, self.eos_token_ids)
+        else:
+            processed = logits.float()
         probs = sampling_probs(processed, [row.params for row in rows])
         # Greedy rows hold a one-hot distribution, so argmax is their token.
         random_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]

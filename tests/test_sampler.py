@@ -286,3 +286,25 @@ def test_seeded_row_gives_the_same_tokens_alone_and_in_any_batch() -> None:
     other_seed = SamplingParams(temperature=1.0, top_p=0.95, seed=1235)
     assert [Sampler()(step_logits[i : i + 1], [SamplingRow(other_seed, [0, 1], alone[:i])]).token_ids[0]
             for i in range(steps)] != alone
+
+
+def test_half_precision_logits_sample_as_their_float32_widening() -> None:
+    """The model hands the sampler logits in its own dtype: a bf16 batch (greedy, plain random,
+    top-k/top-p, penalised, seeded, with logprobs) gives exactly the tokens and logprobs of the
+    same logits widened to float32 first."""
+    gen = torch.Generator().manual_seed(5)
+    logits = (torch.randn(6, 50, generator=gen) * 3).to(torch.bfloat16)
+    rows = [
+        _row(SamplingParams(temperature=0.0)),
+        _row(SamplingParams(temperature=0.8)),
+        _row(SamplingParams(temperature=0.9, top_k=5, top_p=0.8)),
+        _row(SamplingParams(temperature=0.7, repetition_penalty=1.3, presence_penalty=0.5), [3, 4, 3]),
+        _row(SamplingParams(temperature=1.0, seed=11), [2]),
+        _row(SamplingParams(temperature=0.0, logprobs=3)),
+    ]
+    half = Sampler(seed=2)(logits, rows)
+    wide = Sampler(seed=2)(logits.float(), rows)
+    assert half.token_ids == wide.token_ids
+    assert half.logprobs == wide.logprobs and half.logprobs[5] is not None
+    greedy_only = [rows[0], rows[5]]
+    assert Sampler()(logits[[0, 5]], greedy_only).token_ids == logits[[0, 5]].float().argmax(dim=-1).tolist()
