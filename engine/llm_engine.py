@@ -81,6 +81,74 @@ def _async_safe(params: SamplingParams) -> bool:
             and params.presence_penalty == 0.0)
 
 
+@dataclass(slots=True)
+class RequestPreparer:
+    """Validates and tokenizes requests against the engine's limits without touching its state,
+    so any thread (or the server's process, when the engine runs in its own) may call it."""
+
+    tokenizer: Tokenizer
+    vocab_size: int
+    max_model_len: int
+    sliding_window: int | None
+    max_logprobs: int
+    block_size: int
+    num_usable_blocks: int
+
+    def prepare(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        cache_salt: str | None = None,
+    ) -> PreparedRequest:
+        """Validate and tokenize; raise ``ValueError`` naming the bad field."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            text: str | None = prompt
+            token_ids = self.tokenizer.encode(prompt)
+            if not token_ids:
+                raise ValueError("prompt encodes to zero tokens")
+        else:
+            text = None
+            token_ids = list(prompt)
+            if not token_ids:
+                raise ValueError("prompt_token_ids must not be empty")
+            for tid in token_ids:
+                if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < self.vocab_size:
+                    raise ValueError(
+                        f"prompt_token_ids: token id {tid!r} is outside the vocabulary (size {self.vocab_size})"
+                    )
+        if not isinstance(params, SamplingParams):
+            raise ValueError("sampling_params must be a SamplingParams")
+        params.verify(vocab_size=self.vocab_size, max_logprobs=self.max_logprobs)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        max_len = self.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(
+                f"prompt is {len(token_ids)} tokens, which leaves no room to generate within "
+                f"max_model_len ({max_len})"
+            )
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=max_len - len(token_ids))
+        elif len(token_ids) + params.max_tokens > max_len:
+            raise ValueError(
+                f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) "
+                f"exceeds max_model_len ({max_len})"
+            )
+        blocks_needed = -(-(len(token_ids) + params.max_tokens) // self.block_size)
+        if self.sliding_window is None and blocks_needed > self.num_usable_blocks:
+            raise ValueError(
+                f"max_tokens: prompt + max_tokens needs {blocks_needed} KV blocks but the cache has "
+                f"only {self.num_usable_blocks}"
+            )
+        return PreparedRequest(request_id, text, token_ids, params, priority, cache_salt)
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
@@ -119,6 +187,9 @@ class LLMEngine:
                 max_waiting_requests=None,
             )
         )
+        self.preparer = RequestPreparer(
+            self.tokenizer, self.vocab_size, self.model_config.max_model_len, self.model_config.sliding_window,
+            args.max_logprobs, args.block_size, self.scheduler.config.num_usable_blocks)
         eos = list(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
             eos.append(self.tokenizer.eos_token_id)
@@ -165,51 +236,7 @@ class LLMEngine:
         cache_salt: str | None = None,
     ) -> PreparedRequest:
         """Validate and tokenize; raise ``ValueError`` naming the bad field. Thread-safe."""
-        if not isinstance(request_id, str) or not request_id:
-            raise ValueError("request_id must be a non-empty string")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt must not be empty")
-            text: str | None = prompt
-            token_ids = self.tokenizer.encode(prompt)
-            if not token_ids:
-                raise ValueError("prompt encodes to zero tokens")
-        else:
-            text = None
-            token_ids = list(prompt)
-            if not token_ids:
-                raise ValueError("prompt_token_ids must not be empty")
-            for tid in token_ids:
-                if isinstance(tid, bool) or not isinstance(tid, int) or not 0 <= tid < self.vocab_size:
-                    raise ValueError(
-                        f"prompt_token_ids: token id {tid!r} is outside the vocabulary (size {self.vocab_size})"
-                    )
-        if not isinstance(params, SamplingParams):
-            raise ValueError("sampling_params must be a SamplingParams")
-        params.verify(vocab_size=self.vocab_size, max_logprobs=self.args.max_logprobs)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
-        max_len = self.model_config.max_model_len
-        if len(token_ids) >= max_len:
-            raise ValueError(
-                f"prompt is {len(token_ids)} tokens, which leaves no room to generate within "
-                f"max_model_len ({max_len})"
-            )
-        if params.max_tokens is None:
-            params = replace(params, max_tokens=max_len - len(token_ids))
-        elif len(token_ids) + params.max_tokens > max_len:
-            raise ValueError(
-                f"max_tokens: prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) "
-                f"exceeds max_model_len ({max_len})"
-            )
-        blocks_needed = -(-(len(token_ids) + params.max_tokens) // self.args.block_size)
-        usable = self.scheduler.config.num_usable_blocks
-        if self.model_config.sliding_window is None and blocks_needed > usable:
-            raise ValueError(
-                f"max_tokens: prompt + max_tokens needs {blocks_needed} KV blocks but the cache has "
-                f"only {usable}"
-            )
-        return PreparedRequest(request_id, text, token_ids, params, priority, cache_salt)
+        return self.preparer.prepare(request_id, prompt, params, priority, cache_salt)
 
     def add_request(
         self,

@@ -1,31 +1,32 @@
-"""The bridge between the asyncio gRPC server and the engine, which runs in its own thread.
+"""The bridge between the asyncio gRPC server and the engine, which runs in a thread of its own
+or in a process of its own (service/engine_core.py)::
 
-::
-
-    asyncio loop                                   engine thread (owns the LLMEngine)
+    asyncio loop                                   engine (EngineThread or EngineProcess)
       submit / abort / get_load /
-      reset_prefix_cache        ──▶ inbox ──▶  run queued calls, then engine.step()
-      RequestStream (per request) ◀── loop.call_soon_threadsafe(one batch per step)
+      reset_prefix_cache   ──▶ (call id, name, args) ──▶  run queued calls, then engine.step()
+      RequestStream (per request) ◀── one batch of outputs per step, moved onto the loop
 
-The engine thread sleeps on a condition while it has nothing to run. Everything on the asyncio
-side (streams, futures) is touched only by the loop; the engine only by its thread.
+Everything on the asyncio side (streams, futures) is touched only by the loop; the engine only
+by its own thread or process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import itertools
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from service.faults import FaultPlan, crash_engine
+from service.engine_core import Call, EngineHandlers, EngineInfo, EngineProcess, EngineThread
+from service.faults import FaultPlan
 from service.request_stream import RequestStream
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from engine.config import EngineArgs
     from engine.llm_engine import LLMEngine, PreparedRequest
 
@@ -41,18 +42,19 @@ class RequestIdInUseError(ValueError):
 
 
 class AsyncLLM:
-    """Runs an ``LLMEngine`` in a thread beside the asyncio loop and streams its deltas."""
+    """Runs an engine beside the asyncio loop (in a thread, or a process of its own) and
+    streams its deltas."""
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | EngineThread | EngineProcess) -> None:
+        self.core = engine if isinstance(engine, (EngineThread, EngineProcess)) else EngineThread(engine)
         self.dead_reason: str | None = None
-        self._cond = threading.Condition()
-        self._inbox: list[tuple[Callable[[], Any], asyncio.Future[Any] | None]] = []
+        self._started = False
         self._stopping = False
         self._draining = False
         self._streams: dict[str, RequestStream] = {}
+        self._futures: dict[int, asyncio.Future[Any]] = {}  # calls the engine has yet to answer
+        self._call_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
         self._idle: asyncio.Event | None = None
         self._on_dead: Callable[[str], None] | None = None
         # Called on the loop once per request that ends: (stream, its last delta or None if the
@@ -63,27 +65,45 @@ class AsyncLLM:
         self.stream_interval = 1  # see ServerArgs.stream_interval
 
     @classmethod
-    def from_engine_args(cls, args: EngineArgs) -> AsyncLLM:
-        """Load the model and size the KV cache (blocking: call it off the event loop)."""
+    def from_engine_args(cls, args: EngineArgs, engine_process: bool = False, log_format: str = "text") -> AsyncLLM:
+        """Load the model (blocking: call it off the event loop), in this process or, with
+        ``engine_process``, in a child process of its own."""
+        if engine_process:
+            return cls(EngineProcess.launch(args, log_format))
         from engine.llm_engine import LLMEngine
 
         return cls(LLMEngine.from_engine_args(args))
 
+    @property
+    def engine(self) -> Any:
+        """The engine object when it runs in this process (tests and the offline paths)."""
+        assert isinstance(self.core, EngineThread), "the engine runs in its own process"
+        return self.core.engine
+
+    @property
+    def info(self) -> EngineInfo:
+        """The model's configuration, vocabulary, tokenizer and KV-cache settings."""
+        return self.core.info
+
     # ------------------------------------------------------------------ lifecycle (loop side)
     def start(self, on_dead: Callable[[str], None] | None = None) -> None:
-        """Start the engine thread; call on the event loop that will read the streams.
-        ``on_dead(reason)`` runs on the loop if the engine thread crashes."""
-        assert self._thread is None, "already started"
-        self._loop = asyncio.get_running_loop()
+        """Start the engine's loop; call on the event loop that will read the streams.
+        ``on_dead(reason)`` runs on the loop if the engine fails."""
+        assert not self._started, "already started"
+        self._started = True
+        self._loop = loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
         self._on_dead = on_dead
-        self._thread = threading.Thread(target=self._run, name="sluice-engine", daemon=True)
-        self._thread.start()
+        self.core.start(EngineHandlers(
+            deliver=lambda outputs: loop.call_soon_threadsafe(self._deliver, outputs),
+            reply=lambda call_id, result, error: loop.call_soon_threadsafe(self._resolve, call_id, result, error),
+            dead=lambda reason: loop.call_soon_threadsafe(self._die, reason),
+        ))
 
     @property
     def accepting(self) -> bool:
-        return self._thread is not None and not (self._draining or self._stopping or self.dead_reason)
+        return self._started and not (self._draining or self._stopping or self.dead_reason)
 
     @property
     def num_in_flight(self) -> int:
@@ -103,22 +123,23 @@ class AsyncLLM:
         return True
 
     async def shutdown(self) -> None:
-        """Abort whatever is still in flight (its streams end ABORTED), then stop the thread."""
+        """Abort whatever is still in flight (its streams end ABORTED), then stop the engine."""
         self._draining = True
-        if self._thread is None:
+        if not self._started or self._stopping:
             return
         if self._streams and not self.dead_reason:
             self.abort(list(self._streams))
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        await asyncio.to_thread(self._thread.join)
+        self._stopping = True
+        self.core.stop()
+        await asyncio.to_thread(self.core.join)
 
     # ------------------------------------------------------------------ requests (loop side)
     def prepare(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                 priority: int = 0, cache_salt: str | None = None) -> PreparedRequest:
         """Validate and tokenize without touching engine state; ``ValueError`` names the field."""
-        return self.engine.prepare_request(request_id, prompt, params, priority, cache_salt)
+        if isinstance(self.core, EngineThread):
+            return self.core.engine.prepare_request(request_id, prompt, params, priority, cache_salt)
+        return self.core.info.preparer.prepare(request_id, prompt, params, priority, cache_salt)
 
     def submit(self, prepared: PreparedRequest) -> RequestStream:
         """Queue a prepared request for the engine and return its stream. Admission happens on
@@ -127,9 +148,9 @@ class AsyncLLM:
             raise EngineUnavailableError(self._unavailable_reason())
         if prepared.request_id in self._streams:
             raise RequestIdInUseError(f"request_id {prepared.request_id!r} is already in flight")
-        accepted = self._call_in_engine(lambda: self.engine.add_prepared_request(prepared))
+        accepted = self._call("add_prepared_request", prepared)
         if self.faults.crashes_engine(prepared.request_id):
-            self._call_in_engine(crash_engine, want_result=False)
+            self._call("crash", want_result=False)
         stream = RequestStream(prepared, accepted, self._close_stream, self.stream_interval)
         self._streams[prepared.request_id] = stream
         assert self._idle is not None
@@ -153,41 +174,43 @@ class AsyncLLM:
         were in flight (unknown ids are ignored)."""
         in_flight = [rid for rid in request_ids if rid in self._streams]
         if in_flight and not self.dead_reason:
-            self._call_in_engine(lambda: self.engine.abort_request(in_flight), want_result=False)
+            self._call("abort_request", in_flight, want_result=False)
         return in_flight
 
     async def get_load(self) -> dict[str, Any]:
         """The engine's load, read on its own thread between steps."""
-        return await self._call_between_steps(self.engine.get_load)
+        return await self._call_between_steps("get_load")
 
     async def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block, on the engine thread between steps (the cache is
         the engine thread's alone); requests running now keep their blocks."""
-        return await self._call_between_steps(self.engine.reset_prefix_cache)
+        return await self._call_between_steps("reset_prefix_cache")
 
-    def _call_between_steps(self, fn: Callable[[], Any]) -> asyncio.Future[Any]:
-        if self.dead_reason or self._thread is None or self._stopping:
+    def _call_between_steps(self, name: str) -> asyncio.Future[Any]:
+        if self.dead_reason or not self._started or self._stopping:
             raise EngineUnavailableError(self._unavailable_reason())
-        return self._call_in_engine(fn)
+        return self._call(name)
 
     def _unavailable_reason(self) -> str:
         if self.dead_reason:
             return f"the engine failed: {self.dead_reason}"
-        if self._thread is None:
+        if not self._started:
             return "the engine is not started"
         return "the server is draining and takes no new requests"
 
-    def _call_in_engine(self, fn: Callable[[], Any], want_result: bool = True) -> asyncio.Future[Any]:
+    def _call(self, name: str, *args: Any, want_result: bool = True) -> asyncio.Future[Any]:
+        """Queue ``engine.name(*args)`` for the engine's loop; its answer resolves the future."""
         assert self._loop is not None
         future = self._loop.create_future()
-        with self._cond:
-            if self.dead_reason is None:
-                self._inbox.append((fn, future if want_result else None))
-                self._cond.notify()
-                return future
-        # The engine thread is gone: nothing would ever run the call.
-        if want_result:
-            future.set_exception(EngineUnavailableError(self._unavailable_reason()))
+        if self.dead_reason is not None:  # nothing would ever run the call
+            if want_result:
+                future.set_exception(EngineUnavailableError(self._unavailable_reason()))
+            return future
+        call_id = next(self._call_ids) if want_result else None
+        if call_id is not None:
+            self._futures[call_id] = future
+        call: Call = (call_id, name, args)
+        self.core.send(call)
         return future
 
     def _on_admission(self, stream: RequestStream, fut: asyncio.Future[None]) -> None:
@@ -205,8 +228,7 @@ class AsyncLLM:
             self.on_request_end(stream, None)
         # The stream keeps its id until the engine's abort comes back, so that a new request
         # with the same id cannot be handed this one's last deltas.
-        rid = stream.request_id
-        self._call_in_engine(lambda: self.engine.abort_request([rid]), want_result=False)
+        self._call("abort_request", [stream.request_id], want_result=False)
 
     def _forget(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -218,69 +240,36 @@ class AsyncLLM:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
+            if output.prompt_token_ids is not stream.prompt_token_ids:  # from the engine's process
+                output.prompt, output.prompt_token_ids = stream.prompt, stream.prompt_token_ids
             stream.push(output)
             if stream.finished:
                 self._forget(output.request_id)
                 if self.on_request_end is not None and not stream.closed:  # a closed one was counted then
                     self.on_request_end(stream, output)
 
-    def _fail_all(self, reason: str) -> None:
-        """The engine thread died: every stream ends with an error delta per open choice."""
+    def _resolve(self, call_id: int, result: Any, error: BaseException | None) -> None:
+        future = self._futures.pop(call_id, None)
+        if future is None or future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def _die(self, reason: str) -> None:
+        """The engine failed: calls it had not answered fail, and every stream ends with an
+        error delta per open choice."""
+        if self.dead_reason is not None:
+            return
+        self.dead_reason = reason
+        failure = EngineUnavailableError(f"the engine failed: {reason}")
+        futures, self._futures = self._futures, {}
+        for future in futures.values():
+            if not future.done():
+                future.set_exception(failure)
         for rid, stream in list(self._streams.items()):
             stream.fail(f"the engine failed: {reason}")
             self._forget(rid)
         if self._on_dead is not None:
             self._on_dead(reason)
-
-    # ------------------------------------------------------------------ the engine thread
-    def _run(self) -> None:
-        # Calls taken from the inbox and not run yet: a failure mid-way must still answer them.
-        pending: collections.deque[tuple[Callable[[], Any], asyncio.Future[Any] | None]] = collections.deque()
-        try:
-            while True:
-                with self._cond:
-                    while not (self._inbox or self._stopping or self.engine.has_unfinished_requests()):
-                        self._cond.wait()
-                    pending.extend(self._inbox)
-                    self._inbox = []
-                    stopping = self._stopping
-                while pending:
-                    self._run_call(*pending.popleft())
-                if self.engine.has_unfinished_requests():
-                    outputs = self.engine.step()
-                    if outputs:
-                        self._loop.call_soon_threadsafe(self._deliver, outputs)
-                elif stopping:
-                    return
-        except Exception as exc:
-            logger.exception("the engine thread failed")
-            self._die(f"{type(exc).__name__}: {exc}", list(pending))
-
-    def _run_call(self, fn: Callable[[], Any], future: asyncio.Future[Any] | None) -> None:
-        try:
-            result, error = fn(), None
-        except Exception as exc:  # handed to the caller; the engine goes on
-            result, error = None, exc
-        if future is not None:
-            self._loop.call_soon_threadsafe(_resolve, future, result, error)
-        elif error is not None:
-            raise error
-
-    def _die(self, reason: str, unrun: list[tuple[Callable[[], Any], asyncio.Future[Any] | None]]) -> None:
-        with self._cond:
-            self.dead_reason = reason
-            inbox, self._inbox = unrun + self._inbox, []
-        failure = EngineUnavailableError(f"the engine failed: {reason}")
-        for _, future in inbox:
-            if future is not None:
-                self._loop.call_soon_threadsafe(_resolve, future, None, failure)
-        self._loop.call_soon_threadsafe(self._fail_all, reason)
-
-
-def _resolve(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)

@@ -23,7 +23,7 @@ class RequestStream:
     for the first delta and the final one.
     """
 
-    __slots__ = ("request_id", "n", "prompt_token_ids", "num_top_logprobs", "num_output_tokens", "_accepted",
+    __slots__ = ("request_id", "n", "prompt", "prompt_token_ids", "num_top_logprobs", "num_output_tokens", "_accepted",
                  "_pending", "_ready", "_open", "_on_close", "_closed", "_interval", "_sent_first",
                  "_pending_tokens")
 
@@ -31,6 +31,7 @@ class RequestStream:
                  on_close: Callable[[RequestStream], None], stream_interval: int = 1) -> None:
         self.request_id = prepared.request_id
         self.n = prepared.params.n
+        self.prompt = prepared.prompt
         self.prompt_token_ids = prepared.prompt_token_ids
         self.num_top_logprobs = prepared.params.logprobs or 0
         self.num_output_tokens = [0] * self.n

@@ -68,6 +68,9 @@ class ServerArgs:
     # Output tokens a stream gathers before it sends a message (the first and the last go at
     # once): fewer, larger messages leave more of the process to the engine under heavy load.
     stream_interval: int = 1
+    # Run the engine in a process of its own (spawned), so that sending gRPC messages and
+    # stepping the model do not share one GIL; off: a thread of the server's process.
+    engine_process: bool = True
     # How long (ms) a Python thread may hold the GIL while another waits for it (Python's default:
     # 5). The engine thread wakes from each device step needing the GIL, which the asyncio thread
     # (sending messages) holds: a shorter interval lets the next step start sooner.
@@ -152,7 +155,8 @@ class Server:
         logger.info("listening on %s:%d; health NOT_SERVING until the model is loaded and warmed up",
                     self.server_args.host, port)
         try:
-            self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args)
+            self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, self.engine_args,
+                                               self.server_args.engine_process, self.server_args.log_format)
         except Exception:
             logger.exception("loading the model failed")
             await self._grpc.stop(None)
@@ -309,14 +313,14 @@ async def warm_up(llm: AsyncLLM) -> None:
 
 
 def engine_summary(llm: AsyncLLM) -> dict[str, object]:
-    config = llm.engine.model_config
+    config = llm.info.model_config
     return {
         "model": config.name,
         "architecture": config.architecture,
         "dtype": str(config.dtype).removeprefix("torch."),
         "max_model_len": config.max_model_len,
-        "vocab_size": llm.engine.vocab_size,
-        **llm.engine.cache_info(),
+        "vocab_size": llm.info.vocab_size,
+        **llm.info.cache_info,
     }
 
 

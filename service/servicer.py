@@ -73,7 +73,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         field = validation.prompt_field(request)
         try:
             request_id = validation.request_id_of(request, id_required)
-            prompt = validation.prompt_of(request, llm.engine.vocab_size, self.max_prompt_tokens)
+            prompt = validation.prompt_of(request, llm.info.vocab_size, self.max_prompt_tokens)
             params = validation.sampling_params_of(request, self.max_n)
             cache_salt = validation.cache_salt_of(request)
             if tenant is not None:
@@ -201,31 +201,31 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         llm = await self._unary_engine(context)
         add_special = request.add_special_tokens if request.HasField("add_special_tokens") else True
         # Off the loop, as for prompts: a long text must not stall every stream.
-        token_ids = await asyncio.to_thread(llm.engine.tokenizer.encode, request.text, add_special)
+        token_ids = await asyncio.to_thread(llm.info.tokenizer.encode, request.text, add_special)
         return pb.TokenizeResponse(token_ids=token_ids)
 
     async def Detokenize(self, request: pb.DetokenizeRequest,
                          context: grpc.aio.ServicerContext) -> pb.DetokenizeResponse:
         llm = await self._unary_engine(context)
-        vocab_size = llm.engine.vocab_size
+        vocab_size = llm.info.vocab_size
         bad = [t for t in request.token_ids if t >= vocab_size]
         if bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"token_ids: token id {bad[0]} is outside the vocabulary (size {vocab_size})")
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        text = await asyncio.to_thread(llm.engine.tokenizer.decode, list(request.token_ids), skip)
+        text = await asyncio.to_thread(llm.info.tokenizer.decode, list(request.token_ids), skip)
         return pb.DetokenizeResponse(text=text)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         llm = await self._unary_engine(context)
-        config, cache = llm.engine.model_config, llm.engine.cache_info()
+        config, cache = llm.info.model_config, llm.info.cache_info
         quantization = (config.quantization_config or {}).get("quant_method", "")
         return pb.ModelInfo(
             name=config.name,
             path=str(config.path),
             architecture=config.architecture,
-            vocab_size=llm.engine.vocab_size,
+            vocab_size=llm.info.vocab_size,
             max_model_len=config.max_model_len,
             dtype=str(config.dtype).removeprefix("torch."),
             quantization=quantization,

@@ -21,6 +21,7 @@ class _Prepared:
     request_id: str
     params: SamplingParams
     prompt_token_ids: list[int] = field(default_factory=lambda: [1])
+    prompt: str | None = None
 
 
 @dataclass
