@@ -10,7 +10,9 @@ case "$stage" in
            python -m bench.bench_offline --shape $shape --attention-backend $backend --baseline-batches \
              --out $R/offline_${shape}_${backend}${TAG}.json "$@" ;;
   serve)   shape=$1 backend=$2; shift 2
+           # The offline stage's engine settings (bench_offline's defaults), so the two compare.
            python -m bench.bench_serve --shape $shape --attention-backend $backend --max-model-len 2064 \
+             --max-num-seqs 256 --max-num-batched-tokens 8192 \
              --full-warmup --out $R/serve_${shape}_${backend}${TAG}.json "$@" ;;
   load)    python -m bench.bench_load --out $R/load_h200${TAG}.json "$@" ;;
   spec)    name=$1; shift; python -m bench.bench_spec_decode --out $R/spec_decode_${name}.json "$@" ;;

@@ -24,13 +24,15 @@ def _score(logits_ptr, row_offset, inv_temp, cols, hi, u, best_val, best_idx):
     return tl.where(better, score, best_val), tl.where(better, cols, best_idx)
 
 
-@triton.jit
+# The seed changes every step and the chunk count with the batch: neither may pick a compiled
+# variant (a compile takes seconds, inside whatever step meets a new one).
+@triton.jit(do_not_specialize=["num_chunks", "seed"])
 def _gumbel_argmax_kernel(
     logits_ptr, inv_temp_ptr, best_val_ptr, best_idx_ptr,
-    vocab_size, stride_row, chunk_len, tiles_per_row, seed,
-    NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr, RAND4X: tl.constexpr,
+    vocab_size, stride_row, chunk_len, tiles_per_row, num_chunks, seed,
+    BLOCK: tl.constexpr, RAND4X: tl.constexpr,
 ):
-    """Grid ``(num_rows, NUM_CHUNKS)``: program (r, c) scans columns ``[c * chunk_len, (c + 1) *
+    """Grid ``(num_rows, num_chunks)``: program (r, c) scans columns ``[c * chunk_len, (c + 1) *
     chunk_len)`` of row r (chunk_len a multiple of BLOCK) in BLOCK-wide tiles, scoring each
     ``logit * inv_temp[r] + gumbel`` (logits read in their own dtype, scored in float32) and
     writing its best score and column to ``best_*[r, c]`` (ties: the lowest column).
@@ -68,12 +70,12 @@ def _gumbel_argmax_kernel(
             best_val, best_idx = _score(logits_ptr, row_offset, inv_temp, cols, hi, u, best_val, best_idx)
     top = tl.max(best_val, axis=0)
     idx = tl.min(tl.where(best_val == top, best_idx, vocab_size), axis=0)
-    tl.store(best_val_ptr + row * NUM_CHUNKS + chunk, top)
-    tl.store(best_idx_ptr + row * NUM_CHUNKS + chunk, idx)
+    tl.store(best_val_ptr + row * num_chunks + chunk, top)
+    tl.store(best_idx_ptr + row * num_chunks + chunk, idx)
 
 
 def gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: int, *,
-                  num_chunks: int | None = None, block: int = 1024, rand4x: bool = True) -> torch.Tensor:
+                  num_chunks: int | None = None, block: int = 1024, rand4x: bool = False) -> torch.Tensor:
     """One token per row of ``logits`` [R, V] drawn from ``softmax(logits * inv_temperature[r])``
     (``inv_temperature`` [R] float32 on the same device), as int64 [R], with noise that is a
     function of ``seed`` (< 2**31) and the element alone. No host syncs."""
@@ -88,7 +90,7 @@ def gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: int
     best_idx = torch.empty((rows, num_chunks), dtype=torch.int32, device=logits.device)
     _gumbel_argmax_kernel[(rows, num_chunks)](
         logits, inv_temperature, best_val, best_idx, vocab, logits.stride(0), chunk_len,
-        triton.cdiv(vocab, block), seed, NUM_CHUNKS=num_chunks, BLOCK=block, RAND4X=rand4x, num_warps=4,
+        triton.cdiv(vocab, block), num_chunks, seed, BLOCK=block, RAND4X=rand4x, num_warps=4,
     )
     if num_chunks == 1:
         return best_idx[:, 0].long()
