@@ -124,6 +124,8 @@ def step_logits(model: nn.Module, buffers: InputBuffers, backend: AttentionBacke
     with set_forward_context(inputs.metadata, backend):
         hidden = model(inputs.input_ids, inputs.positions)
     assert inputs.logits_indices is not None
-    if inputs.logits_indices.numel() == 0:
+    num_logits = inputs.logits_indices.numel()
+    if num_logits == 0:
         return None
-    return model.compute_logits(hidden[inputs.logits_indices])
+    # Increasing indices, as many as the tokens (every token sampled): 0 .. T - 1, no gather.
+    return model.compute_logits(hidden if num_logits == hidden.shape[0] else hidden[inputs.logits_indices])

@@ -71,7 +71,7 @@ class Sampler:
             inv_temperature = to_device([1.0 / row.params.temperature for row in rows], logits.device,
                                         torch.float32)
             return gumbel_sample(logits, inv_temperature, self._host_rng.getrandbits(31))
-        if any(map(_needs_processing, rows)):
+        if any(map(needs_processing, rows)):
             processed = process_logits(logits, rows, self.eos_token_ids)
         else:
             processed = logits.float()
@@ -141,10 +141,10 @@ def _is_plain_random(row: SamplingRow) -> bool:
     """Sampled at a temperature from the whole softmax, unseeded, nothing to process."""
     p = row.params
     return (not p.is_greedy and p.seed is None and p.top_k <= 0 and p.top_p >= 1.0 and p.min_p == 0.0
-            and not _needs_processing(row))
+            and not needs_processing(row))
 
 
-def _needs_processing(row: SamplingRow) -> bool:
+def needs_processing(row: SamplingRow) -> bool:
     p = row.params
     return bool(p.logit_bias or p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
                 or len(row.output_token_ids) < p.min_tokens)

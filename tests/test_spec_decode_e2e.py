@@ -227,6 +227,25 @@ def test_draft_model_drafts_its_greedy_continuation_through_partial_acceptance(t
         output.extend(expected[:accepted] + [rng.randrange(2, 500)])
 
 
+def test_greedy_drafts_apply_the_sampling_parameters_of_rows_that_need_them(tiny_models) -> None:
+    """Greedy drafts come from the raw logits' argmax only while no row of the batch changes its
+    logits: a biased greedy row beside a plain one still gets its bias, the plain one the draft's
+    greedy continuation, alone or not."""
+    target, draft = tiny_models["llama"], tiny_models["qwen3"]
+    proposer = _draft_proposer(target, draft)
+    hf = AutoModelForCausalLM.from_pretrained(draft, dtype=torch.float32).eval()
+    rng = random.Random(5)
+    prompts = [[rng.randrange(2, 500) for _ in range(9)] for _ in range(2)]
+    biased = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, detokenize=False, logit_bias={7: 100.0})
+    plain_alone = proposer.propose([DraftRequest("p", prompts[0], [], 4, GREEDY, list(range(1, 9)))])
+    together = proposer.propose([DraftRequest("q", prompts[0], [], 4, GREEDY, list(range(9, 17))),
+                                 DraftRequest("b", prompts[1], [], 4, biased, list(range(17, 25)))])
+    expected = _hf_greedy(hf, prompts[0], 4)
+    assert plain_alone.draft_token_ids == [expected]
+    assert together.draft_token_ids == [expected, [7] * 4]
+    assert together.draft_probs is None
+
+
 def test_a_draft_with_another_vocabulary_is_refused(tiny_models, tmp_path: Path) -> None:
     other = shutil.copytree(tiny_models["llama"], tmp_path / "big-vocab")
     config = json.loads((other / "config.json").read_text())

@@ -37,7 +37,7 @@ from engine.input_buffers import InputBuffers
 from engine.kv_cache import KVCaches, allocate_kv_cache, kv_block_bytes
 from engine.model_config import ModelConfig
 from engine.model_loader import load_model
-from engine.sampler import SamplingRow, draw_seed, process_logits, sampling_probs
+from engine.sampler import SamplingRow, draw_seed, needs_processing, process_logits, sampling_probs
 from engine.sampling_params import SamplingParams
 from engine.spec_decode.proposer import DraftRequest, Proposal, Proposer
 from scheduler.outputs import ScheduledRequest
@@ -200,9 +200,12 @@ class DraftModelProposer(Proposer):
         rows = [SamplingRow(_params(r), r.prompt_token_ids, [*r.output_token_ids, *d])
                 for r, d in zip(requests, drafts, strict=True)]
         params = [row.params for row in rows]
-        processed = process_logits(logits, rows, self.eos_token_ids)
         if all(p.is_greedy for p in params):
-            return processed.argmax(dim=-1).tolist(), None
+            # Where no row's logits change, the raw logits' argmax (no float32 copy: widening keeps it).
+            if any(map(needs_processing, rows)):
+                logits = process_logits(logits, rows, self.eos_token_ids)
+            return logits.argmax(dim=-1).tolist(), None
+        processed = process_logits(logits, rows, self.eos_token_ids)
         probs = sampling_probs(processed, params)
         tokens = (probs / self._noise(probs.shape[-1], rows)).argmax(dim=-1)
         return tokens.tolist(), probs
