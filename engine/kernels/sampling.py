@@ -75,7 +75,7 @@ def _gumbel_argmax_kernel(
 
 
 def gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: int, *,
-                  num_chunks: int | None = None, block: int = 1024, rand4x: bool = False) -> torch.Tensor:
+                  num_chunks: int | None = None, block: int = 1024, rand4x: bool = True) -> torch.Tensor:
     """One token per row of ``logits`` [R, V] drawn from ``softmax(logits * inv_temperature[r])``
     (``inv_temperature`` [R] float32 on the same device), as int64 [R], with noise that is a
     function of ``seed`` (< 2**31) and the element alone. No host syncs."""
