@@ -20,6 +20,7 @@ buys under load.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import multiprocessing
 import operator
@@ -281,6 +282,12 @@ def _child_main(args: EngineArgs, calls: Connection, answers: Connection, level:
     answers.send(("ready", (info.model_config, info.vocab_size, info.cache_info, preparer)))
     stopping = False
 
+    def send(message: tuple) -> None:
+        try:
+            answers.send(message)
+        except OSError:  # BrokenPipeError: the server's process is gone
+            raise _ServerGone from None
+
     def take_calls(block: bool) -> tuple[list[Call], bool]:
         nonlocal stopping
         taken: list[Call] = []
@@ -299,16 +306,16 @@ def _child_main(args: EngineArgs, calls: Connection, answers: Connection, level:
 
     try:
         run_engine_loop(engine, take_calls,
-                        lambda call_id, result, error: answers.send(("reply", call_id, result, _portable(error))),
-                        lambda outputs: answers.send(("out", pack_outputs(outputs))))
+                        lambda call_id, result, error: send(("reply", call_id, result, _portable(error))),
+                        lambda outputs: send(("out", pack_outputs(outputs))))
+        send(("stopped",))
     except _ServerGone:
         logger.warning("the server's process went away: the engine process exits")
-        return
     except Exception as exc:
         logger.exception("the engine failed")
-        answers.send(("dead", f"{type(exc).__name__}: {exc}"))
+        with contextlib.suppress(OSError):
+            answers.send(("dead", f"{type(exc).__name__}: {exc}"))
         raise SystemExit(1) from None
-    answers.send(("stopped",))
 
 
 def _without_tokenizer(preparer: RequestPreparer) -> RequestPreparer:

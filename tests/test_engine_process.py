@@ -11,6 +11,7 @@ import signal
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -91,10 +92,16 @@ def test_killed_engine_process_fails_requests_in_flight_then_exit_1(fresh_server
 
 
 def test_killed_server_leaves_no_engine_process(fresh_server) -> None:
+    """SIGKILL to the server mid-generation: its engine process, busy stepping, exits too."""
     srv = fresh_server
     pid = _engine_pid(srv.log())
-    srv.proc.kill()
-    srv.proc.wait(10)
+    with SluiceClient(srv.address, timeout=60) as client:
+        call = client.generate("def f(x):", max_tokens=400, **GREEDY)
+        next(call)
+        srv.proc.kill()
+        srv.proc.wait(10)
+        with pytest.raises(grpc.RpcError):
+            list(call)
     assert _wait_gone(pid, timeout=30), "the engine process outlived its server"
 
 
