@@ -19,7 +19,8 @@ so a 5-token verify and a 1-token decode disagree and the oracle falls off its p
 model counts (after token t comes t + 1; t again when the embeddings are tied) by a wide margin.
 The kernels and their cost are the same; only the values change.
 
-A mode may carry options: ``-kN`` its k, ``-minN`` its ngram_prompt_lookup_min (``ngram-min3``).
+A mode may carry options: ``-kN`` its k, ``-minN`` / ``-maxN`` its ngram_prompt_lookup_min / _max
+(``ngram-min3``, ``ngram-max8``).
 One engine per mode, all built first; each request runs alone (batch 1) in every mode in turn,
 so that a change in machine load hits all modes alike. Figures: time to first token, then decode
 tokens/s from the first token to the last. The sweep runs ``B`` ``regenerate`` requests at once
@@ -207,12 +208,15 @@ class Counter:
 # ---------------------------------------------------------------------------- modes
 def engine_for(args: argparse.Namespace, model: str, mode: str) -> LLMEngine:
     """The engine of ``mode``: a proposer name, optionally with ``-kN`` (its k) and, for
-    ``ngram``, ``-minN`` (its ngram_prompt_lookup_min), e.g. ``ngram-min3`` or ``draft-k2``."""
+    ``ngram``, ``-minN`` / ``-maxN`` (its ngram_prompt_lookup_min / _max), e.g. ``ngram-min3``,
+    ``ngram-max8`` or ``draft-k2``."""
     proposer, *options = mode.split("-")
-    k, ngram_min = args.k, args.ngram_min
+    k, ngram_min, ngram_max = args.k, args.ngram_min, args.ngram_max
     for option in options:
         if option.startswith("min"):
             ngram_min = int(option[3:])
+        elif option.startswith("max"):
+            ngram_max = int(option[3:])
         elif option.startswith("k"):
             k = int(option[1:])
         else:
@@ -223,7 +227,7 @@ def engine_for(args: argparse.Namespace, model: str, mode: str) -> LLMEngine:
     elif proposer in ("ngram", "oracle"):
         # The oracle's proposer replaces the n-gram one.
         spec = {"speculative_method": "ngram", "ngram_prompt_lookup_min": ngram_min,
-                "ngram_prompt_lookup_max": max(ngram_min, args.ngram_max)}
+                "ngram_prompt_lookup_max": max(ngram_min, ngram_max)}
     elif proposer != "baseline":
         raise ValueError(f"unknown mode {mode!r}")
     if spec:
