@@ -1,2 +1,2 @@
-"""The gRPC edge: server, servicer, request validation, the bridge to the engine thread, the
-Python client and the ``sluice`` command."""
+"""The gRPC edge: server, servicer, request validation, the bridge to the engine (a thread or a
+process of its own), the Python client and the ``sluice`` command."""

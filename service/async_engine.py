@@ -143,7 +143,7 @@ class AsyncLLM:
 
     def submit(self, prepared: PreparedRequest) -> RequestStream:
         """Queue a prepared request for the engine and return its stream. Admission happens on
-        the engine thread; ``await stream.wait_accepted()`` tells how it went."""
+        the engine's loop; ``await stream.wait_accepted()`` tells how it went."""
         if not self.accepting:
             raise EngineUnavailableError(self._unavailable_reason())
         if prepared.request_id in self._streams:
@@ -182,8 +182,8 @@ class AsyncLLM:
         return await self._call_between_steps("get_load")
 
     async def reset_prefix_cache(self) -> bool:
-        """Forget every cached prefix block, on the engine thread between steps (the cache is
-        the engine thread's alone); requests running now keep their blocks."""
+        """Forget every cached prefix block, in the engine's loop between steps (the cache is
+        the loop's alone); requests running now keep their blocks."""
         return await self._call_between_steps("reset_prefix_cache")
 
     def _call_between_steps(self, name: str) -> asyncio.Future[Any]:

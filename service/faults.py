@@ -5,7 +5,7 @@ The value is a comma-separated list of ``kind=request_id`` entries:
 - ``fail-request=ID``: the request ``ID`` fails while its tokens stream, as a bug in one request's
   processing would; it ends with INTERNAL (or an INTERNAL error message on GenerateStream) and the
   other requests go on.
-- ``crash-engine=ID``: the engine thread raises right after admitting the request ``ID``, as a
+- ``crash-engine=ID``: the engine's loop raises right after admitting the request ``ID``, as a
   device failure would; the server reports NOT_SERVING and exits non-zero.
 
 A server started with the variable set says so in a start-up warning.
@@ -57,5 +57,5 @@ class FaultPlan:
 
 
 def crash_engine() -> None:
-    """Run on the engine thread: the exception ends it as a real failure would."""
+    """Run in the engine's loop: the exception ends it as a real failure would."""
     raise InjectedFault("injected engine crash")

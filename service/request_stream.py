@@ -1,4 +1,4 @@
-"""The asyncio side of one request in flight: the deltas the engine thread hands over, read by
+"""The asyncio side of one request in flight: the deltas the engine hands over, read by
 the servicer as one coalesced delta per wake-up."""
 
 from __future__ import annotations

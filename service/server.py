@@ -72,8 +72,9 @@ class ServerArgs:
     # stepping the model do not share one GIL; off: a thread of the server's process.
     engine_process: bool = True
     # How long (ms) a Python thread may hold the GIL while another waits for it (Python's default:
-    # 5). The engine thread wakes from each device step needing the GIL, which the asyncio thread
-    # (sending messages) holds: a shorter interval lets the next step start sooner.
+    # 5). With the engine on a thread (--no-engine-process) it wakes from each device step needing
+    # the GIL, which the asyncio thread (sending messages) holds: a shorter interval lets the next
+    # step start sooner.
     gil_switch_interval_ms: float = 0.5
     # Limits that keep one client from taking the server down.
     max_message_bytes: int = 4 * 1024 * 1024  # largest request (and response) message
