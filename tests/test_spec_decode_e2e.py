@@ -107,7 +107,10 @@ def _generate(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[
 
 
 def _speculative(family: str, draft: str, tiny_models, drafts, **overrides: object) -> LLM:
-    spec = {"speculative_method": "ngram"} if draft == "ngram" else {"speculative_model": str(drafts[family][draft])}
+    # The tiny random models repeat single tokens, so lookup from one token up keeps their n-gram
+    # drafts coming (the engine's default starts at two).
+    spec = ({"speculative_method": "ngram", "ngram_prompt_lookup_min": 1, "ngram_prompt_lookup_max": 4}
+            if draft == "ngram" else {"speculative_model": str(drafts[family][draft])})
     return LLM(str(tiny_models[family]), **{**_pressure(family), **spec, **overrides})
 
 
