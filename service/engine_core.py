@@ -24,11 +24,12 @@ import contextlib
 import logging
 import multiprocessing
 import operator
+import pickle
 import queue
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -319,16 +320,12 @@ def _child_main(args: EngineArgs, calls: Connection, answers: Connection, level:
 
 
 def _without_tokenizer(preparer: RequestPreparer) -> RequestPreparer:
-    from dataclasses import replace
-
     return replace(preparer, tokenizer=None)
 
 
 def _portable(error: BaseException | None) -> BaseException | None:
     """The error as sent across the pipe: itself when it survives pickling, else a RuntimeError
     with its text (the service maps errors by type: ValueError, QueueFullError, ...)."""
-    import pickle
-
     if error is None:
         return None
     try:
