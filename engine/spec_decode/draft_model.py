@@ -39,6 +39,7 @@ from engine.model_config import ModelConfig
 from engine.model_loader import load_model
 from engine.sampler import SamplingRow, draw_seed, needs_processing, process_logits, sampling_probs
 from engine.sampling_params import SamplingParams
+from engine.spec_decode.cpu_draft import LeanDraftForward
 from engine.spec_decode.proposer import DraftRequest, Proposal, Proposer
 from scheduler.outputs import ScheduledRequest
 
@@ -86,6 +87,7 @@ class DraftModelProposer(Proposer):
         self.model: torch.nn.Module | None = None
         self.kv_caches: KVCaches = []
         self.graphs: DecodeGraphs | None = None
+        self.lean: LeanDraftForward | None = None  # the CPU's drafting steps (engine/spec_decode/cpu_draft.py)
         max_blocks = -(-config.max_model_len // self.block_size)
         self.buffers = InputBuffers(max(args.max_num_batched_tokens, args.max_num_seqs), args.max_num_seqs,
                                     max_blocks, self.block_size, self.device)
@@ -104,6 +106,8 @@ class DraftModelProposer(Proposer):
         assert self.model is not None, "load_model() first"
         self.kv_caches = allocate_kv_cache(self.config, num_blocks, self.block_size)
         self.model.bind_kv_cache(self.kv_caches)
+        if self.device.type == "cpu" and self.config.dtype == torch.float32:
+            self.lean = LeanDraftForward(self.model, self.block_size)
         if self.graph_batch_size is not None:
             self.graphs = DecodeGraphs(self.model, self.buffers, self.backend, self.graph_batch_size)
             self.graphs.capture()
@@ -176,6 +180,8 @@ class DraftModelProposer(Proposer):
     def _forward(self, batch: list[ScheduledRequest]) -> list[torch.Tensor]:
         if not batch:
             return []
+        if self.lean is not None and self.lean.supports(batch):
+            return [self.lean(batch)]
         logits = step_logits(self.model, self.buffers, self.backend, self.graphs, batch)
         return [] if logits is None else [logits]
 
