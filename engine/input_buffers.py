@@ -5,7 +5,8 @@ CUDA graphs can capture views that stay valid across steps.
 ::
 
     int64 area:  [ input_ids  (max_tokens) | positions (max_tokens) | slot_mapping (max_tokens) ]
-    int32 area:  [ query_start_loc (max_reqs + 1) | seq_lens (max_reqs) | block_tables (max_reqs x max_blocks) ]
+    int32 area:  [ query_start_loc (max_reqs + 1) | seq_lens (max_reqs) | decode_order (max_reqs)
+                   | block_tables (max_reqs x max_blocks) ]
 
 A step with T tokens and R requests fills the first T (R) entries of each section; only the
 int32 area's prefix up to row R of the block tables travels to the device.
@@ -47,7 +48,7 @@ class InputBuffers:
         self.device = device
         pin = device.type == "cuda"
         size64 = 3 * max_tokens
-        size32 = 2 * max_reqs + 1 + max_reqs * max_blocks
+        size32 = 3 * max_reqs + 1 + max_reqs * max_blocks
         self.host64 = torch.zeros(size64, dtype=torch.int64, pin_memory=pin)
         self.host32 = torch.zeros(size32, dtype=torch.int32, pin_memory=pin)
         self.dev64 = torch.zeros(size64, dtype=torch.int64, device=device)
@@ -56,16 +57,18 @@ class InputBuffers:
         # The host areas are rewritten only after the previous step's copies have run.
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
         # Section offsets.
-        self._bt = 2 * max_reqs + 1
+        self._order = 2 * max_reqs + 1
+        self._bt = 3 * max_reqs + 1
 
     # ------------------------------------------------------------------ device views
     def device_views(self, num_tokens: int, num_reqs: int) -> tuple[torch.Tensor, ...]:
-        """(input_ids, positions, slot_mapping, query_start_loc, seq_lens, block_tables) on the device."""
+        """(input_ids, positions, slot_mapping, query_start_loc, seq_lens, decode_order, block_tables)
+        on the device."""
         t, r = self.max_tokens, self.max_reqs
         d64, d32 = self.dev64, self.dev32
         return (
             d64[:num_tokens], d64[t:t + num_tokens], d64[2 * t:2 * t + num_tokens],
-            d32[:num_reqs + 1], d32[r + 1:r + 1 + num_reqs],
+            d32[:num_reqs + 1], d32[r + 1:r + 1 + num_reqs], d32[self._order:self._order + num_reqs],
             d32[self._bt:self._bt + num_reqs * self.max_blocks].view(num_reqs, self.max_blocks),
         )
 
@@ -130,6 +133,8 @@ class InputBuffers:
             np32[r + 1 + num_reqs:r + 1 + size] = 0 if per_request == 1 else per_request
             num_rows, num_tokens = size, end
             max_seq_len = self.max_blocks * bs
+        lens = np32[r + 1:r + 1 + num_rows]
+        np32[self._order:self._order + num_rows] = np.argsort(-lens, kind="stable")
 
         # Two copies: each area's used prefix (the int64 sections are small, copy them whole).
         self.dev64.copy_(self.host64, non_blocking=True)
@@ -140,7 +145,7 @@ class InputBuffers:
 
         logits_indices = None if graph_shape is not None else to_device(
             _logits_indices(scheduled, cu_new), self.device)
-        input_ids, positions_d, slots, query_start_loc, seq_lens_d, block_tables = self.device_views(
+        input_ids, positions_d, slots, query_start_loc, seq_lens_d, order, block_tables = self.device_views(
             num_tokens, num_rows
         )
         metadata = AttentionMetadata(
@@ -150,6 +155,7 @@ class InputBuffers:
             block_tables=block_tables,
             max_query_len=int(num_new.max()),
             max_seq_len=max_seq_len,
+            decode_order=order,
         )
         return StepInputs(input_ids, positions_d, metadata, logits_indices,
                           placeholder_tokens, request_of_token[placeholder_tokens])

@@ -198,6 +198,28 @@ def test_split_kv_decode_matches_reference(
     assert_close(out, reference_attention(b, scale, sliding_window), TOL, seed)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_in_any_request_order_gives_the_same_rows(num_splits: int) -> None:
+    """``order`` only changes which program takes which request: longest first, or any
+    permutation, writes each request's row exactly as the natural order does."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    seq_lens = [rng.randint(1, 90) for _ in range(6)]
+    b = make_batch(rng, [n - 1 for n in seq_lens], [1] * len(seq_lens), num_kv_heads=2, group=2, head_dim=32,
+                   block_size=16)
+    natural = decode_attention(b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, 0.2,
+                               out=nan_like(b.query), num_splits=num_splits, block_n=16)
+    assert_close(natural, reference_attention(b, 0.2, None), TOL, seed)
+    shuffled = list(range(len(seq_lens)))
+    rng.shuffle(shuffled)
+    longest_first = sorted(range(len(seq_lens)), key=lambda i: -seq_lens[i])
+    for order in (longest_first, shuffled):
+        out = decode_attention(b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, 0.2,
+                               out=nan_like(b.query), num_splits=num_splits, block_n=16,
+                               order=torch.tensor(order, dtype=torch.int32, device=b.query.device))
+        assert torch.equal(out, natural), f"seed {seed}, order {order}"
+
+
 def test_decode_splits_outnumbering_keys_leave_empty_splits_harmless() -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)

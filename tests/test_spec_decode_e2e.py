@@ -448,6 +448,7 @@ def test_graph_padding_of_a_verify_step() -> None:
     assert metadata.slot_mapping.tolist() == [10, 11, 12, 23, 24, 25] + [-1] * 6
     assert metadata.query_start_loc.tolist() == [0, 3, 6, 9, 12]
     assert metadata.seq_lens.tolist() == [9, 10, 3, 3]
+    assert metadata.decode_order.tolist() == [1, 0, 2, 3]  # longest first, padding last
     assert (metadata.max_query_len, metadata.max_seq_len) == (3, 16)
     with pytest.raises(AssertionError, match="does not fit the graph"):
         buffers.prepare([*scheduled[:1], ScheduledRequest("d", [5], 3, [1], True, GREEDY, [1] * 3, [5])],

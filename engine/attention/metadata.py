@@ -35,6 +35,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with 0
     max_query_len: int
     max_seq_len: int  # a bound on seq_lens: exact in eager steps; in CUDA graphs, the longest possible
+    # [num_reqs] int32: the requests by decreasing seq_len, the order decode kernels start them in
+    # (the longest first leaves short ones to fill the last wave); None: batch order.
+    decode_order: torch.Tensor | None = None
 
     @property
     def num_reqs(self) -> int:

@@ -52,7 +52,8 @@ class TritonAttentionBackend(AttentionBackend):
         paged = (k_cache, v_cache, metadata.block_tables, metadata.seq_lens)
         max_seq_len = metadata.max_seq_len
         if metadata.max_query_len == 1 and metadata.num_tokens == metadata.num_reqs:
-            return decode_attention(q, *paged, scale, sliding_window, out, max_seq_len=max_seq_len)
+            return decode_attention(q, *paged, scale, sliding_window, out, max_seq_len=max_seq_len,
+                                    order=metadata.decode_order)
         prefill_attention(
             q, *paged, metadata.query_start_loc, scale, sliding_window, out,
             skip_decode=metadata.num_reqs > 1, max_query_len=metadata.max_query_len,
@@ -60,6 +61,6 @@ class TritonAttentionBackend(AttentionBackend):
         if metadata.num_reqs > 1:
             decode_attention(
                 q, *paged, scale, sliding_window, out,
-                query_start_loc=metadata.query_start_loc, max_seq_len=max_seq_len,
+                query_start_loc=metadata.query_start_loc, max_seq_len=max_seq_len, order=metadata.decode_order,
             )
         return out

@@ -33,7 +33,7 @@ DEFAULT_NUM_SMS = 132
 @triton.jit
 def _decode_split_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, order_ptr,
     num_heads, qk_scale, window,
     stride_q_row, stride_q_head, stride_o_row, stride_o_head,
     stride_kc_block, stride_kc_slot, stride_kc_head,
@@ -41,9 +41,11 @@ def _decode_split_kernel(
     stride_bt_req,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, MIXED: tl.constexpr, HAS_ORDER: tl.constexpr,
 ):
-    """Grid ``(num_reqs, num_kv_heads, NUM_SPLITS)``.
+    """Grid ``(num_reqs, num_kv_heads, NUM_SPLITS)``. Program p takes request p, or with HAS_ORDER
+    request ``order[p]``: the GPU starts programs about in order, so an order by decreasing
+    length starts the longest first and leaves short ones to fill the last wave.
 
     Request r's query is row r; with MIXED it is row ``query_start_loc[r]`` and requests that
     do not have exactly one new token are left to the prefill kernel.
@@ -55,7 +57,10 @@ def _decode_split_kernel(
     ``[num_reqs, num_heads, NUM_SPLITS, HEAD_DIM]`` and ``part_lse`` ``[num_reqs, num_heads,
     NUM_SPLITS]`` (an empty split writes lse = -inf).
     """
-    req = tl.program_id(0)
+    if HAS_ORDER:
+        req = tl.load(order_ptr + tl.program_id(0))
+    else:
+        req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     if MIXED:
@@ -187,13 +192,16 @@ def decode_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per request at position ``seq_lens[r] - 1`` over the paged
     caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` (which already hold that token's
     key and value). ``query`` is ``[num_reqs, num_heads, head_dim]``; or, given
     ``query_start_loc``, a mixed batch ``[num_tokens, num_heads, head_dim]`` of which only the
     rows of requests with exactly one new token are computed (and written to ``out``).
-    ``num_splits`` defaults to ``decode_num_splits(..., max_seq_len)``. No host syncs."""
+    ``num_splits`` defaults to ``decode_num_splits(..., max_seq_len)``. ``order`` (int32
+    ``[num_reqs]``, a permutation) is the order in which requests' programs start: longest first
+    balances a batch of mixed lengths. No host syncs."""
     check_paged_shapes(query, key_cache, value_cache)
     num_heads, head_dim = query.shape[1:]
     num_reqs = seq_lens.shape[0]
@@ -220,7 +228,7 @@ def decode_attention(
     qsl = query_start_loc if mixed else seq_lens  # not read unless MIXED
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, key_cache, value_cache, out, part_out, part_lse,
-        block_tables, seq_lens, qsl,
+        block_tables, seq_lens, qsl, seq_lens if order is None else order,
         num_heads, scale * LOG2E, sliding_window or 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
@@ -229,7 +237,7 @@ def decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
         USE_WINDOW=bool(sliding_window), DOT_PRECISION=dot_precision(query.dtype), MIXED=mixed,
-        num_warps=num_warps or 4, num_stages=num_stages or 2,
+        HAS_ORDER=order is not None, num_warps=num_warps or 4, num_stages=num_stages or 2,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_heads)](
