@@ -20,7 +20,7 @@ model counts (after token t comes t + 1; t again when the embeddings are tied) b
 The kernels and their cost are the same; only the values change.
 
 A mode may carry options: ``-kN`` its k, ``-minN`` / ``-maxN`` its ngram_prompt_lookup_min / _max
-(``ngram-min3``, ``ngram-max8``).
+(``ngram-min3``, ``ngram-max8``), ``-cN`` its draft_confidence_threshold N / 10 (``draft-c5``).
 One engine per mode, all built first; each request runs alone (batch 1) in every mode in turn,
 so that a change in machine load hits all modes alike. Figures: time to first token, then decode
 tokens/s from the first token to the last. The sweep runs ``B`` ``regenerate`` requests at once
@@ -209,9 +209,9 @@ class Counter:
 def engine_for(args: argparse.Namespace, model: str, mode: str) -> LLMEngine:
     """The engine of ``mode``: a proposer name, optionally with ``-kN`` (its k) and, for
     ``ngram``, ``-minN`` / ``-maxN`` (its ngram_prompt_lookup_min / _max), e.g. ``ngram-min3``,
-    ``ngram-max8`` or ``draft-k2``."""
+    ``ngram-max8`` or ``draft-k2``; for ``draft``, ``-cN`` (draft_confidence_threshold N / 10)."""
     proposer, *options = mode.split("-")
-    k, ngram_min, ngram_max = args.k, args.ngram_min, args.ngram_max
+    k, ngram_min, ngram_max, confidence = args.k, args.ngram_min, args.ngram_max, None
     for option in options:
         if option.startswith("min"):
             ngram_min = int(option[3:])
@@ -219,6 +219,8 @@ def engine_for(args: argparse.Namespace, model: str, mode: str) -> LLMEngine:
             ngram_max = int(option[3:])
         elif option.startswith("k"):
             k = int(option[1:])
+        elif option.startswith("c"):
+            confidence = int(option[1:]) / 10
         else:
             raise ValueError(f"unknown mode option {option!r} in {mode!r}")
     spec: dict[str, object] = {}
@@ -232,6 +234,8 @@ def engine_for(args: argparse.Namespace, model: str, mode: str) -> LLMEngine:
         raise ValueError(f"unknown mode {mode!r}")
     if spec:
         spec.update(num_speculative_tokens=k, speculative_disable_batch_size=None)
+    if confidence is not None:
+        spec.update(draft_confidence_threshold=confidence)
     engine = LLMEngine(EngineArgs(
         model=model, load_format=args.load_format, dtype=args.dtype, max_model_len=args.max_model_len,
         max_num_seqs=max(args.batch_sizes), num_kv_blocks=args.num_kv_blocks,

@@ -54,6 +54,12 @@ class EngineArgs:
     # 1.53-1.57x and 1.57x for 1..4 (single-token matches propose drafts that mostly fail).
     ngram_prompt_lookup_min: int = 2
     ngram_prompt_lookup_max: int = 16
+    # A draft model stops drafting for a request after a draft its own distribution gives less
+    # than this probability (that draft is still verified): the later ones would mostly be
+    # rejected, and each costs a draft forward and a verified position. 0: always k drafts.
+    # bench/results/spec_decode_cpu_draft_confidence{,_b}.json (bundled pair, CPU, k = 4, held-out
+    # code): 1.27x at 0, 1.30-1.41x at 0.2-0.5, best at 0.3 (1.41x, 1.33x on a second run).
+    draft_confidence_threshold: float = 0.3
     # No drafts while more requests than this run. bench/results/spec_decode_h200.json: on an H200
     # (8B shape) a verify step costs 1.27x a decode step at batch 1 and 1.98x at 32, so drafts
     # giving a mean accepted length of 2 stop paying near 32 (docs/benchmarks.md).
@@ -100,6 +106,8 @@ class EngineArgs:
             raise ValueError(
                 f"need 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max, got "
                 f"{self.ngram_prompt_lookup_min} and {self.ngram_prompt_lookup_max}")
+        if not 0.0 <= self.draft_confidence_threshold < 1.0:
+            raise ValueError(f"draft_confidence_threshold must be in [0, 1), got {self.draft_confidence_threshold}")
         if self.speculative_disable_batch_size is not None and self.speculative_disable_batch_size < 1:
             raise ValueError(f"speculative_disable_batch_size must be >= 1, got {self.speculative_disable_batch_size}")
 

@@ -198,8 +198,10 @@ def _hf_greedy(model: torch.nn.Module, tokens: list[int], n: int) -> list[int]:
     return tokens[-n:]
 
 
-def _draft_proposer(target: Path, draft: Path) -> DraftModelProposer:
-    args = EngineArgs(model=str(target), speculative_model=str(draft), block_size=BLOCK_SIZE, max_model_len=128)
+def _draft_proposer(target: Path, draft: Path, confidence: float = 0.0) -> DraftModelProposer:
+    """A draft model proposer; ``confidence``: its draft_confidence_threshold (0: always k drafts)."""
+    args = EngineArgs(model=str(target), speculative_model=str(draft), block_size=BLOCK_SIZE, max_model_len=128,
+                      draft_confidence_threshold=confidence)
     config = load_draft_config(args, ModelConfig.from_pretrained(target, max_model_len=128))
     proposer = DraftModelProposer(config, args, TorchAttentionBackend(), eos_token_ids=[1])
     proposer.load_model()
@@ -228,6 +230,38 @@ def test_draft_model_drafts_its_greedy_continuation_through_partial_acceptance(t
         assert proposal.draft_probs is None  # greedy: no distribution to verify against
         accepted = rng.randint(0, k)
         output.extend(expected[:accepted] + [rng.randrange(2, 500)])
+
+
+def test_drafting_stops_after_a_draft_below_the_confidence_threshold(tiny_models) -> None:
+    """Drafts are transformers' greedy continuation of the draft model up to and including the
+    first whose probability (softmax of the draft's logits, float32) is below the threshold;
+    per request, in one batch."""
+    target, draft = tiny_models["llama"], tiny_models["qwen3"]
+    hf = AutoModelForCausalLM.from_pretrained(draft, dtype=torch.float32).eval()
+    rng = random.Random(11)
+    prompts = [[rng.randrange(2, 500) for _ in range(n)] for n in (7, 12, 9)]
+    continuations = []
+    for prompt in prompts:
+        tokens, confidences = list(prompt), []
+        with torch.no_grad():
+            for _ in range(4):
+                probs = hf(torch.tensor([tokens])).logits[0, -1].softmax(-1)
+                confidences.append(float(probs.max()))
+                tokens.append(int(probs.argmax()))
+        continuations.append((tokens[len(prompt):], confidences))
+    everything = sorted(c for _, confs in continuations for c in confs)
+    threshold = everything[len(everything) // 2]  # about half the drafts fall below it
+    expected = []
+    for tokens, confs in continuations:
+        below = [j for j, c in enumerate(confs) if c < threshold]
+        expected.append(tokens[:below[0] + 1] if below else tokens)
+    assert any(len(e) < 4 for e in expected) and any(len(e) > 1 for e in expected)
+    proposer = _draft_proposer(target, draft, confidence=threshold)
+    proposal = proposer.propose([DraftRequest(f"r{i}", p, [], 4, GREEDY, list(range(1 + 8 * i, 9 + 8 * i)))
+                                 for i, p in enumerate(prompts)])
+    assert proposal.draft_token_ids == expected
+    assert _draft_proposer(target, draft).propose(
+        [DraftRequest("a", prompts[0], [], 4, GREEDY, list(range(1, 9)))]).draft_token_ids == [continuations[0][0]]
 
 
 def test_greedy_drafts_apply_the_sampling_parameters_of_rows_that_need_them(tiny_models) -> None:
@@ -390,8 +424,8 @@ def test_speculation_is_off_while_more_requests_run_than_the_switch_off_size(tin
 def test_a_request_whose_drafts_keep_failing_pauses_drafting(tiny_models, drafts) -> None:
     """A window of failed verify steps (>= 9 tokens), a pause of FIRST_PAUSE steps, a second
     failed window (>= 8 more tokens, by token 60 at the latest), then a pause of twice that: exactly
-    two windows' drafts in 60 tokens."""
-    llm = _speculative("llama", "unrelated", tiny_models, drafts)
+    two windows' drafts in 60 tokens (k drafts a step: no confidence threshold)."""
+    llm = _speculative("llama", "unrelated", tiny_models, drafts, draft_confidence_threshold=0.0)
     tokens, (out,) = _generate(llm, [[5, 6, 7, 8]], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))
     k = llm.engine.args.num_speculative_tokens
     assert out.num_draft_tokens == 2 * policy.WINDOW * k

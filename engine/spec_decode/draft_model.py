@@ -130,16 +130,22 @@ class DraftModelProposer(Proposer):
         k = max(requests[i].num_draft_tokens for i in active)
         sampled = any(not _params(requests[i]).is_greedy for i in active)
         probs = torch.zeros((len(requests), k, self.config.vocab_size), device=self.device) if sampled else None
+        threshold = self.args.draft_confidence_threshold
         logits = self._catch_up([requests[i] for i in active])
         for j in range(k):
             if j:
                 active = [i for i in active if requests[i].num_draft_tokens > j]
+                if not active:
+                    break
                 logits = self._decode([requests[i] for i in active], [drafts[i][-1] for i in active], j)
-            tokens, step_probs = self._draw(logits, [requests[i] for i in active], [drafts[i] for i in active])
+            tokens, step_probs, confidence = self._draw(logits, [requests[i] for i in active],
+                                                        [drafts[i] for i in active], threshold > 0)
             for row, (i, token) in enumerate(zip(active, tokens, strict=True)):
                 drafts[i].append(token)
                 if probs is not None and step_probs is not None:
                     probs[i, j] = step_probs[row]
+            if confidence is not None:  # a draft below the threshold is a request's last
+                active = [i for i, c in zip(active, confidence, strict=True) if c >= threshold]
         for r, r_drafts in zip(requests, drafts, strict=True):
             if r_drafts:
                 num_tokens = len(r.prompt_token_ids) + len(r.output_token_ids)
@@ -199,10 +205,11 @@ class DraftModelProposer(Proposer):
         return min(valid, num_tokens - 1)
 
     # ------------------------------------------------------------------ drawing drafts
-    def _draw(self, logits: torch.Tensor, requests: list[DraftRequest], drafts: list[list[int]]
-              ) -> tuple[list[int], torch.Tensor | None]:
+    def _draw(self, logits: torch.Tensor, requests: list[DraftRequest], drafts: list[list[int]],
+              confidence: bool = False) -> tuple[list[int], torch.Tensor | None, list[float] | None]:
         """Each request's next draft from ``logits`` (its row); the distributions drawn from
-        when any request samples (None: all greedy)."""
+        when any request samples (None: all greedy); with ``confidence``, the probability the
+        draft's distribution gives its most likely token, per row."""
         rows = [SamplingRow(_params(r), r.prompt_token_ids, [*r.output_token_ids, *d])
                 for r, d in zip(requests, drafts, strict=True)]
         params = [row.params for row in rows]
@@ -210,11 +217,14 @@ class DraftModelProposer(Proposer):
             # Where no row's logits change, the raw logits' argmax (no float32 copy: widening keeps it).
             if any(map(needs_processing, rows)):
                 logits = process_logits(logits, rows, self.eos_token_ids)
-            return logits.argmax(dim=-1).tolist(), None
+            if not confidence:
+                return logits.argmax(dim=-1).tolist(), None, None
+            top, tokens = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+            return tokens.tolist(), None, top.tolist()
         processed = process_logits(logits, rows, self.eos_token_ids)
         probs = sampling_probs(processed, params)
         tokens = (probs / self._noise(probs.shape[-1], rows)).argmax(dim=-1)
-        return tokens.tolist(), probs
+        return tokens.tolist(), probs, probs.max(dim=-1).values.tolist() if confidence else None
 
     def _noise(self, vocab_size: int, rows: list[SamplingRow]) -> torch.Tensor:
         """Exp(1) noise per row: argmax(probs / noise) draws from probs (greedy rows' one-hot
