@@ -30,6 +30,8 @@ CASES = {
     "qwen3-0.6b b1 ctx256": (16, 8, 1, 256),
     "llama-3.1-8b b128 ctx1024": (32, 8, 128, 1024),
     "llama-3.1-8b b1 ctx256": (32, 8, 1, 256),
+    "llama-3.1-8b b1 ctx1024": (32, 8, 1, 1024),
+    "llama-3.1-8b b1 ctx4096": (32, 8, 1, 4096),
     # The offline workload's decode steps: contexts uniform in [100, 1124] (prompt + output so far).
     "llama-3.1-8b b256 ctx100-1124": (32, 8, 256, (100, 1124)),
     "qwen3-0.6b b256 ctx100-1124": (16, 8, 256, (100, 1124)),
@@ -77,7 +79,7 @@ def sweep_grid(reqs: int, kv_heads: int) -> list[dict]:
     """Tilings to try (each split count and tile shape is a compile: keep it small)."""
     if reqs * kv_heads < 1024:
         default = decode_num_splits(reqs, kv_heads, None, sms=num_sms(torch.device("cuda")))
-        space = (sorted({4, 8, default}), (32, 64), (2, 4), (2, 3))
+        space = (sorted({4, 8, 16, default}), (32, 64), (4,), (2,))
     else:
         space = ((1, 2), (32, 64, 128), (4, 8), (2, 3))
     return [dict(num_splits=s, block_n=bn, num_warps=w, num_stages=st) for s, bn, w, st in itertools.product(*space)]

@@ -163,7 +163,7 @@ def decode_num_splits(
     sms: int = DEFAULT_NUM_SMS,
     waves: int = 2,
     min_split_len: int = 128,
-    max_splits: int = 64,
+    max_splits: int = 16,
 ) -> int:
     """Splits per (request, kv head) so that about ``waves * sms`` programs run, no split is
     shorter than ``min_split_len`` keys, and big batches (which fill the GPU alone) get one.
