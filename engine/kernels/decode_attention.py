@@ -165,8 +165,10 @@ def decode_num_splits(
     min_split_len: int = 128,
     max_splits: int = 16,
 ) -> int:
-    """Splits per (request, kv head) so that about ``waves * sms`` programs run, no split is
-    shorter than ``min_split_len`` keys, and big batches (which fill the GPU alone) get one.
+    """Splits per (request, kv head) so that about ``waves * sms`` programs run, at most
+    ``max_splits`` (at batch 1 on an H200, 16 splits stream 4,096 keys as fast as 33 and 1,024
+    faster: the partials' reduction grows with them), no split shorter than ``min_split_len``
+    keys, and big batches (which fill the GPU alone) get one.
     ``max_seq_len=None`` (a CUDA graph, replayed at any length) drops the length bound: the
     surplus splits of short sequences exit at once."""
     programs = max(num_reqs * num_kv_heads, 1)
