@@ -2,7 +2,7 @@
 Qwen3-0.6B (vocabulary 151,936) and Llama-3.1-8B (128,256), replayed from CUDA graphs (needs a
 CUDA GPU).
 
-    python -m bench.bench_sampling [--rows 1 64 256] [--out FILE]
+    python -m bench.bench_sampling [--rows 1 64 256] [--chunks 1 2 4 8 --blocks 512 1024] [--out FILE]
 
 Per case, microseconds per sampled batch for: the step as it was (bf16 logits widened to a
 float32 copy, then one Philox call per element), the kernel reading bf16 directly with one
@@ -27,6 +27,9 @@ VOCABS = {"qwen3-0.6b": 151936, "llama-3.1-8b": 128256}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="*", default=[1, 64, 256])
+    parser.add_argument("--chunks", type=int, nargs="*", default=[],
+                        help="also time the default variant with these chunk counts per row")
+    parser.add_argument("--blocks", type=int, nargs="*", default=[], help="... and these tile widths")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     bandwidth = copy_bandwidth()
@@ -41,6 +44,10 @@ def main() -> None:
                 "bf16_rand": lambda x=logits, t=inv_t: gumbel_sample(x, t, 7, rand4x=False),
                 "bf16_rand4x": lambda x=logits, t=inv_t: gumbel_sample(x, t, 7, rand4x=True),
             }
+            for chunks in args.chunks:
+                for block in args.blocks or [1024]:
+                    variants[f"rand4x_c{chunks}_b{block}"] = (
+                        lambda x=logits, t=inv_t, c=chunks, b=block: gumbel_sample(x, t, 7, num_chunks=c, block=b))
             row = {"model": model, "rows": rows, "vocab": vocab}
             for name, call in variants.items():
                 us = graph_us([call] * 8)

@@ -138,3 +138,19 @@ def test_only_float32_drafts_take_the_lean_forward(tiny_models) -> None:
     bf16.load_model()
     bf16.initialize_kv_cache(num_blocks=8)
     assert bf16.lean is None
+
+
+def test_layers_run_in_torchscript_with_the_python_function_s_results(tiny_models, monkeypatch) -> None:
+    """The scripted layer is TorchScript here, and gives the bits its Python source gives (which
+    runs where TorchScript is gone)."""
+    assert isinstance(cpu_draft._scripted_layer(), torch.jit.ScriptFunction)
+    proposer = _proposer(tiny_models["qwen3"])  # q/k norms: the other branch of the layer
+    prompts, steps = _requests(random.Random(2), [7, 19], 2)
+    for prompt in prompts:
+        _generic(proposer, [prompt])
+    caches = [c.clone() for pair in proposer.kv_caches for c in pair]
+    scripted = proposer.lean(steps)
+    for cache, saved in zip((c for pair in proposer.kv_caches for c in pair), caches, strict=True):
+        cache.copy_(saved)
+    monkeypatch.setattr(cpu_draft, "_scripted_layer", lambda: cpu_draft._layer_forward)
+    assert torch.equal(proposer.lean(steps), scripted)
