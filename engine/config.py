@@ -58,7 +58,8 @@ class EngineArgs:
     # than this probability (that draft is still verified): the later ones would mostly be
     # rejected, and each costs a draft forward and a verified position. 0: always k drafts.
     # bench/results/spec_decode_cpu_draft_confidence{,_b}.json (bundled pair, CPU, k = 4, held-out
-    # code): 1.27x at 0, 1.30-1.41x at 0.2-0.5, best at 0.3 (1.41x, 1.33x on a second run).
+    # code): 1.27x at 0, 1.30-1.41x at 0.2-0.5, best at 0.3 (1.41x, 1.33x on a second run); with
+    # the TorchScript draft forward 1.58x at 0.3 against 1.49x at 0 (spec_decode_cpu_draft_torchscript.json).
     draft_confidence_threshold: float = 0.3
     # No drafts while more requests than this run. bench/results/spec_decode_h200.json: on an H200
     # (8B shape) a verify step costs 1.27x a decode step at batch 1 and 1.98x at 32, so drafts
