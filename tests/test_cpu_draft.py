@@ -29,9 +29,10 @@ BLOCK_SIZE = 4
 
 
 def _proposer(path, onednn: bool = False) -> DraftModelProposer:
+    """A draft model proposer on the CPU (the lean forward's device, whatever else the machine has)."""
     args = EngineArgs(model=str(path), speculative_model=str(path), block_size=BLOCK_SIZE, max_model_len=128,
-                      cpu_onednn_linear=onednn)
-    config = load_draft_config(args, ModelConfig.from_pretrained(path, max_model_len=128))
+                      cpu_onednn_linear=onednn, device="cpu")
+    config = load_draft_config(args, ModelConfig.from_pretrained(path, max_model_len=128, device="cpu"))
     proposer = DraftModelProposer(config, args, TorchAttentionBackend())
     proposer.load_model()
     proposer.initialize_kv_cache(num_blocks=64)
@@ -132,8 +133,9 @@ def test_lean_forward_serves_an_awq_draft(weights: str, monkeypatch: pytest.Monk
 def test_only_float32_drafts_take_the_lean_forward(tiny_models) -> None:
     path = tiny_models["llama"]
     args = EngineArgs(model=str(path), speculative_model=str(path), block_size=BLOCK_SIZE, max_model_len=128,
-                      dtype="bfloat16")
-    config = load_draft_config(args, ModelConfig.from_pretrained(path, max_model_len=128, dtype="bfloat16"))
+                      dtype="bfloat16", device="cpu")
+    config = load_draft_config(args, ModelConfig.from_pretrained(path, max_model_len=128, dtype="bfloat16",
+                                                                 device="cpu"))
     bf16 = DraftModelProposer(config, args, TorchAttentionBackend())
     bf16.load_model()
     bf16.initialize_kv_cache(num_blocks=8)

@@ -50,7 +50,10 @@ from engine.quantization.awq import dequantize
 from scheduler.outputs import ScheduledRequest
 
 logger = logging.getLogger(__name__)
-PackedParams = torch.classes.quantized.LinearPackedParamsBase  # fbgemm's packed fp16 weight
+try:
+    PackedParams = torch.classes.quantized.LinearPackedParamsBase  # fbgemm's packed fp16 weight
+except RuntimeError:  # a torch without quantized ops: fp32 weights, and the layers run as Python
+    PackedParams = torch.Tensor
 
 # Longer feeds (a prompt the draft has not seen) go through the generic forward.
 MAX_TOKENS_PER_REQUEST = 8
