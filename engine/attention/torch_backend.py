@@ -160,6 +160,26 @@ class AttentionPlan:
     groups: list[_Group]
 
 
+def visible_keys(tables: np.ndarray, first_query: np.ndarray, n: int, block_size: int,
+                 sliding_window: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """For B requests whose n new tokens sit at positions ``first_query[b] ..`` (their KV already
+    written), with block tables ``tables [B, >= blocks]``: the cache slots of the keys they see,
+    ``[B, L]`` int64 from the first visible position (0, or the window's start: keys before it are
+    never read, their blocks may be freed) to the last new token, padded to the longest request by
+    repeating its last slot; and ``allowed [B, n, L]``, which query sees which key."""
+    seq_lens = first_query + n
+    lo = np.zeros_like(first_query) if sliding_window is None else np.maximum(0, first_query - sliding_window + 1)
+    key_pos = lo[:, None] + np.arange(int((seq_lens - lo).max()))  # [B, L]
+    read_pos = np.minimum(key_pos, seq_lens[:, None] - 1)
+    slots = np.take_along_axis(tables, read_pos // block_size, axis=1).astype(np.int64) * block_size
+    slots += read_pos % block_size
+    q_pos = first_query[:, None] + np.arange(n)  # [B, n]
+    allowed = key_pos[:, None, :] <= q_pos[:, :, None]
+    if sliding_window is not None:
+        allowed &= key_pos[:, None, :] > q_pos[:, :, None] - sliding_window
+    return slots, allowed
+
+
 def plan_attention(metadata: AttentionMetadata, block_size: int, sliding_window: int | None) -> AttentionPlan:
     """The slots and masks of a forward. Requests that all have the same number of new tokens (a
     decode or a verify step, a lone prefill) make one padded group; otherwise each request is a
@@ -168,8 +188,6 @@ def plan_attention(metadata: AttentionMetadata, block_size: int, sliding_window:
     query_start_loc = metadata.query_start_loc.numpy().astype(np.int64)
     num_new = np.diff(query_start_loc)
     first_query = seq_lens - num_new
-    # Keys before the window of a request's first query are never read (their blocks may be freed).
-    lowest = np.zeros_like(seq_lens) if sliding_window is None else np.maximum(0, first_query - sliding_window + 1)
     tables = metadata.block_tables.numpy()
     if len(num_new) and (num_new == num_new[0]).all():
         spans = [(0, len(num_new))] if num_new[0] else []
@@ -178,15 +196,7 @@ def plan_attention(metadata: AttentionMetadata, block_size: int, sliding_window:
     slot_lists, groups, key_start = [], [], 0
     for first, end in spans:
         n = int(num_new[first])
-        lo, lens = lowest[first:end, None], seq_lens[first:end, None]
-        key_pos = lo + np.arange(int((lens - lo).max()))  # [B, L]
-        read_pos = np.minimum(key_pos, lens - 1)  # padding repeats the last key, written this step
-        rows = np.arange(first, end)[:, None]
-        slots = tables[rows, read_pos // block_size].astype(np.int64) * block_size + read_pos % block_size
-        q_pos = first_query[first:end, None] + np.arange(n)  # [B, n]
-        allowed = key_pos[:, None, :] <= q_pos[:, :, None]
-        if sliding_window is not None:
-            allowed &= key_pos[:, None, :] > q_pos[:, :, None] - sliding_window
+        slots, allowed = visible_keys(tables[first:end], first_query[first:end], n, block_size, sliding_window)
         bias = None
         if not allowed.all():
             bias = torch.from_numpy(np.where(allowed, np.float32(0), np.float32(-np.inf)))[:, :, None, :]

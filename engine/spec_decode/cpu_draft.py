@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.attention.torch_backend import visible_keys
 from engine.layers import cpu_linear
 from engine.quantization.awq import dequantize
 from scheduler.outputs import ScheduledRequest
@@ -108,25 +109,18 @@ class LeanDraftForward:
 
     def _inputs(self, batch: Sequence[ScheduledRequest], n: int):
         """(token ids [T], positions [T], new slots [T], key slots [B * L], mask [B, 1, n, L] or
-        None): request b sees its keys from ``lo_b`` (0, or the window's start) to its last new
-        token, padded to the longest with its last slot (masked)."""
+        None), the keys as the CPU attention backend lists them (``visible_keys``)."""
         bs = self.block_size
         tokens = np.fromiter((tok for r in batch for tok in r.token_ids), dtype=np.int64, count=len(batch) * n)
         starts = np.fromiter((r.start_position for r in batch), dtype=np.int64, count=len(batch))
+        num_blocks = -(-(int(starts.max()) + n) // bs)
+        tables = np.zeros((len(batch), num_blocks), dtype=np.int64)
+        for row, r in zip(tables, batch, strict=True):
+            table = r.block_table[:num_blocks]
+            row[:len(table)] = table
+        key_slots, allowed = visible_keys(tables, starts, n, bs, self.sliding_window)
         q_pos = starts[:, None] + np.arange(n)  # [B, n]
-        seq_lens = starts + n
-        lo = np.zeros_like(starts) if self.sliding_window is None else np.maximum(0, starts - self.sliding_window + 1)
-        key_pos = lo[:, None] + np.arange(int((seq_lens - lo).max()))  # [B, L]
-        read_pos = np.minimum(key_pos, seq_lens[:, None] - 1)
-        slots = np.empty_like(q_pos)
-        key_slots = np.empty_like(read_pos)
-        for i, r in enumerate(batch):
-            table = np.asarray(r.block_table[: -(-int(seq_lens[i]) // bs)], dtype=np.int64)
-            slots[i] = table[q_pos[i] // bs] * bs + q_pos[i] % bs
-            key_slots[i] = table[read_pos[i] // bs] * bs + read_pos[i] % bs
-        allowed = key_pos[:, None, :] <= q_pos[:, :, None]
-        if self.sliding_window is not None:
-            allowed &= key_pos[:, None, :] > q_pos[:, :, None] - self.sliding_window
+        slots = np.take_along_axis(tables, q_pos // bs, axis=1) * bs + q_pos % bs
         mask = None if allowed.all() else torch.from_numpy(allowed[:, None])
         return (torch.from_numpy(tokens), torch.from_numpy(q_pos.reshape(-1)), torch.from_numpy(slots.reshape(-1)),
                 torch.from_numpy(key_slots.reshape(-1)), mask)
