@@ -4,7 +4,8 @@
 With fp32 weights the two must agree to float32 rounding: that pins the folding of each
 RMSNorm into the next linear, the joint q/k rotation, the slots, the window and the padding
 masks. With fbgemm's fp16 copies (the default where fbgemm runs) they agree to fp16 rounding of
-the weights and pick the same tokens. The KV each writes must be what the other reads.
+the weights and pick the same tokens wherever that rounding cannot flip them. The KV each writes
+must be what the other reads.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def test_lean_forward_matches_the_generic_forward(family: str, n: int, fp16: boo
     monkeypatch.setattr(cpu_linear, "fp16_available", lambda: fp16)
     proposer = _proposer(tiny_models[family])
     assert proposer.lean is not None
-    rng = random.Random(hash((family, n)) % 1000)
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
     # Different lengths pad the batch; 30 tokens pass Mistral's window of 16.
     prompts, steps = _requests(rng, [5, 30, 11], n)
     for prompt in prompts:  # the prompts' KV, written by the generic forward
@@ -87,11 +89,18 @@ def test_lean_forward_matches_the_generic_forward(family: str, n: int, fp16: boo
     got = proposer.lean(steps)
 
     assert got.shape == expected.shape == (len(steps), proposer.config.vocab_size)
-    tolerance = 2e-3 if fp16 else 2e-5
-    assert (got - expected).abs().max() <= tolerance * expected.abs().max()
-    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    # fp16 copies: each weight within 2**-11 of itself; over 80 draws per family the logits moved by
+    # at most 2.2e-3 of the largest (and once 2.5e-3 in CI), so 1e-2 leaves room and still fails
+    # a wrong position, slot or mask (errors of order 1).
+    tolerance = 1e-2 if fp16 else 2e-5
+    error = (got - expected).abs().max()
+    assert error <= tolerance * expected.abs().max(), f"seed {seed}"
+    # Same tokens wherever the generic forward's top two logits are further apart than the error allows.
+    top2 = expected.topk(2, dim=-1).values
+    clear = top2[:, 0] - top2[:, 1] > 2 * error
+    assert torch.equal(got.argmax(-1)[clear], expected.argmax(-1)[clear]), f"seed {seed}"
     for lean_kv, generic_kv in zip((c for pair in proposer.kv_caches for c in pair), expected_kv, strict=True):
-        assert (lean_kv - generic_kv).abs().max() <= tolerance * generic_kv.abs().max()
+        assert (lean_kv - generic_kv).abs().max() <= tolerance * generic_kv.abs().max(), f"seed {seed}"
 
 
 def test_lean_decode_continues_what_the_generic_forward_wrote_and_back(tiny_models) -> None:
