@@ -182,3 +182,44 @@ def test_async_scheduling_with_cuda_graphs_equals_sync(tiny_models) -> None:
         assert llm.engine.runner.graphs is not None
         runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
     assert runs[0] == runs[1]
+
+
+def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch) -> None:
+    """Kernels launched with programmatic dependent launch (engine/kernels/pdl.py) wait for the
+    kernel before them: a chain of 96 dependent launches — fused add + RMSNorm writing the
+    residual in place, a split-K GEMV, its partial sum — replayed from a CUDA graph gives, bit for
+    bit and on every replay, what plain launches give."""
+    from engine.kernels import pdl
+    from engine.kernels.gemv import GemvConfig, gemv
+    from engine.kernels.rms_norm import fused_add_rms_norm
+
+    if not pdl.pdl_args(torch.device("cuda")):
+        pytest.skip("this GPU has no programmatic dependent launch")
+    seed = random.randrange(2**32)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    dim, layers = 1024, 32
+    weights = [torch.randn(dim, dim, device="cuda", generator=gen, dtype=torch.bfloat16) / dim**0.5
+               for _ in range(layers)]
+    norm = torch.rand(dim, device="cuda", generator=gen, dtype=torch.bfloat16) + 0.5
+    x0 = torch.randn(1, dim, device="cuda", generator=gen, dtype=torch.bfloat16)
+    config = GemvConfig(block_n=4, block_k=256, split_k=4)
+
+    def chain(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        for w in weights:
+            h, residual = fused_add_rms_norm(x, residual, norm, 1e-6)
+            x = gemv(h, w, config)
+        return x + residual
+
+    with monkeypatch.context() as m:
+        m.setattr(pdl, "_enabled", lambda device: False)
+        expected = chain(x0.clone(), torch.zeros_like(x0))
+    residual = torch.zeros_like(x0)
+    chain(x0, residual.clone())  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x0, residual)
+    for replay in range(20):
+        residual.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected), f"seed {seed}: replay {replay} differs from plain launches"

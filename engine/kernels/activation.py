@@ -8,12 +8,16 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_args, pdl_prologue
+
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x_tok, stride_out_tok, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, d, stride_x_tok, stride_out_tok, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr = False):
     """Grid ``(num_tokens, cdiv(d, BLOCK))``: program (t, j) reads columns ``[j * BLOCK,
     (j + 1) * BLOCK)`` of token t's gate (``x[t, :d]``) and up (``x[t, d:]``) halves. Assumes the
     last dim is contiguous."""
+    pdl_prologue(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < d
@@ -38,6 +42,7 @@ def silu_and_mul(x: torch.Tensor, *, block: int = 1024, num_warps: int = 4) -> t
         return out.view(*x.shape[:-1], d)
     block = min(block, triton.next_power_of_2(d))
     _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(d, block))](
-        rows, out, d, rows.stride(0), out.stride(0), BLOCK=block, num_warps=num_warps
+        rows, out, d, rows.stride(0), out.stride(0), BLOCK=block, num_warps=num_warps,
+        **pdl_args(rows.device),
     )
     return out.view(*x.shape[:-1], d)

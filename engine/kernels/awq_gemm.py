@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_args, pdl_prologue
+
 # The interpreter computes bf16 arithmetic (and tl.dot) on the raw 16-bit patterns: there the
 # kernels take q - z in fp16 and multiply in fp32, which is exact too.
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -74,7 +76,7 @@ def _awq_gemm_kernel(
     stride_xm, SPLIT_K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``; program (p, s) owns the output
     tile p and the K tiles s, s + SPLIT_K, ... Assumes N % 8 == 0, BLOCK_N % 8 == 0, and that
@@ -84,6 +86,7 @@ def _awq_gemm_kernel(
     small integers, in DOT_DTYPE) times ``s`` per column, in fp32: no per-weight multiply.
     With SPLIT_K > 1 it writes fp32 partial sums to ``out_ptr[s]`` ([SPLIT_K, M, N]), else the
     result in x's dtype (SPLIT_K is a runtime value: no recompilation per split)."""
+    pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -128,11 +131,12 @@ def _awq_gemm_kernel(
 def _awq_dequantize_kernel(
     qweight_ptr, qzeros_ptr, scales_ptr, out_ptr,
     N, K, group_size,
-    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(cdiv(K, BLOCK_K), cdiv(N, BLOCK_N))``; each program writes one [BLOCK_K, BLOCK_N]
     tile of the dense weight ``(q - z) * s`` in the output's dtype, rounded once. Assumes N % 8
     == 0, BLOCK_N % 8 == 0 and that a K tile lies inside one group."""
+    pdl_prologue(USE_PDL)
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -218,6 +222,7 @@ def _awq_gemv_kernel(
     M, N, K, n_words, stride_xm, group_shift, k_per_split, split_k, magic,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, K_LANES: tl.constexpr,
     REDUCE: tl.constexpr, EXACT_ZERO: tl.constexpr, X_SCALE_LOG2: tl.constexpr, NUM_STAGES: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Split-K dequantizing GEMV for a few tokens: ``out`` [M, N] = x [M, K] @ ((q - z) * s).
 
@@ -248,6 +253,7 @@ def _awq_gemv_kernel(
     ``out_ptr`` (zeroed by the caller); 3 -> store the partial, then the last program of column
     block p to arrive (counted in ``lock_ptr[p]``, which it resets to 0) sums the split_k partials
     in order and stores ``out``: one launch, deterministic."""
+    pdl_prologue(USE_PDL)
     pid_w = tl.program_id(0)
     pid_s = tl.program_id(1)
     ROWS: tl.constexpr = BLOCK_K // K_LANES
@@ -322,9 +328,10 @@ def _awq_gemv_kernel(
 
 
 @triton.jit
-def _sum_partials_kernel(partial_ptr, out_ptr, numel, split_k, BLOCK: tl.constexpr):
+def _sum_partials_kernel(partial_ptr, out_ptr, numel, split_k, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Grid ``(cdiv(numel, BLOCK),)``: ``out`` = sum over s of ``partial[s]`` (fp32, in order), in
     out's dtype."""
+    pdl_prologue(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     total = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -415,6 +422,7 @@ def awq_gemm(
         x, qweight, qzeros, scales, out, m, n, k, group_size, x.stride(0), split_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_dot_types(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(x.device),
     )
     return out if split_k == 1 else out.sum(dim=0).to(x.dtype)
 
@@ -428,7 +436,7 @@ def awq_dequantize(
     block_k, block_n = 32, min(128, triton.next_power_of_2(n))  # 32 divides every group size
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
     _awq_dequantize_kernel[grid](qweight, qzeros, scales, out, n, k, group_size,
-                                 BLOCK_K=block_k, BLOCK_N=block_n)
+                                 BLOCK_K=block_k, BLOCK_N=block_n, **pdl_args(qweight.device))
     return out
 
 
@@ -555,10 +563,12 @@ def awq_gemv(
         EXACT_ZERO=m > GEMV_FACTORED_ZERO_MAX_TOKENS if exact_zero is None else exact_zero,
         X_SCALE_LOG2=_X_SCALE_LOG2, NUM_STAGES=cfg.num_stages,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(x.device),
     )
     if mode == 1:
         block = 1024
-        _sum_partials_kernel[(triton.cdiv(m * n, block),)](partial, out, m * n, split_k, BLOCK=block)
+        _sum_partials_kernel[(triton.cdiv(m * n, block),)](partial, out, m * n, split_k, BLOCK=block,
+                                                           **pdl_args(partial.device))
     elif mode == 2:
         out = out.to(x.dtype)
     return out

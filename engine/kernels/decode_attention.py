@@ -25,6 +25,7 @@ from engine.kernels.paged_attention import (
     check_paged_shapes,
     dot_precision,
 )
+from engine.kernels.pdl import pdl_args, pdl_prologue
 
 # Hopper H200/H100 SXM; used when there is no CUDA device to ask (the interpreter).
 DEFAULT_NUM_SMS = 132
@@ -42,6 +43,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, MIXED: tl.constexpr, HAS_ORDER: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_reqs, num_kv_heads, NUM_SPLITS)``. Program p takes request p, or with HAS_ORDER
     request ``order[p]``: the GPU starts programs about in order, so an order by decreasing
@@ -57,6 +59,7 @@ def _decode_split_kernel(
     ``[num_reqs, num_heads, NUM_SPLITS, HEAD_DIM]`` and ``part_lse`` ``[num_reqs, num_heads,
     NUM_SPLITS]`` (an empty split writes lse = -inf).
     """
+    pdl_prologue(USE_PDL)
     if HAS_ORDER:
         req = tl.load(order_ptr + tl.program_id(0))
     else:
@@ -123,10 +126,12 @@ def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, query_start_loc_ptr,
     num_heads, stride_o_row, stride_o_head,
     NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, MIXED: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_reqs, num_heads)``: weight each split's output by exp2(lse - max lse) and
     normalise; a request with no keys at all (a padded row) gets zeros. Rows as in the split
     kernel."""
+    pdl_prologue(USE_PDL)
     req = tl.program_id(0)
     head = tl.program_id(1)
     if MIXED:
@@ -242,11 +247,13 @@ def decode_attention(
         HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
         USE_WINDOW=bool(sliding_window), DOT_PRECISION=dot_precision(query.dtype), MIXED=mixed,
         HAS_ORDER=order is not None, num_warps=num_warps or 4, num_stages=num_stages or 2,
+        **pdl_args(query.device),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_heads)](
             part_out, part_lse, out, qsl, num_heads, out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
             MIXED=mixed, num_warps=4 if head_dim * num_splits >= 4096 else 1,
+            **pdl_args(part_out.device),
         )
     return out

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_args, pdl_prologue
+
 MAX_TOKENS = 4
 
 
@@ -35,7 +37,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, out_ptr,
     M, N, K, stride_wn, x_row1, x_row2, x_row3,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
+    EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; program (p, s) computes rows ``[p * BLOCK_N, (p + 1) *
     BLOCK_N)`` of ``W`` against the ``M <= BLOCK_M <= 4`` tokens over the s-th contiguous K range
@@ -46,6 +48,7 @@ def _gemv_kernel(
     real memory and is never stored).
     ``SILU_MUL``: x's rows are [gate | up], 2K wide, and the kernel multiplies ``silu(gate) * up``
     (rounded to x's dtype, as engine/kernels/activation.py does) by W."""
+    pdl_prologue(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -94,8 +97,10 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _split_k_sum_kernel(part_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _split_k_sum_kernel(part_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                        USE_PDL: tl.constexpr = False):
     """Grid ``(cdiv(M * N, BLOCK),)``: ``out = sum over s of part[s]``, in out's dtype."""
+    pdl_prologue(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < MN
     total = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -145,8 +150,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
         EVEN_K=k % (cfg.block_k * split_k) == 0, SILU_MUL=silu_mul,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(x.device),
     )
     if split_k > 1:
         block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](target, out, m * n, SPLIT_K=split_k, BLOCK=block)
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](target, out, m * n, SPLIT_K=split_k, BLOCK=block,
+                                                          **pdl_args(target.device))
     return out

@@ -14,6 +14,7 @@ from engine.kernels.paged_attention import (
     check_paged_shapes,
     dot_precision,
 )
+from engine.kernels.pdl import pdl_args, pdl_prologue
 
 
 @triton.jit
@@ -27,7 +28,7 @@ def _prefill_attention_kernel(
     stride_bt_req,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, SKIP_DECODE: tl.constexpr,
+    USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, SKIP_DECODE: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_tokens // BLOCK_Q + num_reqs, num_kv_heads)``.
 
@@ -40,6 +41,7 @@ def _prefill_attention_kernel(
     sliding window are never read. With SKIP_DECODE, requests with one new token are left to the
     decode kernel.
     """
+    pdl_prologue(USE_PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
 
@@ -181,5 +183,6 @@ def prefill_attention(
         USE_WINDOW=bool(sliding_window), DOT_PRECISION=dot_precision(query.dtype), SKIP_DECODE=skip_decode,
         num_warps=num_warps or (8 if block_m * head_dim >= 128 * 128 else 4),
         num_stages=num_stages or 2,
+        **pdl_args(query.device),
     )
     return out

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_args, pdl_prologue
+
 
 @triton.jit
 def _reshape_and_cache_kernel(
@@ -14,11 +16,12 @@ def _reshape_and_cache_kernel(
     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
     stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
-    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_tokens,)``: one program copies every kv head of one token, as one
     ``[BLOCK_H, BLOCK_D]`` tile (heads and head_dim padded to powers of two and masked).
     Assumes the last dim of every tensor is contiguous; a negative slot is padding and is skipped."""
+    pdl_prologue(USE_PDL)
     tok = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     if slot < 0:
@@ -69,4 +72,5 @@ def reshape_and_cache(
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=num_warps,
+        **pdl_args(key.device),
     )

@@ -13,19 +13,22 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_args, pdl_prologue
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr,
     num_heads, dim, eps,
     stride_x_tok, stride_x_head, stride_r_tok, stride_out_tok, stride_out_head,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_tokens,)``: one program normalizes every row of one token, as one
     ``[BLOCK_H, BLOCK_D]`` tile (rows = heads, 1 for a hidden-state norm; both padded to powers of
     two and masked). Assumes the last dim is contiguous; token and head strides are free.
     With HAS_RESIDUAL (one row per token) it first forms ``x + residual`` in x's dtype and writes
     it back over ``residual``."""
+    pdl_prologue(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
@@ -66,6 +69,7 @@ def _launch(
         out.stride(0), out.stride(1),
         HAS_RESIDUAL=residual is not None, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=num_warps,
+        **pdl_args(rows.device),
     )
     return out.view(x.shape)
 

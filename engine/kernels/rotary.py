@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_args, pdl_prologue
+
 
 @triton.jit
 def _norm_rotate_heads(base_ptr, num_heads, stride_head, half_dim, cos, sin, dims, norm_ptr, eps,
@@ -47,12 +49,13 @@ def _rotary_kernel(
     positions_ptr, q_ptr, k_ptr, cos_ptr, sin_ptr,
     num_q_heads, num_kv_heads, half_dim,
     stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_cache_pos,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_tokens,)``: one program reads its token's cos/sin row once and rotates all of
     its q heads as one ``[BLOCK_HQ, BLOCK_HALF]`` tile, then all k heads as ``[BLOCK_HK,
     BLOCK_HALF]`` (heads and half the head dim padded to powers of two and masked). Assumes the
     last dim of q and k is contiguous and that every position is below the caches' length."""
+    pdl_prologue(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)[None, :]
@@ -95,6 +98,7 @@ def rotary_embedding(
         BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half_dim),
         num_warps=num_warps,
+        **pdl_args(positions.device),
     )
 
 
@@ -107,7 +111,7 @@ def _rope_and_cache_kernel(
     stride_cache_pos, stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
     NORM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_tokens,)``: one program per token does what the per-head q/k RMSNorm (with
     NORM), rotary and cache-write kernels do for it, in one launch: q and k normalized and rotated
@@ -115,6 +119,7 @@ def _rope_and_cache_kernel(
     and v written at the token's slot (slot < 0: padding, nothing written to the cache). Same
     roundings as those kernels: without NORM bit-identical to running them in turn; with it the
     sum of squares adds the two halves' sums, so rstd may differ in its last fp32 bit."""
+    pdl_prologue(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)[None, :]
@@ -185,4 +190,5 @@ def rope_and_cache(
         NORM=norm, BLOCK_SIZE=key_cache.shape[1],
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half_dim), num_warps=num_warps,
+        **pdl_args(positions.device),
     )

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.pdl import pdl_args, pdl_prologue
+
 
 @triton.jit
 def _score(logits_ptr, row_offset, inv_temp, cols, hi, u, best_val, best_idx):
@@ -30,7 +32,7 @@ def _score(logits_ptr, row_offset, inv_temp, cols, hi, u, best_val, best_idx):
 def _gumbel_argmax_kernel(
     logits_ptr, inv_temp_ptr, best_val_ptr, best_idx_ptr,
     vocab_size, stride_row, chunk_len, tiles_per_row, num_chunks, seed,
-    BLOCK: tl.constexpr, RAND4X: tl.constexpr,
+    BLOCK: tl.constexpr, RAND4X: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_rows, num_chunks)``: program (r, c) scans columns ``[c * chunk_len, (c + 1) *
     chunk_len)`` of row r (chunk_len a multiple of BLOCK) in BLOCK-wide tiles, scoring each
@@ -41,6 +43,7 @@ def _gumbel_argmax_kernel(
     batch): with ``RAND4X``, one Philox call (``tl.rand4x``) gives a tile's four quarters their
     uniforms, counter ``(r * tiles_per_row + tile) * BLOCK / 4 + i``; otherwise one call per
     element (``tl.rand``, counter ``r * vocab_size + column``), four times the Philox work."""
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
     inv_temp = tl.load(inv_temp_ptr + row)
@@ -91,6 +94,7 @@ def gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: int
     _gumbel_argmax_kernel[(rows, num_chunks)](
         logits, inv_temperature, best_val, best_idx, vocab, logits.stride(0), chunk_len,
         triton.cdiv(vocab, block), num_chunks, seed, BLOCK=block, RAND4X=rand4x, num_warps=4,
+        **pdl_args(logits.device),
     )
     if num_chunks == 1:
         return best_idx[:, 0].long()

@@ -1,0 +1,46 @@
+"""Programmatic dependent launch (PDL) for sluice's Triton kernels on Hopper and newer GPUs.
+
+A decode step is hundreds of small kernels back to back; between two of them the GPU spends
+about a microsecond launching the second after the first has drained, even inside a CUDA graph.
+Launched with PDL, a kernel's programs are placed on the SMs as soon as every program of the
+kernel before it has started, and wait there (``griddepcontrol.wait``) until that kernel has
+finished and its writes are visible: the launch overlaps the previous kernel's tail.
+
+Every kernel launched with ``pdl_args`` calls ``pdl_prologue`` before its first memory access,
+so it never reads or writes memory before the kernel ahead of it in the stream has finished;
+and since each one waits, a kernel that finishes implies that all kernels before it have
+finished, the order plain launches give. Kernels that are not Triton's (cuBLAS, PyTorch) launch
+as before and are waited for in full. ``SLUICE_PDL=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pdl_prologue(USE_PDL: tl.constexpr):
+    """Wait for the kernel before this one (all of it, its writes visible), then let the kernel
+    after this one be placed: call before a kernel's first global memory access."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.cache
+def _enabled(device: torch.device) -> bool:
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    if os.environ.get("SLUICE_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_args(device: torch.device) -> dict[str, bool]:
+    """Launch options for a kernel that calls ``pdl_prologue``: PDL on GPUs that have it."""
+    return {"USE_PDL": True, "launch_pdl": True} if _enabled(device) else {}
