@@ -121,6 +121,11 @@ class ModelRunner:
             "KV cache: %d blocks of %d tokens, %d bytes per block (%d of them the draft's), %.2f GiB",
             num_blocks, self.block_size, block_bytes, draft_block_bytes, num_blocks * block_bytes / 2**30,
         )
+        if self.device.type == "cuda":
+            from engine.kernels.pdl import pdl_args
+
+            state = "on" if pdl_args(self.device) else "off (needs compute capability 9.0+, and SLUICE_PDL != 0)"
+            logger.info("Triton kernels: programmatic dependent launch %s", state)
         if self.uses_cuda_graphs:
             self.graphs = DecodeGraphs(self.model, self.buffers, self.attention_backend, self.max_graph_batch_size,
                                        self.args.num_speculative_tokens if self.args.speculative else 0,
