@@ -38,6 +38,10 @@ def _enabled(device: torch.device) -> bool:
         return False
     if os.environ.get("SLUICE_PDL", "1") == "0":
         return False
+    try:  # Triton 3.3 and later: griddepcontrol in the language, launch_pdl at launch
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
