@@ -33,12 +33,17 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 
-def _run_all(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams]) -> tuple[float, int]:
+def _run_all(engine: LLMEngine, prompts: list[list[int]], params: list[SamplingParams],
+             first_token: list[float] | None = None) -> tuple[float, int]:
+    """Wall time and output tokens of running every request to the end; ``first_token`` gets the
+    time from the start to the first output token."""
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         engine.add_request(f"{time.monotonic_ns()}-{i}", prompt, p)
     start, tokens, steps = time.perf_counter(), 0, 0
     while engine.has_unfinished_requests():
         tokens += sum(len(c.token_ids) for out in engine.step() for c in out.outputs)
+        if first_token is not None and tokens and not first_token:
+            first_token.append(time.perf_counter() - start)
         steps += 1
         if steps % 200 == 0:
             print(f"  step {steps}: {tokens} tokens out", flush=True)
@@ -69,9 +74,12 @@ def single_stream(engine: LLMEngine, args: argparse.Namespace) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=args.single_new_tokens, ignore_eos=True, detokenize=False)
     _run_all(engine, [prompt], [params])
     engine.reset_prefix_cache()
-    wall, tokens = _run_all(engine, [prompt], [params])
+    first: list[float] = []
+    wall, tokens = _run_all(engine, [prompt], [params], first)
+    ttft = first[0]
     return {"prompt_tokens": len(prompt), "output_tokens": tokens, "wall_s": wall,
-            "tokens_per_s": tokens / wall, "time_per_output_token_ms": 1000 * wall / tokens}
+            "tokens_per_s": tokens / wall, "time_per_output_token_ms": 1000 * wall / tokens,
+            "ttft_ms": 1000 * ttft, "decode_ms_per_token": 1000 * (wall - ttft) / (tokens - 1)}
 
 
 def hf_baseline(model_dir: Path, dtype: torch.dtype, batch: int, args: argparse.Namespace) -> dict:
@@ -145,7 +153,8 @@ def main() -> None:
     if offline is not None:
         print(f"offline: {offline['output_tokens_per_s']:.1f} output tok/s ({offline['output_tokens']} tokens, "
               f"{offline['wall_s']:.1f} s)")
-    print(f"single stream: {single['tokens_per_s']:.1f} tok/s ({single['time_per_output_token_ms']:.2f} ms/token)")
+    print(f"single stream: {single['tokens_per_s']:.1f} tok/s ({single['time_per_output_token_ms']:.2f} ms/token; "
+          f"first token {single['ttft_ms']:.1f} ms, then {single['decode_ms_per_token']:.3f} ms/token)")
     for b in baseline:
         print(f"transformers generate, batch {b['batch']}: {b['output_tokens_per_s']:.1f} tok/s")
     if args.out:
