@@ -49,10 +49,11 @@ class EngineArgs:
     speculative_model: str | None = None  # draft model path; "default": the bundled sluice-pycoder-draft
     speculative_method: str | None = None  # ngram | draft (implied by speculative_model)
     num_speculative_tokens: int = 4  # k: drafts verified per step
-    # Suffix n-grams of 2..16 tokens: bench/results/spec_decode_cpu_ngram_lookup*.json (bundled
-    # model, k = 4) gave 1.71x on input-grounded prompts and 1.69x on held-out code, against
-    # 1.53-1.57x and 1.57x for 1..4 (single-token matches propose drafts that mostly fail).
-    ngram_prompt_lookup_min: int = 2
+    # Suffix n-grams of 1..16 tokens: with n-gram's own pause rule (engine/spec_decode/policy.py)
+    # bench/results/spec_decode_cpu_ngram_policy*.json (bundled model, k = 4) gave 1.85x on
+    # input-grounded prompts and 1.71x on held-out code, against 1.68x and 1.67x for 2..16:
+    # single-token matches fail more often, but a failed n-gram verify costs a sixth of a step.
+    ngram_prompt_lookup_min: int = 1
     ngram_prompt_lookup_max: int = 16
     # A draft model stops drafting for a request after a draft its own distribution gives less
     # than this probability (that draft is still verified): the later ones would mostly be

@@ -167,7 +167,8 @@ class LLMEngine:
         self.num_kv_blocks = self.runner.initialize_kv_cache(draft_block_bytes)
         if isinstance(self.proposer, DraftModelProposer):
             self.proposer.initialize_kv_cache(self.num_kv_blocks)
-        self.speculation = SpeculationPolicy(args.speculative_disable_batch_size)
+        self.speculation = SpeculationPolicy(args.speculative_disable_batch_size,
+                                             self.proposer.pause_rule if self.proposer else None)
         if args.speculative:
             logger.info("speculative decoding: %s, k=%d, off above %s running requests", args.speculative_model or
                         "n-gram prompt lookup", args.num_speculative_tokens, args.speculative_disable_batch_size)

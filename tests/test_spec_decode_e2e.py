@@ -37,7 +37,8 @@ from engine.model_config import ModelConfig
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.spec_decode.draft_model import DraftModelProposer, load_draft_config
-from engine.spec_decode.policy import SpeculationPolicy
+from engine.spec_decode.ngram_proposer import NgramProposer
+from engine.spec_decode.policy import NGRAM_PAUSE_RULE, SpeculationPolicy
 from engine.spec_decode.proposer import DraftRequest
 from scheduler.outputs import ScheduledRequest
 from scheduler.request import RequestStatus
@@ -124,8 +125,9 @@ def _assert_pool_intact(llm: LLM) -> None:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_are_identical_with_and_without_speculation(
         family: str, draft: str, tiny_models, drafts, baselines, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Keep the unrelated draft drafting (heavy rejection all along) instead of switching it off.
+    # Keep the unrelated draft (and n-gram) drafting (heavy rejection all along) instead of switching it off.
     monkeypatch.setattr(policy, "MIN_ACCEPTANCE", 0.0)
+    monkeypatch.setattr(NgramProposer, "pause_rule", None)  # None: the module's rule, patched above
     llm = _speculative(family, draft, tiny_models, drafts)
     tokens, outs = _generate(llm, _prompts(), GREEDY)
     assert tokens == baselines[family]
@@ -453,6 +455,32 @@ def test_switch_off_rule_looks_at_the_last_window_of_verify_steps() -> None:
     rule.record("a", 4, 0)
     rule.finish_requests(["a", "b"])
     assert rule.allows("a") and rule.allows("b")
+
+
+def test_ngram_pauses_a_request_only_after_a_window_without_an_accepted_draft() -> None:
+    """N-gram drafts cost nothing to make: one accepted draft in 16 verify steps keeps a request
+    drafting; 16 steps without one pause it, as the engine wires the rule in."""
+    rule = NGRAM_PAUSE_RULE
+    assert (rule.window, rule.first_pause) == (16, 32) and 0 < rule.min_acceptance * rule.window * 4 < 1
+    check = SpeculationPolicy(None, NgramProposer(1, 4).pause_rule)
+    for accepted in [1] + [0] * (rule.window - 1):  # 1 of 64: 1.6% > 1%, keeps drafting
+        check.record("a", 4, accepted)
+    assert check.allows("a")
+    check.record("a", 4, 0)  # the accepted step leaves the window: none accepted in 16
+    assert [check.allows("a") for _ in range(rule.first_pause + 1)] == [False] * rule.first_pause + [True]
+    # The default rule (a draft model's) pauses the same history after 8 steps.
+    default = SpeculationPolicy(None)
+    for accepted in [3] + [0] * (policy.WINDOW - 1):  # 3 of 32 < 10%
+        default.record("b", 4, accepted)
+    assert not default.allows("b")
+
+
+def test_engine_takes_the_proposers_pause_rule(tiny_models) -> None:
+    ngram = LLMEngine(EngineArgs(model=str(tiny_models["llama"]), speculative_method="ngram", max_model_len=64,
+                                 num_kv_blocks=64))
+    assert ngram.speculation.rule == NGRAM_PAUSE_RULE
+    plain = LLMEngine(EngineArgs(model=str(tiny_models["llama"]), max_model_len=64, num_kv_blocks=64))
+    assert plain.speculation.rule == policy.PauseRule()
 
 
 # ---------------------------------------------------------------------------- step inputs

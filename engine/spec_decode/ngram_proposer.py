@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.spec_decode.policy import NGRAM_PAUSE_RULE
 from engine.spec_decode.proposer import DraftRequest, Proposal, Proposer
 
 
@@ -62,8 +63,11 @@ class NgramProposer(Proposer):
     down to ``prompt_lookup_min``.
 
     Each request's tokens are kept as an array between calls and only its new output tokens are
-    appended; requests missing from a call are forgotten (rebuilt if they come back).
+    appended; requests missing from a call are forgotten (rebuilt if they come back). A request
+    pauses only after 16 verify steps without an accepted draft (``NGRAM_PAUSE_RULE``).
     """
+
+    pause_rule = NGRAM_PAUSE_RULE
 
     def __init__(self, prompt_lookup_min: int, prompt_lookup_max: int) -> None:
         if not 1 <= prompt_lookup_min <= prompt_lookup_max:

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from engine.spec_decode.policy import PauseRule
+
 
 @dataclass(slots=True)
 class DraftRequest:
@@ -46,7 +48,11 @@ class Proposal:
 class Proposer(abc.ABC):
     """Proposes draft tokens for a batch of running requests, once per step, after the
     scheduler's update. ``propose`` returns one list per request, in order, each at most
-    ``num_draft_tokens`` long; an empty list means "no guess": that request decodes one token."""
+    ``num_draft_tokens`` long; an empty list means "no guess": that request decodes one token.
+    ``pause_rule``: when a request whose drafts keep failing sits out (engine/spec_decode/policy.py);
+    None: the default rule."""
+
+    pause_rule: PauseRule | None = None
 
     @abc.abstractmethod
     def propose(self, requests: Sequence[DraftRequest]) -> Proposal:
