@@ -50,9 +50,10 @@ class EngineArgs:
     speculative_method: str | None = None  # ngram | draft (implied by speculative_model)
     num_speculative_tokens: int = 4  # k: drafts verified per step
     # Suffix n-grams of 1..16 tokens: with n-gram's own pause rule (engine/spec_decode/policy.py)
-    # bench/results/spec_decode_cpu_ngram_policy*.json (bundled model, k = 4) gave 1.85x on
-    # input-grounded prompts and 1.71x on held-out code, against 1.68x and 1.67x for 2..16:
-    # single-token matches fail more often, but a failed n-gram verify costs a sixth of a step.
+    # bench/results/spec_decode_cpu_ngram_policy*.json (bundled model, k = 4) gave 1.69-1.85x
+    # (three runs) on input-grounded prompts and 1.71-1.78x on held-out code, against 1.68-1.72x
+    # and 1.63-1.67x for 2..16: single-token matches fail more often, but a failed n-gram verify
+    # costs only a verify step's extra positions.
     ngram_prompt_lookup_min: int = 1
     ngram_prompt_lookup_max: int = 16
     # A draft model stops drafting for a request after a draft its own distribution gives less

@@ -18,7 +18,7 @@ spells: the output leaves the text it copies, then finds it again. Pausing then 
 that follows: replayed on the bundled model's recorded outputs, a 10% / 8-step rule cut n-gram's
 speedup on input-grounded prompts from 1.81x to 1.62x, and any rule that fired on windows with
 an accepted draft lost too (bench/results/spec_decode_cpu_ngram_policy_replay.json; measured end to
-end, 1.85x with this rule: spec_decode_cpu_ngram_policy.json). So n-gram pauses a request only
+end, 1.69-1.85x with this rule: spec_decode_cpu_ngram_policy*.json). So n-gram pauses a request only
 after 16 verify steps without one accepted draft.
 """
 
