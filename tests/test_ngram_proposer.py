@@ -114,3 +114,35 @@ def _timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+@pytest.mark.parametrize("rule_name", ["ngram", "draft-model"])
+def test_replay_counts_what_the_engine_drafts_and_accepts(tiny_models, rule_name, monkeypatch) -> None:
+    """bench/replay_spec_policy.py stands in for the engine when comparing lookups and pause rules:
+    on greedy requests its drafts and accepted drafts, request by request, must be the engine's.
+    The tiny random model leaves and finds its prompt's loop often enough (120 tokens, 8 prompts)
+    that both rules pause some requests."""
+    from bench.replay_spec_policy import replay
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from engine.spec_decode.policy import NGRAM_PAUSE_RULE, PauseRule
+
+    rule = NGRAM_PAUSE_RULE if rule_name == "ngram" else PauseRule()
+    monkeypatch.setattr(NgramProposer, "pause_rule", rule)
+    seed = time.time_ns()
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(3, 60) for _ in range(rng.randint(3, 8))] * rng.randint(2, 4) for _ in range(8)]
+    params = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    llm = LLM(str(tiny_models["llama"]), speculative_method="ngram", ngram_prompt_lookup_min=1,
+              ngram_prompt_lookup_max=16, max_model_len=192, num_kv_blocks=160)
+    drafted = accepted = paused = 0
+    for prompt in prompts:
+        (out,) = llm.generate([prompt], params)[0].outputs
+        expected = replay([(prompt, list(out.token_ids))], 1, 16, 4, rule, 1.0)
+        assert (expected["draft_tokens"], expected["accepted_draft_tokens"]) == (
+            out.num_draft_tokens, out.num_accepted_draft_tokens), f"seed {seed}, prompt {prompt}"
+        drafted, accepted = drafted + out.num_draft_tokens, accepted + out.num_accepted_draft_tokens
+        never_paused = replay([(prompt, list(out.token_ids))], 1, 16, 4, PauseRule(1 << 30, 0.0), 1.0)
+        paused += never_paused["draft_tokens"] != expected["draft_tokens"]
+    assert drafted > accepted > 0, f"seed {seed}"  # the comparison saw drafts kept and drafts rejected
+    assert paused > 0, f"seed {seed}"  # and the rule at work: some request drafted less than it would unpaused
