@@ -3,10 +3,12 @@ kernels of a few steps, from torch.profiler), for one workload on one shape.
 
     python -m bench.profile_step --shape qwen3-0.6b --num-requests 64 --max-len 512 [--enforce-eager]
     python -m bench.profile_step --shape llama-3.1-8b --single [--async-scheduling]
+    python -m bench.profile_step --shape qwen3-0.6b --prefill --async-scheduling
 
 Prints the top host functions by own time, the top kernels by device time, and the mean step
 wall time of decode-only steps. ``--single``: one greedy stream (128 prompt, 256 new tokens),
 and how its step time splits between the device (one decode graph replayed alone) and the rest.
+``--prefill``: the host time of one 128-token prompt's step, and where it goes.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--async-scheduling", action="store_true")
     parser.add_argument("--single", action="store_true", help="one stream: step wall time against graph replay time")
+    parser.add_argument("--prefill", action="store_true",
+                        help="one 128-token prompt's step: its host time and where it goes (cProfile)")
     parser.add_argument("--single-after", action="store_true",
                         help="after the run, profile one greedy stream (128 prompt, 256 new tokens) instead")
     args = parser.parse_args()
@@ -64,6 +68,8 @@ def main() -> None:
         ))
     if args.single:
         return single_stream(engine)
+    if args.prefill:
+        return prompt_step(engine, args.top)
     _add(engine, args, 4, "warm")
     while engine.has_unfinished_requests():
         engine.step()
@@ -126,6 +132,46 @@ def _profile_steps(engine: LLMEngine, warm: int, steps: int, top: int) -> None:
     for e in kernels[:max(top, 60)]:
         print(f"{e.self_device_time_total / steps:9.1f} {e.self_device_time_total / total:6.1%} "
               f"{e.count / steps:7.1f} {e.self_device_time_total / e.count:8.2f}  {e.key[:100]}")
+
+
+def prompt_step(engine: LLMEngine, top: int) -> None:
+    """The step that computes one 128-token prompt (eager: graphs cover decode and verify only):
+    the host's time until ``step()`` returns and until the device is done, five times after a
+    warm-up, then the same step under cProfile."""
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, detokenize=False)
+
+    def once(profiler: cProfile.Profile | None = None) -> tuple[float, float]:
+        engine.reset_prefix_cache()
+        engine.add_request(f"prompt-{time.monotonic_ns()}", list(range(2, 130)), params)
+        _sync()
+        start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        engine.step()
+        if profiler is not None:
+            profiler.disable()
+        host = time.perf_counter() - start
+        _sync()
+        done = time.perf_counter() - start
+        while engine.has_unfinished_requests():
+            engine.step()
+        return 1000 * host, 1000 * done
+
+    once()
+    for _ in range(5):
+        host, done = once()
+        print(f"prompt step: host {host:.2f} ms, device done {done:.2f} ms")
+    profiler = cProfile.Profile()
+    host, done = once(profiler)
+    print(f"under cProfile: host {host:.2f} ms, device done {done:.2f} ms")
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumtime").print_stats(top)
+    print(text.getvalue())
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def single_stream(engine: LLMEngine) -> None:
