@@ -79,7 +79,7 @@ def single_stream(engine: LLMEngine, args: argparse.Namespace) -> dict:
     ttft = first[0]
     return {"prompt_tokens": len(prompt), "output_tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "time_per_output_token_ms": 1000 * wall / tokens,
-            "ttft_ms": 1000 * ttft, "decode_ms_per_token": 1000 * (wall - ttft) / (tokens - 1)}
+            "ttft_ms": 1000 * ttft, "decode_ms_per_token": 1000 * (wall - ttft) / max(tokens - 1, 1)}
 
 
 def hf_baseline(model_dir: Path, dtype: torch.dtype, batch: int, args: argparse.Namespace) -> dict:

@@ -30,8 +30,9 @@ from bench.common import write_result
 from engine.spec_decode.ngram_proposer import ngram_lookup
 from engine.spec_decode.policy import NGRAM_PAUSE_RULE, PauseRule, SpeculationPolicy
 
+NO_PAUSE = PauseRule(window=1 << 30, min_acceptance=0.0)  # a window never fills: never pauses
 RULES = {
-    "none": None,
+    "none": NO_PAUSE,
     "draft-model rule (8 steps, 10%)": PauseRule(),
     "8 steps, 2%": PauseRule(8, 0.02),
     "8 steps, none accepted": PauseRule(8, 0.01),
@@ -56,13 +57,13 @@ def record(args: argparse.Namespace) -> dict[str, list[tuple[list[int], list[int
     return recorded
 
 
-def replay(items: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k: int, rule: PauseRule | None,
+def replay(items: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k: int, rule: PauseRule,
            verify_cost: float) -> dict:
     """Decode steps with and without drafts for greedy requests whose outputs are ``items``."""
     plain = cost = 0.0
     verify_steps = drafted = accepted = 0
     for index, (prompt, output) in enumerate(items):
-        policy = SpeculationPolicy(None, rule or PauseRule(1 << 30, 0.0))
+        policy = SpeculationPolicy(None, rule)
         rid = str(index)
         plain += len(output) - 1  # the first token comes with the prompt's step
         pos = 1
@@ -111,7 +112,7 @@ def main() -> None:
         min_n, max_n = (int(v) for v in lookup.split("-"))
         for name, rule in RULES.items():
             row = {"lookup": [min_n, max_n], "rule": name,
-                   "rule_settings": None if rule is None else [rule.window, rule.min_acceptance, rule.first_pause]}
+                   "rule_settings": None if rule is NO_PAUSE else [rule.window, rule.min_acceptance, rule.first_pause]}
             for workload, items in recorded.items():
                 row[workload] = replay(items, min_n, max_n, args.k, rule, args.verify_cost)
             rows.append(row)

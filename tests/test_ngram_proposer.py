@@ -122,7 +122,7 @@ def test_replay_counts_what_the_engine_drafts_and_accepts(tiny_models, rule_name
     on greedy requests its drafts and accepted drafts, request by request, must be the engine's.
     The tiny random model leaves and finds its prompt's loop often enough (120 tokens, 8 prompts)
     that both rules pause some requests."""
-    from bench.replay_spec_policy import replay
+    from bench.replay_spec_policy import NO_PAUSE, replay
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
     from engine.spec_decode.policy import NGRAM_PAUSE_RULE, PauseRule
@@ -142,7 +142,7 @@ def test_replay_counts_what_the_engine_drafts_and_accepts(tiny_models, rule_name
         assert (expected["draft_tokens"], expected["accepted_draft_tokens"]) == (
             out.num_draft_tokens, out.num_accepted_draft_tokens), f"seed {seed}, prompt {prompt}"
         drafted, accepted = drafted + out.num_draft_tokens, accepted + out.num_accepted_draft_tokens
-        never_paused = replay([(prompt, list(out.token_ids))], 1, 16, 4, PauseRule(1 << 30, 0.0), 1.0)
+        never_paused = replay([(prompt, list(out.token_ids))], 1, 16, 4, NO_PAUSE, 1.0)
         paused += never_paused["draft_tokens"] != expected["draft_tokens"]
     assert drafted > accepted > 0, f"seed {seed}"  # the comparison saw drafts kept and drafts rejected
     assert paused > 0, f"seed {seed}"  # and the rule at work: some request drafted less than it would unpaused
