@@ -44,6 +44,9 @@ class EngineArgs:
     # Off by default: through `sluice serve` one stream decoded slower with it (docs/benchmarks.md).
     cpu_onednn_linear: bool = False
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch; default max_num_seqs
+    # Steps of one request with up to this many new tokens (a short prompt at low load) replay a
+    # CUDA graph padded to the next power of two (engine/cuda_graph.py); 0: such steps run eagerly.
+    max_cuda_graph_prefill_tokens: int = 512
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)
     # Speculative decoding (off unless a method or a draft model is given).
     speculative_model: str | None = None  # draft model path; "default": the bundled sluice-pycoder-draft
@@ -77,6 +80,8 @@ class EngineArgs:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_cuda_graph_prefill_tokens < 0:
+            raise ValueError(f"max_cuda_graph_prefill_tokens must be >= 0, got {self.max_cuda_graph_prefill_tokens}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.attention_backend not in ("auto", "flash_attn", "triton", "torch"):

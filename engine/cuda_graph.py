@@ -1,5 +1,5 @@
-"""CUDA graphs for decode and verify steps: one graph per (batch size bucket, tokens per request),
-all sharing one memory pool.
+"""CUDA graphs for decode, verify and short single-request prefill steps: one graph per (batch
+size bucket, tokens per request), all sharing one memory pool.
 
 A graph replays the captured kernels on the persistent input buffers' fixed addresses, so a
 step costs its host-side input preparation, two copies and one replay, whatever the number of
@@ -10,6 +10,15 @@ dropped)::
 
     sizes: 1 2 4 8 16 32 48 ... max      batch of 37 -> graph 48, requests 37..47 padding
     verify (k = 4): 5 tokens per request, sizes up to the largest batch that still speculates
+
+A step of one request with 2..``max_prefill_tokens`` new tokens (a short prompt, or a chunk of
+one, at low load) replays a prefill graph of the next larger token count: its tokens after the
+real ones are padding (slot -1, outside the request's ``query_start_loc`` span, so attention
+never reads them and their rows are dropped), and the graph computes the logits of the last
+real token only. Eager, such a step costs its kernels' launches (hundreds for a small model),
+more than the device's work::
+
+    prefill tokens: 16 32 64 128 256 512     prompt of 100 -> graph of 128, tokens 100..127 padding
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -29,7 +39,12 @@ from scheduler.outputs import ScheduledRequest
 
 logger = logging.getLogger(__name__)
 
-GraphShape = tuple[int, int]  # (batch size, tokens per request)
+class GraphShape(NamedTuple):
+    batch_size: int
+    tokens_per_request: int
+    # One request with up to ``tokens_per_request`` new tokens, the rest padding; logits of its
+    # last real token only.
+    prefill: bool = False
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -39,13 +54,22 @@ def capture_sizes(max_batch_size: int) -> list[int]:
     return sorted(set(sizes) | {max_batch_size})
 
 
-class DecodeGraphs:
-    """Decode graphs up to ``max_batch_size`` requests and, with ``num_speculative_tokens`` k > 0,
+def prefill_capture_sizes(max_tokens: int) -> list[int]:
+    """Powers of two from 16 below ``max_tokens``, and ``max_tokens``; none below 2 tokens."""
+    if max_tokens < 2:
+        return []
+    return sorted({1 << e for e in range(4, max_tokens.bit_length()) if 1 << e < max_tokens} | {max_tokens})
+
+
+class StepGraphs:
+    """Decode graphs up to ``max_batch_size`` requests; with ``num_speculative_tokens`` k > 0,
     verify graphs of 1 + k tokens per request up to ``max_verify_batch_size`` requests (as many
-    as the input buffers hold)."""
+    as the input buffers hold); with ``max_prefill_tokens``, single-request prefill graphs up to
+    that many tokens (as many as the input buffers hold)."""
 
     def __init__(self, model: nn.Module, buffers: InputBuffers, backend: AttentionBackend,
-                 max_batch_size: int, num_speculative_tokens: int = 0, max_verify_batch_size: int = 0) -> None:
+                 max_batch_size: int, num_speculative_tokens: int = 0, max_verify_batch_size: int = 0,
+                 max_prefill_tokens: int = 0) -> None:
         self.model = model
         self.buffers = buffers
         self.backend = backend
@@ -54,58 +78,72 @@ class DecodeGraphs:
         max_verify = min(max_verify_batch_size, buffers.max_tokens // per_request)
         if num_speculative_tokens and max_verify >= 1:
             self.sizes[per_request] = capture_sizes(max_verify)
+        self.prefill_sizes = prefill_capture_sizes(min(max_prefill_tokens, buffers.max_tokens))
         self._graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
         self._logits: dict[GraphShape, torch.Tensor] = {}
 
     @property
     def shapes(self) -> list[GraphShape]:
-        return [(size, per_request) for per_request, sizes in self.sizes.items() for size in sizes]
+        return [GraphShape(size, per_request) for per_request, sizes in self.sizes.items() for size in sizes] + [
+            GraphShape(1, tokens, prefill=True) for tokens in self.prefill_sizes]
 
     def shape_for(self, scheduled: list[ScheduledRequest]) -> GraphShape | None:
-        """The graph that serves this step, or None when it is not a plain decode step or a
-        verify step with the same number of drafts for every request."""
+        """The graph that serves this step, or None when it is not a plain decode step, a verify
+        step with the same number of drafts for every request, or a short step of one request."""
         per_request = len(scheduled[0].token_ids)
+        if len(scheduled) == 1 and per_request > 1 and not scheduled[0].draft_token_ids:
+            prefill = self.prefill_sizes
+            if not prefill or per_request > prefill[-1]:
+                return None
+            return GraphShape(1, prefill[bisect.bisect_left(prefill, per_request)], prefill=True)
         sizes = self.sizes.get(per_request)
         if sizes is None or len(scheduled) > sizes[-1] or any(
                 len(r.token_ids) != per_request or not r.sample or len(r.draft_token_ids) != per_request - 1
                 for r in scheduled):
             return None
-        return sizes[bisect.bisect_left(sizes, len(scheduled))], per_request
+        return GraphShape(sizes[bisect.bisect_left(sizes, len(scheduled))], per_request)
 
     @torch.inference_mode()
     def capture(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         # Largest first, so that smaller graphs reuse the pool's blocks.
-        for shape in sorted(self.shapes, key=lambda s: s[0] * s[1], reverse=True):
-            size, per_request = shape
+        for shape in sorted(self.shapes, key=lambda s: s.batch_size * s.tokens_per_request, reverse=True):
+            size, per_request, prefill = shape
             num_blocks = -(-per_request // self.buffers.block_size)
+            drafts = [] if prefill else [0] * (per_request - 1)
             dummy = [ScheduledRequest(f"graph-{i}", [0] * per_request, 0, [0] * num_blocks, True, None, [], [],
-                                      [0] * (per_request - 1)) for i in range(size)]
+                                      drafts) for i in range(size)]
             inputs = self.buffers.prepare(dummy, graph_shape=shape)
             # Slot -1: capture writes nothing into the KV cache.
             inputs.metadata.slot_mapping.fill_(-1)
+            # A prefill graph's one row: the request's last real token, read on the device from
+            # the persistent query_start_loc that every replay rewrites.
+            last = inputs.metadata.query_start_loc[1:] - 1 if prefill else None
             with set_forward_context(inputs.metadata, self.backend):
-                # An eager run first compiles every kernel outside the capture.
-                self.model.compute_logits(self.model(inputs.input_ids, inputs.positions))
+                self._forward(inputs, last)  # an eager run first compiles every kernel outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self.model.compute_logits(self.model(inputs.input_ids, inputs.positions))
+                    logits = self._forward(inputs, last)
             self._graphs[shape], self._logits[shape] = graph, logits
         torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (batch size, tokens per request) %s in %.1f s",
                     len(self._graphs), self.shapes, time.perf_counter() - start)
 
+    def _forward(self, inputs: StepInputs, rows: torch.Tensor | None) -> torch.Tensor:
+        hidden = self.model(inputs.input_ids, inputs.positions)
+        return self.model.compute_logits(hidden if rows is None else hidden.index_select(0, rows))
+
     def replay(self, shape: GraphShape) -> torch.Tensor:
         """Run the graph of ``shape`` on what the buffers hold; its logits ``[size * tokens per
-        request, vocab]``, request by request."""
+        request, vocab]``, request by request (a prefill graph's ``[1, vocab]``)."""
         self._graphs[shape].replay()
         return self._logits[shape]
 
 
 def step_logits(model: nn.Module, buffers: InputBuffers, backend: AttentionBackend,
-                graphs: DecodeGraphs | None, scheduled: list[ScheduledRequest],
+                graphs: StepGraphs | None, scheduled: list[ScheduledRequest],
                 fill_inputs: Callable[[StepInputs], None] | None = None) -> torch.Tensor | None:
     """Run one step's forward and return the logits at its sampled positions (the rows
     ``InputBuffers.prepare`` lays out), or None when nothing samples: replayed from a graph
@@ -117,7 +155,10 @@ def step_logits(model: nn.Module, buffers: InputBuffers, backend: AttentionBacke
         inputs = buffers.prepare(scheduled, graph_shape=shape)
         if fill_inputs is not None:
             fill_inputs(inputs)
-        return graphs.replay(shape)[: len(scheduled) * shape[1]]
+        logits = graphs.replay(shape)
+        if shape.prefill:
+            return logits if scheduled[0].sample else None
+        return logits[: len(scheduled) * shape.tokens_per_request]
     inputs = buffers.prepare(scheduled)
     if fill_inputs is not None:
         fill_inputs(inputs)

@@ -73,7 +73,7 @@ class InputBuffers:
         )
 
     # ------------------------------------------------------------------ filling
-    def prepare(self, scheduled: Sequence[ScheduledRequest], graph_shape: tuple[int, int] | None = None
+    def prepare(self, scheduled: Sequence[ScheduledRequest], graph_shape: tuple[int, int, bool] | None = None
                 ) -> StepInputs:
         """Lay out ``scheduled`` on the host, copy it to the device and return device views.
 
@@ -81,9 +81,11 @@ class InputBuffers:
         at its last 1 + k tokens (one row per verified position, in order).
 
         With ``graph_shape`` = (a CUDA graph's batch size, its tokens per request: 1 for a decode
-        step, 1 + k for a verify step), requests past the batch are padding with that many tokens
-        each: slot -1 (nothing written), seq_len 0 (decode) or 1 + k (verify); and ``max_seq_len``
-        is the bound every replay shares, the longest block table's length."""
+        step, 1 + k for a verify step, False), requests past the batch are padding with that many
+        tokens each: slot -1 (nothing written), seq_len 0 (decode) or 1 + k (verify); and
+        ``max_seq_len`` is the bound every replay shares, the longest block table's length. With
+        (1, n, True), a prefill graph's, the one request's tokens are padded to n: ids and
+        positions 0, slot -1, outside its ``query_start_loc`` span."""
         num_reqs = len(scheduled)
         num_new = np.fromiter((len(r.token_ids) for r in scheduled), dtype=np.int64, count=num_reqs)
         starts = np.fromiter((r.start_position for r in scheduled), dtype=np.int64, count=num_reqs)
@@ -121,8 +123,9 @@ class InputBuffers:
         num_rows = num_reqs
         max_seq_len = int(seq_lens.max())
         if graph_shape is not None:
-            size, per_request = graph_shape
-            assert num_reqs <= size and (num_new == per_request).all(), "the step does not fit the graph"
+            size, per_request, prefill = graph_shape
+            fits = num_tokens <= per_request if prefill else (num_new == per_request).all()
+            assert num_reqs <= size and fits, "the step does not fit the graph"
             end = size * per_request
             np64[num_tokens:end] = 0
             np64[t + num_tokens:t + end] = 0

@@ -14,8 +14,10 @@ rejection sampler keeps the drafts the target accepts (engine/spec_decode/reject
 steps without drafts take the plain sampler, as before speculation existed.
 
 On CUDA, a step where every request decodes one token, or verifies k drafts with 1 + k tokens,
-replays a CUDA graph captured for the next larger batch size (engine/cuda_graph.py); other steps
-run eagerly. Both read their inputs from the same persistent buffers (engine/input_buffers.py).
+replays a CUDA graph captured for the next larger batch size (engine/cuda_graph.py), and a step
+of one request with up to ``max_cuda_graph_prefill_tokens`` new tokens one captured for the next
+larger token count; other steps run eagerly. Both read their inputs from the same persistent
+buffers (engine/input_buffers.py).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from engine.attention.backend import select_attention_backend
 from engine.attention.metadata import set_forward_context
 from engine.config import EngineArgs
-from engine.cuda_graph import DecodeGraphs, step_logits
+from engine.cuda_graph import StepGraphs, step_logits
 from engine.host_copy import to_device
 from engine.input_buffers import InputBuffers, StepInputs
 from engine.kv_cache import (
@@ -95,7 +97,7 @@ class ModelRunner:
             max(engine_args.max_num_batched_tokens, engine_args.max_num_seqs), engine_args.max_num_seqs,
             max_blocks, self.block_size, self.device,
         )
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
         # The last asynchronous step's sampled ids and each request's row in them: the next
         # step's placeholder inputs.
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
@@ -127,9 +129,9 @@ class ModelRunner:
             state = "on" if pdl_args(self.device) else "off (needs compute capability 9.0+, and SLUICE_PDL != 0)"
             logger.info("Triton kernels: programmatic dependent launch %s", state)
         if self.uses_cuda_graphs:
-            self.graphs = DecodeGraphs(self.model, self.buffers, self.attention_backend, self.max_graph_batch_size,
+            self.graphs = StepGraphs(self.model, self.buffers, self.attention_backend, self.max_graph_batch_size,
                                        self.args.num_speculative_tokens if self.args.speculative else 0,
-                                       self.max_verify_batch_size)
+                                       self.max_verify_batch_size, self.args.max_cuda_graph_prefill_tokens)
             self.graphs.capture()
         return num_blocks
 

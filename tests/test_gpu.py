@@ -110,7 +110,7 @@ def test_cuda_graph_verify_equals_eager_verify(tiny_models, backend: str) -> Non
     """A verify step (every request 1 + k tokens, k drafts) replayed from a CUDA graph gives the
     logits of the same step run eagerly, at all 1 + k positions of each request, padding and all
     (3 requests replay the graph of 4)."""
-    from engine.cuda_graph import step_logits
+    from engine.cuda_graph import GraphShape, step_logits
     from engine.sampling_params import SamplingParams
     from scheduler.outputs import ScheduledRequest, SchedulerOutput
 
@@ -131,7 +131,7 @@ def test_cuda_graph_verify_equals_eager_verify(tiny_models, backend: str) -> Non
         verify = [ScheduledRequest(f"r{i}", [out.sampled_token_ids[f"r{i}"][0], 3, 4, 5], len(p), tables[i], True,
                                    greedy, p, out.sampled_token_ids[f"r{i}"], [3, 4, 5]) for i, p in enumerate(prompts)]
         if not eager:
-            assert runner.graphs.shape_for(verify) == (4, 1 + k)
+            assert runner.graphs.shape_for(verify) == GraphShape(4, 1 + k)
         logits[eager] = step_logits(runner.model, runner.buffers, runner.attention_backend, runner.graphs,
                                     verify).clone()
     assert logits[False].shape == logits[True].shape == (len(prompts) * (1 + k), logits[True].shape[-1])
@@ -140,6 +140,56 @@ def test_cuda_graph_verify_equals_eager_verify(tiny_models, backend: str) -> Non
     else:
         agree = (logits[False].argmax(-1) == logits[True].argmax(-1)).float().mean().item()
         assert agree >= 0.9
+
+
+@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
+def test_cuda_graph_prefill_equals_eager_prefill(tiny_models, backend: str) -> None:
+    """Steps of one request replayed from prefill graphs (its tokens padded to 16, 32 or 64) give
+    the logits of the same steps run eagerly: a whole prompt; a first chunk, which samples nothing;
+    the chunk after it, which attends to the first one's cached keys. A step longer than the
+    largest graph runs eagerly."""
+    from engine.cuda_graph import GraphShape, step_logits
+    from engine.sampling_params import SamplingParams
+    from scheduler.outputs import ScheduledRequest
+
+    if backend == "flash_attn":
+        _flash_or_skip()
+    dtype = "float32" if backend == "triton" else "bfloat16"
+    path = tiny_models["qwen3"]
+    greedy = SamplingParams(temperature=0.0)
+    a, b, c = [(7 * i) % 500 + 2 for i in range(27)], [(11 * i) % 300 + 3 for i in range(50)], [9] * 100
+    steps = [
+        [ScheduledRequest("a", a, 0, [1, 2], True, greedy, a, [])],
+        [ScheduledRequest("b", b[:40], 0, [3, 4, 5, 6], False, greedy, b, [])],
+        [ScheduledRequest("b", b[40:], 40, [3, 4, 5, 6], True, greedy, b, [])],
+        [ScheduledRequest("c", c, 0, list(range(7, 14)), True, greedy, c, [])],
+    ]
+    expected_shapes = [GraphShape(1, 32, True), GraphShape(1, 64, True), GraphShape(1, 16, True), None]
+    logits = {}
+    for eager in (False, True):
+        config = ModelConfig.from_pretrained(path, dtype=dtype, device="cuda")
+        runner = ModelRunner(config, EngineArgs(model=str(path), block_size=16, num_kv_blocks=64, dtype=dtype,
+                                                attention_backend=backend, enforce_eager=eager, max_num_seqs=8,
+                                                max_cuda_graph_prefill_tokens=64))
+        runner.load_model()
+        runner.initialize_kv_cache()
+        if not eager:
+            assert runner.graphs.prefill_sizes == [16, 32, 64]
+            assert [runner.graphs.shape_for(step) for step in steps] == expected_shapes
+        logits[eager] = []
+        for step in steps:
+            out = step_logits(runner.model, runner.buffers, runner.attention_backend, runner.graphs, step)
+            logits[eager].append(None if out is None else out.clone())
+    assert logits[False][1] is None and logits[True][1] is None
+    for graph, eager in zip(logits[False], logits[True], strict=True):
+        if eager is None:
+            continue
+        assert graph.shape == eager.shape == (1, eager.shape[-1])
+        if backend == "triton":
+            torch.testing.assert_close(graph, eager, atol=1e-3, rtol=1e-3)
+        else:
+            assert graph.argmax(-1).item() == eager.argmax(-1).item()
+            assert (graph.float() - eager.float()).abs().max().item() < 0.1 * eager.float().abs().max().item()
 
 
 def test_draft_model_drafts_the_same_with_cuda_graphs(tiny_models) -> None:

@@ -29,6 +29,7 @@ from transformers import AutoModelForCausalLM
 import engine.spec_decode.policy as policy
 from engine.attention.torch_backend import TorchAttentionBackend
 from engine.config import DEFAULT_DRAFT_MODEL, EngineArgs
+from engine.cuda_graph import GraphShape
 from engine.input_buffers import InputBuffers
 from engine.kv_cache import kv_block_bytes
 from engine.llm import LLM
@@ -502,7 +503,7 @@ def test_graph_padding_of_a_verify_step() -> None:
     tables = [[1, 2, 3], [4, 5, 6]]
     scheduled = [ScheduledRequest(f"r{i}", [5, 6, 7], 6 + i, tables[i], True, GREEDY, [1] * 7, [5], [6, 7])
                  for i in range(2)]
-    inputs = buffers.prepare(scheduled, graph_shape=(4, 3))
+    inputs = buffers.prepare(scheduled, graph_shape=GraphShape(4, 3))
     metadata = inputs.metadata
     assert inputs.input_ids.tolist() == [5, 6, 7] * 2 + [0] * 6
     assert inputs.positions.tolist() == [6, 7, 8, 7, 8, 9] + [0] * 6
@@ -514,7 +515,7 @@ def test_graph_padding_of_a_verify_step() -> None:
     assert (metadata.max_query_len, metadata.max_seq_len) == (3, 16)
     with pytest.raises(AssertionError, match="does not fit the graph"):
         buffers.prepare([*scheduled[:1], ScheduledRequest("d", [5], 3, [1], True, GREEDY, [1] * 3, [5])],
-                        graph_shape=(4, 3))
+                        graph_shape=GraphShape(4, 3))
 
 
 # ---------------------------------------------------------------------------- configuration and API

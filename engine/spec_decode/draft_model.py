@@ -32,7 +32,7 @@ import torch
 
 from engine.attention.backend import AttentionBackend
 from engine.config import EngineArgs
-from engine.cuda_graph import DecodeGraphs, step_logits
+from engine.cuda_graph import StepGraphs, step_logits
 from engine.input_buffers import InputBuffers
 from engine.kv_cache import KVCaches, allocate_kv_cache, kv_block_bytes
 from engine.model_config import ModelConfig
@@ -86,7 +86,7 @@ class DraftModelProposer(Proposer):
         self.graph_batch_size = graph_batch_size
         self.model: torch.nn.Module | None = None
         self.kv_caches: KVCaches = []
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
         self.lean: LeanDraftForward | None = None  # the CPU's drafting steps (engine/spec_decode/cpu_draft.py)
         max_blocks = -(-config.max_model_len // self.block_size)
         self.buffers = InputBuffers(max(args.max_num_batched_tokens, args.max_num_seqs), args.max_num_seqs,
@@ -109,7 +109,7 @@ class DraftModelProposer(Proposer):
         if self.device.type == "cpu" and self.config.dtype == torch.float32:
             self.lean = LeanDraftForward(self.model, self.block_size)
         if self.graph_batch_size is not None:
-            self.graphs = DecodeGraphs(self.model, self.buffers, self.backend, self.graph_batch_size)
+            self.graphs = StepGraphs(self.model, self.buffers, self.backend, self.graph_batch_size)
             self.graphs.capture()
 
     def num_lookahead_slots(self, num_draft_tokens: int) -> int:

@@ -1,0 +1,73 @@
+"""Which CUDA graph serves a step, and how a step is padded to it (host side: runs on the CPU;
+tests/test_gpu.py replays the graphs against eager steps)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import EngineArgs
+from engine.cuda_graph import GraphShape, StepGraphs, capture_sizes, prefill_capture_sizes
+from engine.input_buffers import InputBuffers
+from engine.sampling_params import SamplingParams
+from scheduler.outputs import ScheduledRequest
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def _request(rid: str, tokens: list[int], start: int = 0, table=(1, 2, 3, 4), sample: bool = True,
+             drafts: list[int] | None = None) -> ScheduledRequest:
+    prompt = [1] * (start + len(tokens))
+    return ScheduledRequest(rid, tokens, start, list(table), sample, GREEDY, prompt, [], drafts or [])
+
+
+def test_capture_sizes() -> None:
+    assert capture_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert prefill_capture_sizes(512) == [16, 32, 64, 128, 256, 512]
+    assert prefill_capture_sizes(100) == [16, 32, 64, 100]
+    assert prefill_capture_sizes(8) == [8]
+    assert prefill_capture_sizes(1) == prefill_capture_sizes(0) == []
+
+
+def test_shape_for_picks_decode_verify_and_prefill_graphs() -> None:
+    buffers = InputBuffers(max_tokens=64, max_reqs=8, max_blocks=8, block_size=16, device=torch.device("cpu"))
+    graphs = StepGraphs(None, buffers, None, max_batch_size=8, num_speculative_tokens=2, max_verify_batch_size=4,
+                        max_prefill_tokens=100)  # capped by the buffers' 64 tokens
+    assert graphs.prefill_sizes == [16, 32, 64]
+    decode = [_request(f"d{i}", [5], 3) for i in range(3)]
+    assert graphs.shape_for(decode) == GraphShape(4, 1)
+    verify = [_request(f"v{i}", [5, 6, 7], 3, drafts=[6, 7]) for i in range(3)]
+    assert graphs.shape_for(verify) == GraphShape(4, 3)
+    assert graphs.shape_for([_request("p", list(range(2, 22)))]) == GraphShape(1, 32, prefill=True)
+    assert graphs.shape_for([_request("p", [2, 3])]) == GraphShape(1, 16, prefill=True)
+    # A chunk after cached tokens, one that samples nothing: the same graphs.
+    assert graphs.shape_for([_request("p", [2] * 64, 16, sample=False)]) == GraphShape(1, 64, prefill=True)
+    # Eager: longer than the largest graph; two requests' prompts; a lone decode takes its decode graph.
+    assert graphs.shape_for([_request("p", [2] * 65)]) is None
+    assert graphs.shape_for([_request("p", [2] * 9), _request("q", [2] * 9)]) is None
+    assert graphs.shape_for([_request("d", [5], 3)]) == GraphShape(1, 1)
+    assert StepGraphs(None, buffers, None, max_batch_size=8).shape_for([_request("p", [2] * 9)]) is None
+
+
+def test_graph_padding_of_a_prefill_step() -> None:
+    """A 5-token chunk at positions 6..10, padded to a prefill graph of 8 tokens: the padding
+    writes nowhere (slot -1) and lies outside the request's query span, whose length stays 5."""
+    buffers = InputBuffers(max_tokens=32, max_reqs=4, max_blocks=4, block_size=4, device=torch.device("cpu"))
+    inputs = buffers.prepare([_request("p", [5, 6, 7, 8, 9], 6, table=(3, 1, 2))],
+                             graph_shape=GraphShape(1, 8, prefill=True))
+    metadata = inputs.metadata
+    assert inputs.input_ids.tolist() == [5, 6, 7, 8, 9, 0, 0, 0]
+    assert inputs.positions.tolist() == [6, 7, 8, 9, 10, 0, 0, 0]
+    # Positions 6, 7 in block 1 (slots 6, 7), 8..10 in block 2 (slots 8..10).
+    assert metadata.slot_mapping.tolist() == [6, 7, 8, 9, 10, -1, -1, -1]
+    assert metadata.query_start_loc.tolist() == [0, 5]
+    assert metadata.seq_lens.tolist() == [11]
+    assert metadata.max_seq_len == 16  # the bound every replay shares
+    assert inputs.logits_indices is None
+    with pytest.raises(AssertionError, match="does not fit the graph"):
+        buffers.prepare([_request("p", [2] * 9)], graph_shape=GraphShape(1, 8, prefill=True))
+
+
+def test_max_cuda_graph_prefill_tokens_is_checked() -> None:
+    with pytest.raises(ValueError, match="max_cuda_graph_prefill_tokens must be >= 0"):
+        EngineArgs(model="m", max_cuda_graph_prefill_tokens=-1)
