@@ -117,23 +117,24 @@ class StepGraphs:
             inputs = self.buffers.prepare(dummy, graph_shape=shape)
             # Slot -1: capture writes nothing into the KV cache.
             inputs.metadata.slot_mapping.fill_(-1)
-            # A prefill graph's one row: the request's last real token, read on the device from
-            # the persistent query_start_loc that every replay rewrites.
-            last = inputs.metadata.query_start_loc[1:] - 1 if prefill else None
             with set_forward_context(inputs.metadata, self.backend):
-                self._forward(inputs, last)  # an eager run first compiles every kernel outside the capture
+                self._forward(inputs, prefill)  # an eager run first compiles every kernel outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self._forward(inputs, last)
+                    logits = self._forward(inputs, prefill)
             self._graphs[shape], self._logits[shape] = graph, logits
         torch.cuda.synchronize()
         logger.info("captured %d CUDA graphs (batch size, tokens per request) %s in %.1f s",
                     len(self._graphs), self.shapes, time.perf_counter() - start)
 
-    def _forward(self, inputs: StepInputs, rows: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, inputs: StepInputs, prefill: bool) -> torch.Tensor:
         hidden = self.model(inputs.input_ids, inputs.positions)
-        return self.model.compute_logits(hidden if rows is None else hidden.index_select(0, rows))
+        if prefill:
+            # The one row of a prefill graph, its request's last real token: computed in the graph
+            # from the persistent query_start_loc that every replay rewrites.
+            hidden = hidden.index_select(0, inputs.metadata.query_start_loc[1:] - 1)
+        return self.model.compute_logits(hidden)
 
     def replay(self, shape: GraphShape) -> torch.Tensor:
         """Run the graph of ``shape`` on what the buffers hold; its logits ``[size * tokens per
