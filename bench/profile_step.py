@@ -26,6 +26,7 @@ import torch
 
 from bench.common import write_shape_dir
 from engine.config import EngineArgs
+from engine.cuda_graph import GraphShape
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -193,10 +194,10 @@ def single_stream(engine: LLMEngine) -> None:
     replay_ms = float("nan")
     if graphs is not None:
         replays, begin, end = 100, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        graphs.replay((1, 1))
+        graphs.replay(GraphShape(1, 1))
         begin.record()
         for _ in range(replays):
-            graphs.replay((1, 1))
+            graphs.replay(GraphShape(1, 1))
         end.record()
         torch.cuda.synchronize()
         replay_ms = begin.elapsed_time(end) / replays
