@@ -4,11 +4,15 @@ kernels of a few steps, from torch.profiler), for one workload on one shape.
     python -m bench.profile_step --shape qwen3-0.6b --num-requests 64 --max-len 512 [--enforce-eager]
     python -m bench.profile_step --shape llama-3.1-8b --single [--async-scheduling]
     python -m bench.profile_step --shape qwen3-0.6b --prefill --async-scheduling
+    python -m bench.profile_step --shape llama-3.1-8b --offline --num-requests 256 --max-len 1024 --async-scheduling
 
 Prints the top host functions by own time, the top kernels by device time, and the mean step
 wall time of decode-only steps. ``--single``: one greedy stream (128 prompt, 256 new tokens),
 and how its step time splits between the device (one decode graph replayed alone) and the rest.
 ``--prefill``: the host time of one 128-token prompt's step, and where it goes.
+``--offline`` (with ``--async-scheduling``): bench_offline's workload; per step, by the number
+of requests it samples, the wall time and how much of it the host spent waiting for the device
+(none: the host is the bottleneck; most: the device is).
 """
 
 from __future__ import annotations
@@ -57,6 +61,10 @@ def main() -> None:
     parser.add_argument("--single", action="store_true", help="one stream: step wall time against graph replay time")
     parser.add_argument("--prefill", action="store_true",
                         help="one 128-token prompt's step: its host time and where it goes (cProfile)")
+    parser.add_argument("--offline", action="store_true",
+                        help="bench_offline's workload: step wall time and the host's wait for the device, by batch")
+    parser.add_argument("--max-cuda-graph-prefill-tokens", type=int, default=EngineArgs.max_cuda_graph_prefill_tokens)
+    parser.add_argument("--out", type=Path, default=None, help="--offline: write the table as JSON")
     parser.add_argument("--single-after", action="store_true",
                         help="after the run, profile one greedy stream (128 prompt, 256 new tokens) instead")
     args = parser.parse_args()
@@ -65,12 +73,14 @@ def main() -> None:
             model=str(write_shape_dir(args.shape, Path(tmp))), load_format="dummy",
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=2 * args.max_len + 16,
             attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
-            async_scheduling=args.async_scheduling,
+            async_scheduling=args.async_scheduling, max_cuda_graph_prefill_tokens=args.max_cuda_graph_prefill_tokens,
         ))
     if args.single:
         return single_stream(engine)
     if args.prefill:
         return prompt_step(engine, args.top)
+    if args.offline:
+        return offline_waits(engine, args)
     _add(engine, args, 4, "warm")
     while engine.has_unfinished_requests():
         engine.step()
@@ -136,7 +146,8 @@ def _profile_steps(engine: LLMEngine, warm: int, steps: int, top: int) -> None:
 
 
 def prompt_step(engine: LLMEngine, top: int) -> None:
-    """The step that computes one 128-token prompt (eager: graphs cover decode and verify only):
+    """The step that computes one 128-token prompt (a prefill graph's replay; eagerly with
+    ``--max-cuda-graph-prefill-tokens 0`` or ``--enforce-eager``):
     the host's time until ``step()`` returns and until the device is done, five times after a
     warm-up, then the same step under cProfile."""
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, detokenize=False)
@@ -168,6 +179,50 @@ def prompt_step(engine: LLMEngine, top: int) -> None:
     text = io.StringIO()
     pstats.Stats(profiler, stream=text).sort_stats("cumtime").print_stats(top)
     print(text.getvalue())
+
+
+def offline_waits(engine: LLMEngine, args: argparse.Namespace) -> None:
+    """bench_offline's workload (after a warm-up run of it): for the steps that sample n requests,
+    grouped by n, the mean step wall time and the host's mean wait for the device's tokens."""
+    from bench.bench_offline import offline_throughput
+    from engine.model_runner import PendingOutput
+
+    assert args.async_scheduling, "--offline measures the asynchronous engine's waits"
+    workload = argparse.Namespace(seed=args.seed, num_requests=args.num_requests, min_len=args.min_len,
+                                  max_len=args.max_len)
+    results: list[tuple[int, float, float]] = []  # (requests sampled, wait, when the wait began)
+    unpatched = PendingOutput.result
+
+    def timed_result(self: PendingOutput):
+        start = time.perf_counter()
+        out = unpatched(self)
+        results.append((len(self.request_ids), time.perf_counter() - start, start))
+        return out
+
+    PendingOutput.result = timed_result
+    try:
+        offline = offline_throughput(engine, workload)  # its warm-up run is recorded too: dropped below
+    finally:
+        PendingOutput.result = unpatched
+    steps = results[len(results) // 2:]  # the two runs schedule alike: the second half is the measured run
+    buckets: dict[int, list[float]] = {}
+    for (n, wait, start), following in zip(steps, steps[1:], strict=False):
+        b = buckets.setdefault(min(n // 32 * 32, 256), [0, 0.0, 0.0])
+        b[0] += 1
+        b[1] += following[2] - start
+        b[2] += wait
+    print(f"offline: {offline['output_tokens_per_s']:.1f} output tok/s, {offline['wall_s']:.2f} s")
+    rows = []
+    for bucket, (count, wall, wait) in sorted(buckets.items()):
+        rows.append({"sampled_requests_from": bucket, "steps": count, "ms_per_step": 1000 * wall / count,
+                     "wait_ms_per_step": 1000 * wait / count})
+        print(f"steps sampling {bucket:3d}+ requests: {count:5d}, {1000 * wall / count:7.2f} ms each, "
+              f"waiting for the device {1000 * wait / count:6.2f} ms")
+    if args.out:
+        from bench.common import write_result
+
+        write_result(args.out, {"benchmark": "offline_waits", "settings": vars(args) | {"out": str(args.out)},
+                                "offline_throughput": offline, "rows": rows})
 
 
 def _sync() -> None:
