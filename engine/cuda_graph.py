@@ -125,8 +125,12 @@ class StepGraphs:
                     logits = self._forward(inputs, prefill)
             self._graphs[shape], self._logits[shape] = graph, logits
         torch.cuda.synchronize()
-        logger.info("captured %d CUDA graphs (batch size, tokens per request) %s in %.1f s",
-                    len(self._graphs), self.shapes, time.perf_counter() - start)
+        kinds = [f"{'decode' if per_request == 1 else f'verify ({per_request} tokens)'} batch sizes {sizes}"
+                 for per_request, sizes in self.sizes.items()]
+        if self.prefill_sizes:
+            kinds.append(f"one request's prefill up to {self.prefill_sizes} tokens")
+        logger.info("captured %d CUDA graphs in %.1f s: %s", len(self._graphs), time.perf_counter() - start,
+                    "; ".join(kinds))
 
     def _forward(self, inputs: StepInputs, prefill: bool) -> torch.Tensor:
         hidden = self.model(inputs.input_ids, inputs.positions)
