@@ -39,6 +39,7 @@ from scheduler.outputs import ScheduledRequest
 
 logger = logging.getLogger(__name__)
 
+
 class GraphShape(NamedTuple):
     batch_size: int
     tokens_per_request: int
