@@ -1,7 +1,8 @@
 """Packed linears on the CPU (engine/layers/cpu_linear.py): oneDNN fp32 against a float64
 reference and batch-invariant (a row's result does not depend on how many rows come with it);
-fp16-storable weights (AWQ, bf16 checkpoints) through fbgemm's fp16 GEMM against a float64
-reference; both switched by ``cpu_onednn_linear``."""
+fp16-storable weights (AWQ, bf16 checkpoints) through sluice's fp16 kernel (batch-invariant too),
+or fbgemm's fp16 GEMM where that cannot be built, against a float64 reference; all switched by
+``cpu_onednn_linear``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 import pytest
 import torch
 
-from engine.layers import cpu_linear
+from engine.layers import cpu_linear, cpu_native
 from engine.layers.linear import LinearBase
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
@@ -62,9 +63,21 @@ def test_fp16_storable_means_fp16_keeps_every_normal_value() -> None:
     assert cpu_linear.fp16_storable(tiny)
 
 
-@pytest.mark.skipif(not cpu_linear.fp16_available(), reason="torch built without fbgemm")
+def _fp16_kernels() -> list:
+    kernels = []
+    if cpu_native.available():
+        kernels.append("sluice")
+    if cpu_linear.fp16_available():
+        kernels.append("fbgemm")
+    return kernels
+
+
+@pytest.mark.parametrize("kernel", _fp16_kernels())
 @pytest.mark.parametrize("in_features,out_features", [(64, 48), (512, 3072), (256, 8192)])
-def test_fp16_storable_weights_run_in_fp16_and_match_float64(in_features: int, out_features: int) -> None:
+def test_fp16_storable_weights_run_in_fp16_and_match_float64(in_features: int, out_features: int, kernel: str,
+                                                             monkeypatch) -> None:
+    if kernel == "fbgemm":  # where sluice's kernel cannot be built
+        monkeypatch.setattr(cpu_native, "available", lambda: False)
     seed = int.from_bytes(os.urandom(4), "little")
     gen = torch.Generator().manual_seed(seed)
     layer = LinearBase(in_features, out_features, bias=True)
@@ -73,15 +86,20 @@ def test_fp16_storable_weights_run_in_fp16_and_match_float64(in_features: int, o
     layer.weight.data.copy_(weight)
     layer.bias.data.copy_(torch.randn(out_features, generator=gen))
     layer.pack_for_cpu()
-    assert isinstance(layer.packed_weight, torch.ScriptObject)  # fbgemm's fp16 params
+    if kernel == "sluice":
+        assert layer.packed_weight.dtype == torch.float16 and layer.packed_weight.shape == weight.shape
+    else:
+        assert isinstance(layer.packed_weight, torch.ScriptObject)  # fbgemm's fp16 params
     x = torch.randn(2, 8, in_features, generator=gen)
     expected = x.double() @ weight.double().T + layer.bias.double()
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
-    # One row alone: as exact, though not the same bits as inside a batch (the kernel is not batch-invariant).
-    torch.testing.assert_close(layer(x[0, :1]).double(), expected[0, :1], rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    one = layer(x[0, :1])
+    torch.testing.assert_close(one.double(), expected[0, :1], rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+    if kernel == "sluice":  # fbgemm rounds a row alone differently from inside a batch
+        assert torch.equal(one, layer(x)[0, :1])
 
 
-@pytest.mark.skipif(not cpu_linear.fp16_available(), reason="torch built without fbgemm")
+@pytest.mark.skipif(not (cpu_native.available() or cpu_linear.fp16_available()), reason="no fp16 kernel")
 def test_bundled_awq_model_packs_fp16_and_keeps_its_greedy_tokens() -> None:
     """The AWQ layers' dequantized weights are fp16 values: packed, they run in fp16, and the
     greedy continuation is the one the unpacked model gives."""
@@ -90,7 +108,11 @@ def test_bundled_awq_model_packs_fp16_and_keeps_its_greedy_tokens() -> None:
         llm = LLM(str(DEFAULT_MODEL), max_model_len=256, num_kv_blocks=32, cpu_onednn_linear=enabled)
         model = llm.engine.runner.model
         if enabled:
-            assert isinstance(model.model.layers[0].mlp.gate_up_proj.packed_weight, torch.ScriptObject)
+            packed = model.model.layers[0].mlp.gate_up_proj.packed_weight
+            if cpu_native.available():
+                assert packed.dtype == torch.float16
+            else:
+                assert isinstance(packed, torch.ScriptObject)
         out = llm.generate(["def parse_args(argv):"], SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True))
         outputs[enabled] = out[0].outputs[0].token_ids
     assert outputs[True] == outputs[False]

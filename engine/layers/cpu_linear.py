@@ -2,27 +2,32 @@
 
 A decode step of a small model on a CPU streams every weight once per token, so bytes decide::
 
-    weight fp16-storable (see fp16_storable)  ->  fp16, fbgemm's fp16 GEMM (fp32 inputs and sums)
+    weight fp16-storable (see fp16_storable)  ->  fp16: sluice's own kernel (cpu_gemm.cpp, fp32
+                                                 inputs and sums), else fbgemm's fp16 GEMM
     otherwise                                 ->  fp32, oneDNN's blocked layout
 
 fp16-storable covers AWQ layers (their dequantized weights are fp16 values) and bf16 checkpoints
-loaded as fp32. Measured on this repository's 2-core AVX2 CPU, one thread: the bundled AWQ
-target's decode step 15.7 -> 10.1 ms, its 5-token verify step 21.4 -> 13.5 ms, a forward of its
-draft 6.5 -> 4.8 ms. The oneDNN kernel against ``F.linear`` (MKL), per call: 1.5-4x faster at
-2-16 rows (a verify step's 1 + k tokens, a batch of decodes), e.g. 512 -> 3072 at 5 rows 184 vs
-536 us, and for vocab-sized outputs at any row count (512 -> 8192 at one row 0.73 vs 2.1 ms); at
-one row a few small layers are slower (1536 -> 512: 96 vs 73 us).
+loaded as fp32. Measured on this repository's 2-core AVX2 CPU, one thread, fbgemm against
+``F.linear`` (MKL): the bundled AWQ target's decode step 15.7 -> 10.1 ms, its 5-token verify step
+21.4 -> 13.5 ms, a forward of its draft 6.5 -> 4.8 ms. sluice's kernel against fbgemm, two
+threads, inside the engine (docs/benchmarks.md): the decode step the same, the 5-token verify
+step 2.5-2.8 ms faster (fbgemm's cost rises with the row count where the weight stream should
+hide it), prompts of hundreds of tokens ~7% slower. The oneDNN kernel against ``F.linear``, per
+call: 1.5-4x faster at 2-16 rows (a verify step's 1 + k tokens, a batch of decodes), e.g.
+512 -> 3072 at 5 rows 184 vs 536 us, and for vocab-sized outputs at any row count (512 -> 8192
+at one row 0.73 vs 2.1 ms); at one row a few small layers are slower (1536 -> 512: 96 vs 73 us).
 
-The oneDNN kernel is batch-invariant: a row's result is the same bits whatever the number of
-rows (MKL's one-row path rounds differently from its many-row one). The fp16 kernel is not (like
-MKL), so with it a verify step scores a token to float32 rounding of what a decode step would.
-Neither is bitwise equal to ``F.linear``; the engine's tests compare tokens with
-``transformers``, which these kernels keep.
+sluice's kernel and oneDNN's are batch-invariant: a row's result is the same bits whatever the
+number of rows (MKL's one-row path rounds differently from its many-row one, and so does fbgemm).
+None is bitwise equal to ``F.linear``; the engine's tests compare tokens with ``transformers``,
+which these kernels keep.
 """
 
 from __future__ import annotations
 
 import torch
+
+from engine.layers import cpu_native
 
 # The row count the oneDNN layout is tuned for (it serves any): a verify step's 1 + 4 tokens.
 _PACK_ROWS = 5
@@ -31,7 +36,8 @@ _PACK_ROWS = 5
 _FP16_MIN_NORMAL = 2.0**-14
 _FP16_MAX = 65504.0
 
-PackedWeight = torch.Tensor | torch.ScriptObject  # oneDNN's fp32 tensor, or fbgemm's fp16 params
+# fp16 [out, in] for sluice's kernel, oneDNN's fp32 tensor, or fbgemm's fp16 params
+PackedWeight = torch.Tensor | torch.ScriptObject
 
 
 def available() -> bool:
@@ -54,10 +60,14 @@ def fp16_storable(weight: torch.Tensor) -> bool:
 
 def pack(weight: torch.Tensor) -> PackedWeight:
     """``weight [out_features, in_features]`` (fp32, CPU) in the layout ``packed_linear`` runs:
-    fp16 for fbgemm when ``fp16_storable``, else oneDNN's blocked fp32."""
+    when ``fp16_storable``, fp16 for sluice's kernel (or fbgemm's where that cannot be built),
+    else oneDNN's blocked fp32."""
     weight = weight.detach().contiguous()
-    if fp16_available() and fp16_storable(weight):
-        return torch.ops.quantized.linear_prepack_fp16(weight, None)
+    if fp16_storable(weight):
+        if cpu_native.available():
+            return weight.half()
+        if fp16_available():
+            return torch.ops.quantized.linear_prepack_fp16(weight, None)
     return torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS)
 
 
@@ -66,7 +76,11 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     """``x @ W^T + b`` for ``x [..., in_features]`` with ``packed`` from ``pack(W)``."""
     flat = x.dim() == 2  # the model's [tokens, features]: no reshapes (a decode step counts its small ops)
     rows = x if flat else x.reshape(-1, x.shape[-1])
-    if isinstance(packed, torch.Tensor):
+    if isinstance(packed, torch.Tensor) and packed.dtype == torch.float16:
+        out = cpu_native.gemm_f16_weight(rows, packed)
+        if bias is not None:
+            out += bias
+    elif isinstance(packed, torch.Tensor):
         out = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
     else:
         out = torch.ops.quantized.linear_dynamic_fp16(rows, packed)

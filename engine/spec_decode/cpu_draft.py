@@ -243,6 +243,8 @@ def _dense_weight(linear: nn.Module) -> torch.Tensor:
     if weight is not None:
         return weight
     packed = linear.packed_weight
+    if isinstance(packed, torch.Tensor) and packed.dtype == torch.float16:  # sluice's fp16 kernel
+        return packed.float()
     if packed is not None and not isinstance(packed, torch.Tensor):  # fbgemm's fp16 params
         return torch.ops.quantized.linear_unpack_fp16(packed)[0]
     return dequantize(linear.qweight, linear.qzeros, linear.scales).t()
