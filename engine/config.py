@@ -39,8 +39,9 @@ class EngineArgs:
     # synchronously (the engine drains the step in flight first).
     async_scheduling: bool = False
     enforce_eager: bool = False  # never use CUDA graphs (they replay decode steps on CUDA)
-    # On a CPU in float32: linears through oneDNN with weights packed once (faster at 2-16 rows and
-    # for the LM head, batch-invariant; a second copy of dense weights). engine/layers/cpu_linear.py.
+    # On a CPU in float32: linears with weights packed once, fp16-storable ones (AWQ, bf16 checkpoints)
+    # for sluice's own kernel, the rest for oneDNN (faster at 2-16 rows and for the LM head,
+    # batch-invariant; a second copy of dense weights). engine/layers/cpu_linear.py.
     # Off by default: through `sluice serve` one stream decoded slower with it (docs/benchmarks.md).
     cpu_onednn_linear: bool = False
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch; default max_num_seqs

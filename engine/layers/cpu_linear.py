@@ -10,9 +10,9 @@ fp16-storable covers AWQ layers (their dequantized weights are fp16 values) and 
 loaded as fp32. Measured on this repository's 2-core AVX2 CPU, one thread, fbgemm against
 ``F.linear`` (MKL): the bundled AWQ target's decode step 15.7 -> 10.1 ms, its 5-token verify step
 21.4 -> 13.5 ms, a forward of its draft 6.5 -> 4.8 ms. sluice's kernel against fbgemm, two
-threads, inside the engine (docs/benchmarks.md): the decode step the same, the 5-token verify
-step 2.5-2.8 ms faster (fbgemm's cost rises with the row count where the weight stream should
-hide it), prompts of hundreds of tokens ~7% slower. The oneDNN kernel against ``F.linear``, per
+threads, in the engine (bench/profile_cpu_linears.py, docs/benchmarks.md): the decode step the
+same, the 5-token verify step 0.7-1.1 ms faster (fbgemm's cost rises with the row count where the
+weight stream should hide it); alone, 96-480 rows 5-10% slower. The oneDNN kernel against ``F.linear``, per
 call: 1.5-4x faster at 2-16 rows (a verify step's 1 + k tokens, a batch of decodes), e.g.
 512 -> 3072 at 5 rows 184 vs 536 us, and for vocab-sized outputs at any row count (512 -> 8192
 at one row 0.73 vs 2.1 ms); at one row a few small layers are slower (1536 -> 512: 96 vs 73 us).
