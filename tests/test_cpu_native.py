@@ -61,6 +61,8 @@ def test_gemm_rejects_wrong_dtypes_and_shapes() -> None:
         cpu_native.gemm_f16_weight(torch.randn(2, 32).double(), weight)
     with pytest.raises(ValueError, match=r"\(2, 31\)"):
         cpu_native.gemm_f16_weight(torch.randn(2, 31), weight)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_native.gemm_f16_weight(torch.randn(2, 16), weight.t())
 
 
 def test_kernels_share_torchs_openmp_runtime() -> None:

@@ -43,9 +43,12 @@ def gemm_f16_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     float32 ``[M, N]``, each row the same bits whatever M (engine/layers/cpu_gemm.cpp)."""
     lib = _library()
     assert lib is not None, "engine/layers/cpu_native.py: kernels not available"
-    if x.dtype != torch.float32 or weight.dtype != torch.float16 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"gemm_f16_weight needs x [M, K] float32 and weight [N, K] float16, got "
-                         f"{tuple(x.shape)} {x.dtype} and {tuple(weight.shape)} {weight.dtype}")
+    if (x.dtype != torch.float32 or weight.dtype != torch.float16 or x.dim() != 2 or weight.dim() != 2
+            or x.shape[1] != weight.shape[1] or x.device.type != "cpu" or weight.device.type != "cpu"
+            or not weight.is_contiguous()):
+        raise ValueError(f"gemm_f16_weight needs x [M, K] float32 and a contiguous weight [N, K] float16 on the "
+                         f"CPU, got {tuple(x.shape)} {x.dtype} {x.device} and {tuple(weight.shape)} {weight.dtype} "
+                         f"{weight.device}")
     x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]
