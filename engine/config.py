@@ -40,10 +40,11 @@ class EngineArgs:
     async_scheduling: bool = False
     enforce_eager: bool = False  # never use CUDA graphs (they replay decode steps on CUDA)
     # On a CPU in float32: linears with weights packed once, fp16-storable ones (AWQ, bf16 checkpoints)
-    # for sluice's own kernel, the rest for oneDNN (faster at 2-16 rows and for the LM head,
-    # batch-invariant; a second copy of dense weights). engine/layers/cpu_linear.py.
-    # Off by default: through `sluice serve` one stream decoded slower with it (docs/benchmarks.md).
-    cpu_onednn_linear: bool = False
+    # for sluice's own kernel, the rest for oneDNN (both batch-invariant). engine/layers/cpu_linear.py.
+    # The packed copy replaces an AWQ layer's dequantized weight; a dense layer keeps its fp32
+    # weight beside it (x1.5 its memory in fp16, x2 in fp32). Through `sluice serve` on the bundled
+    # model: one stream 45 -> 64-80 tok/s, 8 streams 142-153 -> 357-382 (docs/benchmarks.md).
+    cpu_onednn_linear: bool = True
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch; default max_num_seqs
     # Steps of one request with up to this many new tokens (a short prompt at low load) replay a
     # CUDA graph padded to the next power of two (engine/cuda_graph.py); 0: such steps run eagerly.

@@ -27,13 +27,13 @@ from engine.models import get_model_class
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_model(config: ModelConfig, load_format: str = "auto", cpu_onednn_linear: bool = False) -> nn.Module:
+def load_model(config: ModelConfig, load_format: str = "auto", cpu_onednn_linear: bool = True) -> nn.Module:
     """Build ``config``'s model on its device and dtype, load its weights, return it in eval mode.
 
     ``load_format="dummy"`` fills the weights with random values instead of reading the checkpoint
     (benchmarks of real shapes without real weights: speed does not depend on the values).
-    ``cpu_onednn_linear``: on a CPU in float32, linears run through oneDNN with packed weights
-    (engine/layers/cpu_linear.py).
+    ``cpu_onednn_linear``: on a CPU in float32, linears run from weights packed once (sluice's fp16
+    kernel or oneDNN, engine/layers/cpu_linear.py).
     """
     with _default_dtype(config.dtype), config.device:
         model = get_model_class(config.architecture)(config)
