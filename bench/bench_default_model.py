@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.common import write_result
+from engine.config import EngineArgs
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
 from models.dense_checkpoint import dequantized_state_dict, rtn_state_dict, save_dense_checkpoint
@@ -89,7 +90,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SECTIONS))
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--speed-tokens", type=int, default=64)
-    parser.add_argument("--cpu-onednn-linear", action="store_true", help="speed: linears through oneDNN")
+    parser.add_argument("--cpu-onednn-linear", action=argparse.BooleanOptionalAction,
+                        default=EngineArgs.cpu_onednn_linear, help="on CPU, packed linears (the engine's default)")
     args = parser.parse_args()
     listed = args.heldout.read_text().split()
     files = [f for f in listed if _exists(f)]

@@ -316,7 +316,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--num-kv-blocks", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--cpu-onednn-linear", action="store_true", help="on CPU, linears through oneDNN")
+    parser.add_argument("--cpu-onednn-linear", action=argparse.BooleanOptionalAction,
+                        default=EngineArgs.cpu_onednn_linear, help="on CPU, packed linears (the engine's default)")
     parser.add_argument("--note", default="", help="free text stored with the results (the machine's state)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "spec_decode_cpu.json")
     args = parser.parse_args()
