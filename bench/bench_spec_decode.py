@@ -206,6 +206,14 @@ class Counter:
 
 
 # ---------------------------------------------------------------------------- modes
+def batch1_cpu_settings(model: str) -> argparse.Namespace:
+    """This benchmark's settings for the bundled model at batch 1 on the CPU (k = 4, packed
+    linears), for tools that build its engines themselves; a mode's options set the lookup."""
+    return argparse.Namespace(model=model, draft=None, shape=None, load_format="auto", dtype="auto", k=4,
+                              ngram_min=1, ngram_max=4, max_model_len=2048, num_kv_blocks=2048, batch_sizes=[1],
+                              cpu_onednn_linear=True)
+
+
 def engine_for(args: argparse.Namespace, model: str, mode: str) -> LLMEngine:
     """The engine of ``mode``: a proposer name, optionally with ``-kN`` (its k) and, for
     ``ngram``, ``-minN`` / ``-maxN`` (its ngram_prompt_lookup_min / _max), e.g. ``ngram-min3``,

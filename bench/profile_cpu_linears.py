@@ -19,18 +19,16 @@ from pathlib import Path
 
 import torch
 
-from bench.bench_spec_decode import REPO, _params, engine_for
+from bench.bench_spec_decode import REPO, _params, batch1_cpu_settings, engine_for
 from bench.common import write_result
 from engine.layers import cpu_native
 
 RECORDED = REPO / "bench" / "results" / "spec_decode_cpu_ngram_policy_replay.recorded.json"
-MODES = ("baseline", "ngram-min1-max16")
+MODES = ("baseline", "ngram-min1-max16")  # the mode names set the lookup lengths
 
 
 def build(kernel: str, mode: str, args: argparse.Namespace):
-    settings = argparse.Namespace(
-        model=args.model, draft=None, shape=None, load_format="auto", dtype="auto", k=4, ngram_min=1, ngram_max=16,
-        max_model_len=2048, num_kv_blocks=2048, batch_sizes=[1], cpu_onednn_linear=True)
+    settings = batch1_cpu_settings(args.model)
     available = cpu_native.available
     if kernel == "fbgemm":
         cpu_native.available = lambda: False  # packing then falls back to fbgemm

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.bench_spec_decode import REPO, engine_for, heldout_prompts, regenerate_items, run_single
+from bench.bench_spec_decode import REPO, batch1_cpu_settings, engine_for, heldout_prompts, regenerate_items, run_single
 from bench.common import write_result
 from engine.spec_decode.ngram_proposer import ngram_lookup
 from engine.spec_decode.policy import NGRAM_PAUSE_RULE, PauseRule, SpeculationPolicy
@@ -42,10 +42,7 @@ RULES = {
 
 
 def record(args: argparse.Namespace) -> dict[str, list[tuple[list[int], list[int]]]]:
-    settings = argparse.Namespace(
-        model=args.model, draft=None, shape=None, load_format="auto", dtype="auto", k=4, ngram_min=1, ngram_max=4,
-        max_model_len=2048, num_kv_blocks=2048, batch_sizes=[1], cpu_onednn_linear=True)
-    engine = engine_for(settings, args.model, "baseline")
+    engine = engine_for(batch1_cpu_settings(args.model), args.model, "baseline")
     prompts = heldout_prompts(engine, args.num_prompts, args.prompt_tokens)
     recorded: dict[str, list[tuple[list[int], list[int]]]] = {"heldout": [], "regenerate": []}
     for i, p in enumerate(prompts):

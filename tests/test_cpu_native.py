@@ -74,6 +74,7 @@ def test_kernels_share_torchs_openmp_runtime() -> None:
     runtimes = ast.literal_eval(out.stdout.strip())
     assert len(runtimes) == 1, runtimes
 
+
 def test_a_changed_source_builds_into_its_own_file(tmp_path, monkeypatch) -> None:
     """The cache key hashes the source: a build never loads a stale library."""
     source = tmp_path / "cpu_gemm.cpp"

@@ -43,18 +43,19 @@ def gemm_f16_weight(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     float32 ``[M, N]``, each row the same bits whatever M (engine/layers/cpu_gemm.cpp)."""
     lib = _library()
     assert lib is not None, "engine/layers/cpu_native.py: kernels not available"
-    if (x.dtype != torch.float32 or weight.dtype != torch.float16 or x.dim() != 2 or weight.dim() != 2
-            or x.shape[1] != weight.shape[1] or x.device.type != "cpu" or weight.device.type != "cpu"
-            or not weight.is_contiguous()):
+    # On every linear of every step: attribute checks only (Tensor.device alone costs ~2 us).
+    x_shape, w_shape = x.shape, weight.shape
+    if (x.dtype != torch.float32 or weight.dtype != torch.float16 or len(x_shape) != 2 or len(w_shape) != 2
+            or x_shape[1] != w_shape[1] or not (x.is_cpu and weight.is_cpu) or not weight.is_contiguous()):
         raise ValueError(f"gemm_f16_weight needs x [M, K] float32 and a contiguous weight [N, K] float16 on the "
-                         f"CPU, got {tuple(x.shape)} {x.dtype} {x.device} and {tuple(weight.shape)} {weight.dtype} "
+                         f"CPU, got {tuple(x_shape)} {x.dtype} {x.device} and {tuple(w_shape)} {weight.dtype} "
                          f"{weight.device}")
     x = x.contiguous()
-    m, k = x.shape
-    n = weight.shape[0]
-    out = torch.empty(m, n, dtype=torch.float32)
+    m, k = x_shape
+    out = torch.empty(m, w_shape[0], dtype=torch.float32)
     if m:
-        lib.sluice_gemm_f16w(x.data_ptr(), weight.data_ptr(), out.data_ptr(), m, k, n, torch.get_num_threads())
+        lib.sluice_gemm_f16w(x.data_ptr(), weight.data_ptr(), out.data_ptr(), m, k, w_shape[0],
+                             torch.get_num_threads())
     return out
 
 
