@@ -1,18 +1,16 @@
 """AWQ 4-bit linear vs bf16 ``F.linear`` on Llama-3.1-8B's projection shapes (needs a CUDA GPU).
 
     python bench/bench_awq_linear.py [--tokens 1 4 16 64 256 2048] [--sweep 1 16 64]
-                                     [--gemv-sweep [1 4 8]] [--out FILE]
+                                     [--gemv-sweep] [--out FILE]
 
 For each shape and token count it times, replayed from CUDA graphs over enough weight copies
 that weights stream from memory: bf16 ``F.linear``; ``awq_linear`` as the engine calls it; the
 fused kernel and dequantize + matmul separately (their crossing is where ``FUSED_MAX_TOKENS``
-comes from); and, up to ``GEMV_MAX_TOKENS`` tokens, the split-K gemv. It reports the int4 weight
-bytes streamed per second against a measured device copy bandwidth. ``--sweep``
-also times a grid of fused-kernel tilings at the token counts it names and records the best.
-``--gemv-sweep`` (alone: at 1, 4 and 8 tokens, among those of ``--tokens``) times a grid of gemv
-configurations (``gemv_sweep_configs``, compiled first in parallel processes), records the best per
-case, compares the gemv's split-K reductions and zero-point modes on its default configuration, and
-prints a summary table.
+comes from); and, at one token, the split-K gemv. It reports the int4 weight bytes streamed per
+second against a measured device copy bandwidth. ``--sweep`` also times a grid of fused-kernel
+tilings at the token counts it names and records the best. ``--gemv-sweep`` times, at one token, a
+grid of gemv configurations (``gemv_sweep_configs``), records the best per shape and prints a
+summary table.
 Results go to JSON.
 """
 
@@ -20,11 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.kernels.awq_gemm import (  # noqa: E402
     FUSED_MAX_TOKENS,
-    GEMV_FACTORED_ZERO_MAX_TOKENS,
     GEMV_MAX_TOKENS,
     GemmConfig,
     GemvConfig,
@@ -57,10 +51,7 @@ SHAPES = {
     "down": (14336, 4096),
 }
 GROUP_SIZE = 128
-GEMV_SWEEP_TOKENS = [1, 4, 8]
-GEMV_SWEEP_TILES = 8  # tilings per token count (each with each number of stages: a compiled kernel)
-GEMV_SWEEP_STAGES = (1, 2)
-GEMV_SWEEP_WARPS_PER_SM = (3, 6, 12)  # split-K targets (a runtime argument: no recompilation)
+GEMV_SWEEP_PROGRAMS_PER_SM = (1, 2, 4, 8)  # split-K targets (a runtime argument: no recompilation)
 
 
 def do_bench(fn, rep: int = 50) -> float:
@@ -90,95 +81,20 @@ def sweep_configs(m: int) -> list[GemmConfig]:
     ]
 
 
-def gemv_tiles(m: int, n: int, k: int) -> list[tuple[int, int, int]]:
-    """(block_w, block_k, num_warps) worth compiling for ``m`` tokens, at most GEMV_SWEEP_TILES.
-
-    From block_w in {16, 32, 64, 128}, block_k in {8, ..., 128}, num_warps in {1, 2, 4}: a
-    thread holds ``words`` = block_w / (32 * num_warps) words (at least 1) of each of its ``rows``
-    = block_k / lanes-along-K rows, the tile's activations (m * rows) and two accumulators
-    (16 * m * words) in registers; tilings whose estimate passes ~200 registers would spill, and
-    fewer than 8 rows per thread leave the per-tile work (scales, zeros, activations) unamortized.
-    The default tiling always comes first."""
-    bm = triton.next_power_of_2(m)
-    d = gemv_config(m, n, k, GROUP_SIZE, 132)
-    default = (d.block_w, d.block_k, d.num_warps)
-    tiles = []
-    for num_warps in (1, 2, 4):
-        for block_w in (16, 32, 64, 128):
-            lanes_k = max(1, 32 * num_warps // block_w)
-            words = max(1, block_w // (32 * num_warps))
-            for block_k in (8, 16, 32, 64, 128):
-                rows = block_k // lanes_k
-                if rows < 8 or words > 2 or k % block_k or GROUP_SIZE % block_k:
-                    continue
-                if bm * rows + rows * words + 16 * bm * words > 200 or (block_w, block_k, num_warps) == default:
-                    continue
-                tiles.append((block_w, block_k, num_warps))
-    # Keep an evenly spread subset (the list runs over warps, then widths, then K tiles).
-    keep = GEMV_SWEEP_TILES - 1
-    if len(tiles) > keep:
-        tiles = [tiles[round(i * (len(tiles) - 1) / (keep - 1))] for i in range(keep)]
-    return [default, *tiles]
-
-
-def gemv_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[GemvConfig]:
-    """Gemv configurations to time for ``m`` tokens on an [K, N] weight (at most 49): each tiling of
-    ``gemv_tiles`` with the split-K values (from 1..32, one to sixteen warps per SM) nearest
-    GEMV_SWEEP_WARPS_PER_SM, with 1 stage and, for one or two tokens, 2 (pipelined loads cost
-    registers that more tokens need); and the default configuration."""
-    default = gemv_config(m, n, k, GROUP_SIZE, num_sms)
-    configs = [default]
-    for block_w, block_k, num_warps in gemv_tiles(m, n, k):
-        warps = triton.cdiv(n // 8, block_w) * num_warps
-        splits = [s for s in (1, 2, 4, 8, 16, 32)
-                  if s <= k // block_k and num_sms <= warps * s <= 16 * num_sms] or [1]
-        picked = sorted({min(splits, key=lambda s: abs(math.log2(warps * s / num_sms / target)))
-                         for target in GEMV_SWEEP_WARPS_PER_SM})
-        configs += [GemvConfig(block_w, block_k, s, num_warps, stages)
-                    for stages in GEMV_SWEEP_STAGES if stages == 1 or m <= 2 for s in picked]
+def gemv_sweep_configs(n: int, k: int, num_sms: int) -> list[GemvConfig]:
+    """One-token gemv configurations to time on a [K, N] weight: the default first, then words per
+    program in {8, 16, 32} (one warp), K tiles of 64-256 rows inside a group, 2-4 stages, and the
+    split-K values nearest 1, 2, 4 and 8 programs per SM (the split is a runtime argument: one
+    compiled kernel per tiling)."""
+    configs = [gemv_config(n, k, GROUP_SIZE, num_sms)]
+    for block_w in (8, 16, 32):
+        programs = triton.cdiv(n // 8, block_w)
+        for block_k in (64, 128, 256):
+            if k % block_k or GROUP_SIZE % block_k:
+                continue
+            splits = {max(1, min(k // block_k, round(t * num_sms / programs))) for t in GEMV_SWEEP_PROGRAMS_PER_SM}
+            configs += [GemvConfig(block_w, block_k, s, stages) for stages in (2, 3, 4) for s in sorted(splits)]
     return list(dict.fromkeys(configs))
-
-
-def _compile_gemv_jobs(jobs: list[tuple[int, int, int, tuple, str | None, bool | None]]) -> int:
-    """Worker process: run each (k, n, m, config, reduce, exact_zero) once on zero weights, which
-    compiles the kernel into Triton's on-disk cache for the parent to load."""
-    weights = {}
-    for k, n, m, cfg, reduce, exact_zero in jobs:
-        if (k, n) not in weights:
-            weights[(k, n)] = (
-                torch.zeros(k, n // 8, dtype=torch.int32, device="cuda"),
-                torch.zeros(k // GROUP_SIZE, n // 8, dtype=torch.int32, device="cuda"),
-                torch.ones(k // GROUP_SIZE, n, dtype=torch.float16, device="cuda"),
-            )
-        x = torch.zeros(m, k, dtype=torch.bfloat16, device="cuda")
-        awq_gemv(x, *weights[(k, n)], GemvConfig(*cfg), reduce, exact_zero)
-    torch.cuda.synchronize()
-    return len(jobs)
-
-
-def precompile_gemv(cases: list[tuple[int, int, int, GemvConfig, str | None, bool | None]]) -> None:
-    """Compile the gemv kernels of ``cases`` in parallel processes (one job per distinct kernel:
-    tiling, token block, reduction and zero-point modes, the specializations of the integers)."""
-    distinct = {}
-    for k, n, m, cfg, reduce, exact_zero in cases:
-        block_k = cfg.block_k
-        k_per_split = triton.cdiv(k // block_k, cfg.split_k) * block_k
-        split = triton.cdiv(k, k_per_split)
-        key = (m if m == 1 else triton.next_power_of_2(m), cfg.block_w, block_k, cfg.num_warps, cfg.num_stages,
-               split == 1, reduce, m > GEMV_FACTORED_ZERO_MAX_TOKENS if exact_zero is None else exact_zero,
-               k % 16 == 0, n % 16 == 0)
-        distinct.setdefault(key, (k, n, m, tuple(cfg), reduce, exact_zero))
-    jobs = list(distinct.values())
-    workers = max(1, min(len(jobs), (os.cpu_count() or 2) // 2, 16))
-    start = time.perf_counter()
-    try:
-        ctx = torch.multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            done = sum(pool.map(_compile_gemv_jobs, [jobs[i::workers] for i in range(workers)]))
-    except Exception as e:  # the timing loop then compiles as it goes
-        print(f"precompile failed ({type(e).__name__}: {e}); compiling lazily", flush=True)
-        return
-    print(f"compiled {done} gemv kernels in {workers} processes in {time.perf_counter() - start:.0f}s", flush=True)
 
 
 def graph_us(calls: list, rep: int = 50) -> float:
@@ -236,7 +152,7 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
         "fused_config": list(default_cfg), "dequant_matmul_us": dequant_us,
     }
     if m <= GEMV_MAX_TOKENS:
-        gemv_cfg = gemv_config(m, n, k, GROUP_SIZE, num_sms)
+        gemv_cfg = gemv_config(n, k, GROUP_SIZE, num_sms)
         result["gemv_config"] = list(gemv_cfg)
         result["gemv_rel_err_vs_fp32"] = rel_err(awq_gemv(x, qweight, qzeros, scales, gemv_cfg), ref)
         result["gemv_us"] = graph_us(awq_calls(lambda x, *c: awq_gemv(x, *c, gemv_cfg)))
@@ -253,7 +169,7 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
         result["sweep_best_us"], result["sweep_best_config"] = best[0], list(best[1])
     if gemv_sweep:
         timings = []
-        for cfg in gemv_sweep_configs(m, n, k, num_sms):
+        for cfg in gemv_sweep_configs(n, k, num_sms):
             try:
                 e = rel_err(awq_gemv(x, qweight, qzeros, scales, cfg), ref)
                 if not e < 1e-2:
@@ -269,18 +185,6 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
             result["gemv_sweep_best_us"], best_cfg = timings[0][0], timings[0][1]
             result["gemv_sweep_best_config"] = list(best_cfg)
             result["gemv_sweep_best_weight_bw_fraction_of_copy"] = bw_fraction(timings[0][0])
-        # On the default tiling: how the split-K partial sums are combined, and the zero point
-        # subtracted per weight (exact) or per K tile (factored).
-        gemv_cfg = gemv_config(m, n, k, GROUP_SIZE, num_sms)
-        if gemv_cfg.split_k > 1:
-            result["gemv_reduce_us"] = {
-                reduce: graph_us(awq_calls(lambda x, *c, r=reduce: awq_gemv(x, *c, gemv_cfg, r)), rep=20)
-                for reduce in ("serial", "partials", "atomic")
-            }
-        result["gemv_zero_us"] = {
-            name: graph_us(awq_calls(lambda x, *c, e=exact: awq_gemv(x, *c, gemv_cfg, None, e)), rep=20)
-            for name, exact in (("factored", False), ("exact", True))
-        }
     result["int4_weight_bytes"] = weight_bytes
     result["awq_linear_weight_gbps"] = weight_bytes / (auto_us * 1e-6) / 1e9
     result["weight_bw_fraction_of_copy"] = bw_fraction(auto_us)
@@ -290,7 +194,7 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
 
 def gemv_summary(results: list[dict]) -> str:
     """The --gemv-sweep table: shape, tokens, bf16, the fused kernel, the best gemv and its
-    config (block_w, block_k, split_k, num_warps, num_stages), its weight bandwidth (fraction of
+    config (block_w, block_k, split_k, num_stages), its weight bandwidth (fraction of
     the copy bandwidth) and speedup over bf16; then the default gemv config's time."""
     lines = [f"{'shape':8s} {'tok':>3s} {'bf16 us':>8s} {'gemm us':>8s} {'gemv us':>8s} {'config':22s}"
              f" {'BW':>4s} {'vs bf16':>7s} {'default us':>10s}"]
@@ -311,13 +215,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--sweep", type=int, nargs="*", default=[],
                         help="token counts at which to also time a grid of fused-kernel tilings")
-    parser.add_argument("--gemv-sweep", type=int, nargs="*", default=None,
-                        help=f"token counts at which to time a grid of gemv tilings (alone: {GEMV_SWEEP_TOKENS})")
+    parser.add_argument("--gemv-sweep", action="store_true",
+                        help="at one token (if among --tokens), also time a grid of gemv tilings")
     parser.add_argument("--out", default="bench/results/awq_linear.json")
     args = parser.parse_args(argv)
-    if args.gemv_sweep == []:
-        args.gemv_sweep = list(GEMV_SWEEP_TOKENS)
-    args.gemv_sweep = [m for m in args.gemv_sweep or [] if m in args.tokens]
     return args
 
 
@@ -331,20 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     copy_bps = copy_bandwidth()
     print(f"{props.name}: copy bandwidth {copy_bps / 1e12:.2f} TB/s; FUSED_MAX_TOKENS={FUSED_MAX_TOKENS},"
           f" GEMV_MAX_TOKENS={GEMV_MAX_TOKENS}")
-    if args.gemv_sweep:
-        cases = [(*SHAPES[name], m) for name in args.shapes for m in args.gemv_sweep]
-        defaults = [(k, n, m, gemv_config(m, n, k, GROUP_SIZE, num_sms)) for k, n, m in cases]
-        precompile_gemv(
-            [(k, n, m, cfg, None, None) for k, n, m in cases for cfg in gemv_sweep_configs(m, n, k, num_sms)]
-            + [(*d, reduce, None) for d in defaults for reduce in ("partials", "atomic")]
-            + [(*d, None, exact) for d in defaults for exact in (False, True)]
-        )
     results = []
     for name in args.shapes:
         k, n = SHAPES[name]
         for m in args.tokens:
             start = time.perf_counter()
-            r = bench_case(k, n, m, m in args.sweep, m in args.gemv_sweep, num_sms, copy_bps)
+            r = bench_case(k, n, m, m in args.sweep, args.gemv_sweep and m == 1, num_sms, copy_bps)
             r["shape"] = name
             results.append(r)
             line = (f"{name:8s} {k:5d}->{n:5d} tokens {m:5d}: bf16 {r['bf16_us']:8.1f} us"
@@ -357,9 +250,6 @@ def main(argv: list[str] | None = None) -> int:
                 line += f"  best {r['sweep_best_us']:.1f} {r['sweep_best_config']}"
             if "gemv_sweep_best_us" in r:
                 line += f"  best gemv {r['gemv_sweep_best_us']:.1f} {r['gemv_sweep_best_config']}"
-            for key in ("gemv_reduce_us", "gemv_zero_us"):
-                if key in r:
-                    line += f"  {key[5:-3]} " + " ".join(f"{k} {v:.1f}" for k, v in r[key].items())
             elapsed = time.perf_counter() - start
             print(line + f"  err {r['rel_err_vs_fp32']:.1e}  [{elapsed:.0f}s]", flush=True)
     if args.gemv_sweep:
