@@ -136,12 +136,12 @@ def test_gemv_rejects_what_it_does_not_take() -> None:
 
 
 def test_gemv_config() -> None:
-    """Llama-3.1-8B's shapes on 132 SMs: one-warp programs of 16 words, 128-row tiles, split-K to
-    about four programs per SM; K tiles always divide K and the group."""
+    """Llama-3.1-8B's shapes on 132 SMs: one-warp programs of 16 words, 64-row tiles, split-K to
+    about eight programs per SM; K tiles always divide K and the group."""
     for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
         cfg = gemv_config(n, k, 128, num_sms=132)
         programs = -(-n // 8 // cfg.block_w) * cfg.split_k
-        assert (cfg.block_w, cfg.block_k) == (16, 128) and 528 <= programs < 528 + n // 8 // 16, (n, k, cfg)
+        assert (cfg.block_w, cfg.block_k) == (16, 64) and 1056 <= programs < 1056 + n // 8 // 16, (n, k, cfg)
     assert gemv_config(64, 72, 72, num_sms=4) == GemvConfig(8, 8, 9)  # a power of two dividing K = 72
 
 
