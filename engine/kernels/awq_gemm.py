@@ -171,10 +171,10 @@ _X_SCALE_LOG2 = 90
 
 @triton.jit(do_not_specialize=["k_per_split", "split_k"])
 def _awq_gemv_kernel(
-    x_ptr, qweight_ptr, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
+    x_ptr, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
     N, K, n_words, group_shift, k_per_split, split_k,
     BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, X_SCALE_LOG2: tl.constexpr,
-    PREFETCH: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """Split-K dequantizing GEMV for one token: ``out`` [1, N] = x [1, K] @ ((q - z) * s).
 
@@ -204,19 +204,10 @@ def _awq_gemv_kernel(
     With split_k == 1 the program stores ``out`` in its dtype; otherwise it stores its fp32 partial
     to ``partial_ptr[s]`` ([split_k, N]) and the last program of column block p to arrive (counted
     in ``lock_ptr[p]``, which it resets to 0) sums the split_k partials in order and stores ``out``:
-    one launch, deterministic.
-
-    PREFETCH (with PDL only): before waiting for the kernel ahead, the program asks L2 for the
-    weight rows of its first NUM_STAGES - 1 tiles (they do not depend on that kernel), so their
-    memory latency overlaps its tail."""
+    one launch, deterministic."""
+    pdl_prologue(USE_PDL)
     pid_w = tl.program_id(0)
     pid_s = tl.program_id(1)
-    if PREFETCH and USE_PDL:
-        rows = pid_s * k_per_split + tl.arange(0, BLOCK_K * (NUM_STAGES - 1))
-        rows_ptr = qweight_ptr + tl.minimum(rows, K - 1).to(tl.int64) * n_words + pid_w * BLOCK_W
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [rows_ptr],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    pdl_prologue(USE_PDL)
     w0 = pid_w * BLOCK_W
     w = w0 + tl.arange(0, BLOCK_W)[None, :]  # [1, BLOCK_W]
     c = tl.arange(0, 8)[:, None]  # [8, 1]
@@ -398,8 +389,6 @@ _GEMV_LOCKS: dict[torch.device, torch.Tensor] = {}
 _GEMV_LOCK_SLOTS = 1 << 14
 
 
-# Whether the gemv warms L2 with its first weight tiles before waiting for the kernel ahead (PDL).
-GEMV_PREFETCH = os.environ.get("SLUICE_AWQ_PREFETCH", "1") == "1"
 
 
 def _gemv_locks(device: torch.device, slots: int) -> torch.Tensor:
@@ -446,10 +435,9 @@ def awq_gemv(
         partial = torch.empty((split_k, n), dtype=torch.float32, device=x.device)
         locks = _gemv_locks(x.device, grid[0])
     _awq_gemv_kernel[grid](
-        x, qweight, TensorDescriptor.from_tensor(qweight, [block_k, block_w]), qzeros, scales, out, partial, locks,
+        x, TensorDescriptor.from_tensor(qweight, [block_k, block_w]), qzeros, scales, out, partial, locks,
         n, k, n_words, group_shift, k_per_split, split_k,
         BLOCK_W=block_w, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages, X_SCALE_LOG2=_X_SCALE_LOG2,
-        PREFETCH=GEMV_PREFETCH,
         num_warps=max(1, block_w // 32), num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )
