@@ -430,10 +430,10 @@ def awq_gemv(
     group_shift = group_size.bit_length() - 1 if group_size < k else 31
     grid = (triton.cdiv(n_words, block_w), split_k)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    partial = locks = out  # placeholders where unused
-    if split_k > 1:
-        partial = torch.empty((split_k, n), dtype=torch.float32, device=x.device)
-        locks = _gemv_locks(x.device, grid[0])
+    # split_k is a runtime argument, so the reduction is compiled even when unused: it needs the
+    # int32 counters whatever the split.
+    locks = _gemv_locks(x.device, grid[0])
+    partial = torch.empty((split_k, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     _awq_gemv_kernel[grid](
         x, TensorDescriptor.from_tensor(qweight, [block_k, block_w]), qzeros, scales, out, partial, locks,
         n, k, n_words, group_shift, k_per_split, split_k,
