@@ -68,15 +68,14 @@ def copy_bandwidth() -> float:
 
 
 def sweep_configs(m: int) -> list[GemmConfig]:
-    """Tilings worth trying for ``m`` tokens (none above the fused kernel's range)."""
+    """Tilings worth trying for ``m`` tokens (none above the fused kernel's range): 64-256 columns,
+    128-row K tiles, split-K 1-16, the weight on either side of the MMA."""
     if m > FUSED_MAX_TOKENS:
         return []
-    block_ms = [16] if m <= 16 else [16, 64] if m <= 64 else [64, 128]
-    splits = (1, 2, 4, 8, 16) if m <= 64 else (1, 2)
+    block_ms = [16] if m <= 16 else [16, 64]
     return [
-        GemmConfig(bm, bn, bk, split, warps, 3)
-        for bm in block_ms for bn in (64, 128, 256) for bk in (64, 128)
-        for split in splits for warps in ((4,) if m <= 16 else (4, 8))
+        GemmConfig(bm, bn, 128, split, 4, 3, swap)
+        for bm in block_ms for bn in (64, 128, 256) for split in (1, 2, 4, 8, 16) for swap in (False, True)
         if bm * bn <= 128 * 128
     ]
 

@@ -76,11 +76,13 @@ def test_dequantize_kernel_is_exact(k: int, n: int, group_size: int, dtype: torc
     ("m", "k", "n", "group_size", "config"),
     [
         (1, 128, 64, 32, None),
-        (5, 256, 96, 64, None),  # N not a multiple of BLOCK_N
+        (5, 256, 96, 64, None),  # N not a multiple of BLOCK_N: a TMA box past the edge
         (16, 256, 128, 128, (16, 64, 32, 1)),  # several K tiles per group, no split
         (19, 256, 64, 64, (16, 32, 64, 4)),  # split-K, M not a multiple of BLOCK_M
-        (3, 72, 40, 72, None),  # one group over all of K, K not a power of two
+        (3, 72, 96, 72, None),  # one group over all of K, K not a power of two (rows past K read 0)
         (40, 128, 64, 32, (32, 64, 32, 2)),
+        (6, 128, 128, 64, (16, 64, 64, 2, 4, 3, False)),  # few tokens, the weight on the MMA's B side
+        (24, 128, 128, 64, (32, 32, 32, 1, 4, 3, True)),  # more tokens, the weight on the A side
     ],
 )
 def test_fused_gemm_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:
@@ -126,10 +128,12 @@ def test_gemv_split_k_counters_reset() -> None:
         assert not awq_kernels._GEMV_LOCKS[x.device].any()
 
 
-def test_gemv_rejects_what_it_does_not_take() -> None:
+def test_tma_kernels_reject_what_they_do_not_take() -> None:
     qweight, qzeros, scales, _ = _random_weight(64, 48, 32, _seed())
     with pytest.raises(AssertionError, match="N % 32"):
         awq_gemv(torch.randn(1, 64).to(DEVICE, torch.float16), qweight, qzeros, scales)
+    with pytest.raises(AssertionError, match="N % 32"):
+        awq_gemm(torch.randn(4, 64).to(DEVICE, torch.float16), qweight, qzeros, scales)
     qweight, qzeros, scales, _ = _random_weight(64, 64, 32, _seed())
     with pytest.raises(AssertionError, match="one token"):
         awq_gemv(torch.randn(2, 64).to(DEVICE, torch.float16), qweight, qzeros, scales)
@@ -145,11 +149,11 @@ def test_gemv_config() -> None:
     assert gemv_config(64, 72, 72, num_sms=4) == GemvConfig(8, 8, 9)  # a power of two dividing K = 72
 
 
-@pytest.mark.parametrize(("tokens", "n"), [(1, 32), (1, 48), (4, 32), (GEMV_MAX_TOKENS + 1, 32),
+@pytest.mark.parametrize(("tokens", "n"), [(1, 32), (1, 48), (4, 32), (4, 48), (GEMV_MAX_TOKENS + 1, 32),
                                            (FUSED_MAX_TOKENS + 1, 32)])
 def test_awq_linear_all_paths(tokens: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One token takes the gemv (where N suits its TMA loads, else the fused kernel), more the
-    fused kernel, many dequantize + matmul; same answer."""
+    """One token takes the gemv, more the fused kernel, many dequantize + matmul, and so do widths
+    the TMA kernels do not take (N % 32 != 0); same answer."""
     called = []
     for name in ("awq_gemv", "awq_gemm"):
         kernel = getattr(awq_kernels, name)
@@ -163,6 +167,7 @@ def test_awq_linear_all_paths(tokens: int, n: int, monkeypatch: pytest.MonkeyPat
     y = awq_linear(x.view(1, tokens, k), qweight, qzeros, scales, bias)
     assert y.shape == (1, tokens, n)
     _check_matmul(y.view(tokens, n), x, w64, seed, bias)
-    expected = ("awq_gemv" if tokens <= GEMV_MAX_TOKENS and n % 32 == 0 else "awq_gemm" if tokens <= FUSED_MAX_TOKENS
-                else None)
+    expected = None
+    if n % 32 == 0:
+        expected = "awq_gemv" if tokens <= GEMV_MAX_TOKENS else "awq_gemm" if tokens <= FUSED_MAX_TOKENS else None
     assert called == ([expected] if expected else [])

@@ -6,15 +6,17 @@ Three ways to compute ``y = x @ W`` with ``W = (q - z) * s`` of shape [K, N]:
   accelerator (TMA): the packed weight streams into shared memory a few tiles ahead, each thread
   turns the 8 nibbles of a word into exact floats with one LOP3 each and FFMAs them with the
   token; scales and zero points are applied once per K tile.
-- ``awq_gemm``: fused. Each program streams its [K, BLOCK_N] slice of the packed weight once,
-  dequantizes a [BLOCK_K, BLOCK_N] tile in registers and feeds it to ``tl.dot``. For few tokens
-  this is bound by reading the 4-bit weight, about a quarter of the bytes of a bf16 matmul.
-  Split-K spreads K over more programs when N alone gives too few to fill the GPU.
+- ``awq_gemm``: fused. Each program streams its [K, BLOCK_N] slice of the packed weight once
+  (through TMA), dequantizes a [BLOCK_K, BLOCK_N] tile in registers and feeds it to ``tl.dot``;
+  up to 16 tokens with the weight tile as the MMA's wide side. Split-K spreads K over more
+  programs when N alone gives too few to fill the GPU.
 - ``awq_dequantize`` then a dense ``torch.matmul``: for many tokens the matmul is compute-bound
   and the one-off dequantization is cheap next to it.
 
 ``awq_linear`` picks between them by token count (``GEMV_MAX_TOKENS``, ``FUSED_MAX_TOKENS``,
-measured on an H200 with bench/bench_awq_linear.py).
+measured on an H200 with bench/bench_awq_linear.py). The two TMA-fed kernels need the packed rows
+(N / 2 bytes) to be a multiple of 16 bytes (``tma_supported``: N % 32 == 0, true of the models'
+projection widths); other widths take dequantize + matmul at any token count.
 """
 
 from __future__ import annotations
@@ -71,21 +73,25 @@ def _nibbles_as_float(words, shifts, MAGIC_BITS: tl.constexpr, DTYPE: tl.constex
 
 @triton.jit
 def _awq_gemm_kernel(
-    x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr,
+    x_ptr, w_desc, qzeros_ptr, scales_ptr, out_ptr,
     M, N, K, group_size,
     stride_xm, SPLIT_K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``; program (p, s) owns the output
     tile p and the K tiles s, s + SPLIT_K, ... Assumes N % 8 == 0, BLOCK_N % 8 == 0, and that
     a K tile never straddles two groups (group_size % BLOCK_K == 0, or one group over all K).
 
-    Inside a K tile every column has one scale, so the tile's product is ``x @ (q - z)`` (exact
-    small integers, in DOT_DTYPE) times ``s`` per column, in fp32: no per-weight multiply.
-    With SPLIT_K > 1 it writes fp32 partial sums to ``out_ptr[s]`` ([SPLIT_K, M, N]), else the
-    result in x's dtype (SPLIT_K is a runtime value: no recompilation per split)."""
+    The packed weight arrives through the tensor memory accelerator (``w_desc``: qweight [K, N / 8]
+    in [BLOCK_K, BLOCK_N / 8] tiles, pipelined into shared memory; rows and columns past the edge
+    read as 0). Inside a K tile every column has one scale, so the tile's product is ``x @ (q -
+    z)`` (exact small integers, in DOT_DTYPE) times ``s`` per column, in fp32: no per-weight
+    multiply. SWAP_AB computes the transposed product ``(q - z)^T @ x^T``, so that the weight
+    tile, BLOCK_N wide, is the MMA's M side and the few tokens its N side (faster for up to 16
+    tokens). With SPLIT_K > 1 it writes fp32 partial sums to ``out_ptr[s]`` ([SPLIT_K, M, N]),
+    else the result in x's dtype (SPLIT_K is a runtime value: no recompilation per split)."""
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -103,21 +109,27 @@ def _awq_gemm_kernel(
     shifts = _column_shifts(offs_n)
     n_words = N // 8
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         k = k0 + offs_k
-        k_ok = k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :],
                     other=0.0)
-        words = tl.load(qweight_ptr + k[:, None] * n_words + offs_w[None, :],
-                        mask=k_ok[:, None] & w_ok[None, :], other=0)
+        words = w_desc.load([k0, pid_n * (BLOCK_N // 8)])
         group = k0 // group_size
         zero_words = tl.load(qzeros_ptr + group * n_words + offs_w, mask=w_ok, other=0)
         scales = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         q = _nibbles_as_float(words, shifts, MAGIC_BITS, MAGIC_DTYPE)
         z = _nibbles_as_float(zero_words[None, :], shifts, MAGIC_BITS, MAGIC_DTYPE)
         w = (q - z).to(DOT_DTYPE)
-        acc += tl.dot(x.to(DOT_DTYPE), w, input_precision=DOT_PRECISION) * scales[None, :]
+        if SWAP_AB:
+            acc += tl.dot(tl.trans(w), tl.trans(x.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * scales[:, None]
+        else:
+            acc += tl.dot(x.to(DOT_DTYPE), w, input_precision=DOT_PRECISION) * scales[None, :]
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     out_offs = offs_m[:, None] * N + offs_n[None, :]
@@ -258,6 +270,12 @@ def _awq_gemv_kernel(
             tl.atomic_xchg(lock_ptr + pid_w, 0, sem="relaxed", scope="gpu")
 
 
+def tma_supported(n: int) -> bool:
+    """Whether the gemv and the fused kernel take an output width of ``n``: the TMA descriptor's
+    row stride (n / 2 bytes) must be a multiple of 16 bytes."""
+    return n % 32 == 0
+
+
 def _check_shapes(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> tuple[int, int, int]:
     k, n_words = qweight.shape
     n = n_words * 8
@@ -289,14 +307,15 @@ class GemmConfig(NamedTuple):
     split_k: int
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool | None = None  # None: for up to 16 tokens
 
 
 def gemm_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> GemmConfig:
-    """The fused kernel's tiling (from sweeps on an H200, bench/bench_awq_linear.py --sweep): wide
-    N tiles for few tokens, and split-K until there are about four programs per SM. K tiles lie
-    inside one group."""
+    """The fused kernel's tiling (from sweeps on an H200, bench/bench_awq_linear.py --sweep): up to
+    16 tokens 64-column tiles with the weight as the MMA's A side (swap_ab), above that 128
+    columns; split-K until there are about four programs per SM. K tiles lie inside one group."""
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = max(16, min(256 if m <= 16 else 128, triton.next_power_of_2(n)))
+    block_n = max(32, min(64 if m <= 16 else 128, triton.next_power_of_2(n)))
     block_k = max(16, min(128, triton.next_power_of_2(k)))
     if group_size < k:
         block_k = min(block_k, group_size)
@@ -305,7 +324,7 @@ def gemm_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> GemmCo
     split_k = 1
     while tiles * split_k < num_sms * 4 and split_k * 2 <= min(16, k_tiles):
         split_k *= 2
-    return GemmConfig(block_m, block_n, block_k, split_k)
+    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=m <= 16)
 
 
 @functools.cache
@@ -323,22 +342,26 @@ def awq_gemm(
     config: GemmConfig | None = None,
 ) -> torch.Tensor:
     """Fused dequantize-GEMM: ``x`` [M, K] (fp16, bf16 or fp32) times the AWQ weight -> [M, N] in
-    x's dtype. ``config`` overrides ``gemm_config``."""
+    x's dtype. ``config`` overrides ``gemm_config``. Needs ``tma_supported(N)``."""
     m, k_x = x.shape
     k, n, group_size = _check_shapes(qweight, qzeros, scales)
     assert k_x == k, f"x has {k_x} features, the weight {k}"
     assert x.stride(1) == 1
+    assert tma_supported(n), f"awq_gemm needs N % 32 == 0, got {n}"
     cfg = GemmConfig(*config) if config else gemm_config(m, n, k, group_size, _num_sms(x.device))
     block_m, block_n, block_k, split_k = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
     assert group_size % block_k == 0 or group_size == k, "a K tile must lie inside one group"
+    assert block_n >= 32 and block_k <= 256, "a TMA box is at least 16 bytes wide and at most 256 rows"
+    swap_ab = m <= 16 if cfg.swap_ab is None else cfg.swap_ab
     if split_k == 1:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     else:
         out = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
     _awq_gemm_kernel[grid](
-        x, qweight, qzeros, scales, out, m, n, k, group_size, x.stride(0), split_k,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_dot_types(x.dtype),
+        x, TensorDescriptor.from_tensor(qweight, [block_k, block_n // 8]), qzeros, scales, out,
+        m, n, k, group_size, x.stride(0), split_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWAP_AB=swap_ab, **_dot_types(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )
@@ -363,12 +386,6 @@ class GemvConfig(NamedTuple):
     block_k: int  # K rows per tile: a power of two <= 256 dividing K and the group size
     split_k: int  # programs along K
     num_stages: int = 3  # weight tiles in flight: num_stages - 1 ahead of the one being summed
-
-
-def gemv_supported(n: int) -> bool:
-    """Whether the gemv takes an output width of ``n``: the TMA descriptor's row stride (n / 2
-    bytes) must be a multiple of 16 bytes."""
-    return n % 32 == 0
 
 
 def gemv_config(n: int, k: int, group_size: int, num_sms: int) -> GemvConfig:
@@ -411,13 +428,13 @@ def awq_gemv(
 ) -> torch.Tensor:
     """Dequantizing split-K GEMV for one token (see _awq_gemv_kernel): ``x`` [1, K] (fp16, bf16
     or fp32) times the AWQ weight -> [1, N] in x's dtype. ``config`` overrides ``gemv_config``.
-    Needs ``gemv_supported(N)`` and a power-of-two group size (or one group over all of K)."""
+    Needs ``tma_supported(N)`` and a power-of-two group size (or one group over all of K)."""
     m, k_x = x.shape
     k, n, group_size = _check_shapes(qweight, qzeros, scales)
     assert m == 1, f"awq_gemv takes one token, got {m}"
     assert k_x == k, f"x has {k_x} features, the weight {k}"
     assert x.is_contiguous()
-    assert gemv_supported(n), f"awq_gemv needs N % 32 == 0, got {n}"
+    assert tma_supported(n), f"awq_gemv needs N % 32 == 0, got {n}"
     assert group_size == k or group_size & (group_size - 1) == 0, "groups: a power of two or all of K"
     cfg = GemvConfig(*config) if config else gemv_config(n, k, group_size, _num_sms(x.device))
     n_words = n // 8
@@ -451,14 +468,16 @@ def awq_linear(
     scales: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W (+ bias)`` for x [..., K]: the gemv for one token (where it takes the shape), the
-    fused kernel for up to ``FUSED_MAX_TOKENS``, dequantize + dense matmul above."""
+    """``x @ W (+ bias)`` for x [..., K]: the gemv for one token, the fused kernel for up to
+    ``FUSED_MAX_TOKENS``, dequantize + dense matmul above, and for output widths the TMA kernels
+    do not take (``tma_supported``)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    if x2.shape[0] <= GEMV_MAX_TOKENS and gemv_supported(qweight.shape[1] * 8):
+    tokens, tma = x2.shape[0], tma_supported(qweight.shape[1] * 8)
+    if tma and tokens <= GEMV_MAX_TOKENS:
         out = awq_gemv(x2, qweight, qzeros, scales)
-    elif x2.shape[0] <= FUSED_MAX_TOKENS:
+    elif tma and tokens <= FUSED_MAX_TOKENS:
         out = awq_gemm(x2, qweight, qzeros, scales)
     else:
         out = torch.matmul(x2, awq_dequantize(qweight, qzeros, scales, dtype=x.dtype))
