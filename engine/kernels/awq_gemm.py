@@ -311,18 +311,25 @@ class GemmConfig(NamedTuple):
 
 
 def gemm_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> GemmConfig:
-    """The fused kernel's tiling (from sweeps on an H200, bench/bench_awq_linear.py --sweep): up to
-    16 tokens 64-column tiles with the weight as the MMA's A side (swap_ab), above that 128
-    columns; split-K until there are about four programs per SM. K tiles lie inside one group."""
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = max(32, min(64 if m <= 16 else 128, triton.next_power_of_2(n)))
+    """The fused kernel's tiling, from sweeps on an H200 (bench/bench_awq_linear.py --sweep 4 16
+    64, bench/results/awq_linear_tma_s12.json). Up to 16 tokens: 64-column tiles with the weight
+    as the MMA's wide side (swap_ab) and split-K until there are about 3.5 programs per SM.
+    Above: 64-token tiles, 64 columns (128 when that alone gives a program per SM) and split-K
+    to about 1.5 programs per SM. K tiles lie inside one group."""
     block_k = max(16, min(128, triton.next_power_of_2(k)))
     if group_size < k:
         block_k = min(block_k, group_size)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     k_tiles = triton.cdiv(k, block_k)
+    if m <= 16:
+        block_m, block_n, programs = 16, 64, 7 * num_sms // 2
+    else:
+        block_m = 32 if m <= 32 else 64
+        block_n = 128 if triton.cdiv(n, 128) >= num_sms else 64
+        programs = 3 * num_sms // 2
+    block_n = max(32, min(block_n, triton.next_power_of_2(n)))
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k = 1
-    while tiles * split_k < num_sms * 4 and split_k * 2 <= min(16, k_tiles):
+    while tiles * split_k < programs and split_k * 2 <= min(16, k_tiles):
         split_k *= 2
     return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=m <= 16)
 
