@@ -37,9 +37,9 @@ from engine.kernels.pdl import pdl_args, pdl_prologue
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Above this many tokens dequantize + dense matmul beats the fused kernel: on an H200, summed over a
-# Llama-3.1-8B layer's linears, fused 202 us vs 282 at 64 tokens, 349 vs 337 at 128, 574 vs 341 at
-# 256 (bench/results/awq_linear.json).
-FUSED_MAX_TOKENS = 64
+# Llama-3.1-8B layer's linears, fused 273 us vs 337 at 128 tokens, 509 vs 339 at 256
+# (bench/results/awq_linear_tma_rule_s12.json, awq_linear_tma_s12.json).
+FUSED_MAX_TOKENS = 128
 
 # Up to this many tokens the split-K gemv (no tensor cores: one FFMA per weight and token) beats
 # the fused kernel: at 1 token 1.5-1.9x faster than bf16 where awq_gemm is 0.85-1.05x, and at 4
