@@ -10,8 +10,9 @@ Three ways to compute ``y = x @ W`` with ``W = (q - z) * s`` of shape [K, N]:
   (through TMA), dequantizes a [BLOCK_K, BLOCK_N] tile in registers and feeds it to ``tl.dot``;
   up to 16 tokens with the weight tile as the MMA's wide side. Split-K spreads K over more
   programs when N alone gives too few to fill the GPU.
-- ``awq_dequantize`` then a dense ``torch.matmul``: for many tokens the matmul is compute-bound
-  and the one-off dequantization is cheap next to it.
+- ``awq_dequantize`` then a dense ``torch.matmul``: for many tokens. The separate pass writes the
+  whole bf16 weight (30-40 us a Llama-3.1-8B linear on an H200), which the matmul amortizes only
+  at thousands of tokens (0.5-0.7x bf16 at 256, 0.8-0.9x at 2048).
 
 ``awq_linear`` picks between them by token count (``GEMV_MAX_TOKENS``, ``FUSED_MAX_TOKENS``,
 measured on an H200 with bench/bench_awq_linear.py). The two TMA-fed kernels need the packed rows
