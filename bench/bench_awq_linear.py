@@ -6,11 +6,12 @@
 For each shape and token count it times, replayed from CUDA graphs over enough weight copies
 that weights stream from memory: bf16 ``F.linear``; ``awq_linear`` as the engine calls it; the
 fused kernel and dequantize + matmul separately (their crossing is where ``FUSED_MAX_TOKENS``
-comes from); and, at one token, the split-K gemv. It reports the int4 weight bytes streamed per
+comes from); and, up to ``GEMV_BLOCK_MAX`` tokens, the split-K gemv (where it beats the fused
+kernel is where ``GEMV_MAX_TOKENS`` comes from). It reports the int4 weight bytes streamed per
 second against a measured device copy bandwidth. ``--sweep`` also times a grid of fused-kernel
-tilings at the token counts it names and records the best. ``--gemv-sweep`` times, at one token, a
-grid of gemv configurations (``gemv_sweep_configs``), records the best per shape and prints a
-summary table.
+tilings at the token counts it names and records the best. ``--gemv-sweep`` times, at each token
+count up to ``GEMV_BLOCK_MAX``, a grid of gemv configurations (``gemv_sweep_configs``), records
+the best per shape and prints a summary table.
 Results go to JSON.
 """
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.kernels.awq_gemm import (  # noqa: E402
     FUSED_MAX_TOKENS,
+    GEMV_BLOCK_MAX,
     GEMV_MAX_TOKENS,
     GemmConfig,
     GemvConfig,
@@ -150,7 +152,7 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
         "bf16_us": bf16_us, "awq_linear_us": auto_us, "fused_us": fused_us,
         "fused_config": list(default_cfg), "dequant_matmul_us": dequant_us,
     }
-    if m <= GEMV_MAX_TOKENS:
+    if m <= GEMV_BLOCK_MAX:
         gemv_cfg = gemv_config(n, k, GROUP_SIZE, num_sms)
         result["gemv_config"] = list(gemv_cfg)
         result["gemv_rel_err_vs_fp32"] = rel_err(awq_gemv(x, qweight, qzeros, scales, gemv_cfg), ref)
@@ -215,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", type=int, nargs="*", default=[],
                         help="token counts at which to also time a grid of fused-kernel tilings")
     parser.add_argument("--gemv-sweep", action="store_true",
-                        help="at one token (if among --tokens), also time a grid of gemv tilings")
+                        help="up to GEMV_BLOCK_MAX tokens (among --tokens), also time a grid of gemv tilings")
     parser.add_argument("--out", default="bench/results/awq_linear.json")
     args = parser.parse_args(argv)
     return args
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         k, n = SHAPES[name]
         for m in args.tokens:
             start = time.perf_counter()
-            r = bench_case(k, n, m, m in args.sweep, args.gemv_sweep and m == 1, num_sms, copy_bps)
+            r = bench_case(k, n, m, m in args.sweep, args.gemv_sweep and m <= GEMV_BLOCK_MAX, num_sms, copy_bps)
             r["shape"] = name
             results.append(r)
             line = (f"{name:8s} {k:5d}->{n:5d} tokens {m:5d}: bf16 {r['bf16_us']:8.1f} us"

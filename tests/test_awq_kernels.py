@@ -99,20 +99,20 @@ def test_split_k_fills_an_idle_gpu() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("k", "n", "group_size", "config"),
+    ("m", "k", "n", "group_size", "config"),
     [
-        (128, 64, 32, None),  # the default tiling: split-K over 4 "SMs"
-        (256, 96, 64, GemvConfig(8, 16, 1)),  # N not a multiple of 8 * block_w (a TMA box past the edge), no split
-        (256, 96, 128, GemvConfig(4, 32, 4, 2)),  # K tiles per group, splits inside one; 2 stages
-        (96, 64, 96, GemvConfig(8, 32, 3)),  # one group over all of K = 96
-        (128, 256, 32, GemvConfig(32, 32, 2, 4)),  # a warp's 32 lanes on 32 words; 4 stages
-        (256, 512, 64, GemvConfig(64, 64, 3)),  # two warps
+        (1, 128, 64, 32, None),  # the default tiling: split-K over 4 "SMs"
+        (2, 256, 96, 64, GemvConfig(8, 16, 1)),  # N not a multiple of 8 * block_w (a TMA box past the edge), no split
+        (3, 256, 96, 128, GemvConfig(4, 32, 4, 2)),  # K tiles per group, splits inside one; 2 stages; M padded to 4
+        (1, 96, 64, 96, GemvConfig(8, 32, 3)),  # one group over all of K = 96
+        (4, 128, 256, 32, GemvConfig(32, 32, 2, 4)),  # a warp's 32 lanes on 32 words; 4 stages
+        (1, 256, 512, 64, GemvConfig(64, 64, 3)),  # two warps
     ],
 )
-def test_gemv_matches_float64_reference(k, n, group_size, config, dtype) -> None:
+def test_gemv_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:
     seed = _seed()
     qweight, qzeros, scales, w64 = _random_weight(k, n, group_size, seed)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
     _check_matmul(awq_gemv(x, qweight, qzeros, scales, config), x, w64, seed)
 
 
@@ -122,8 +122,8 @@ def test_gemv_split_k_counters_reset() -> None:
     seed = _seed()
     qweight, qzeros, scales, w64 = _random_weight(128, 64, 32, seed)
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(2):
-        x = torch.randn(1, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    for m in (1, 2):
+        x = torch.randn(m, 128, generator=gen).to(DEVICE, torch.bfloat16)
         _check_matmul(awq_gemv(x, qweight, qzeros, scales, GemvConfig(4, 16, 4)), x, w64, seed)
         assert not awq_kernels._GEMV_LOCKS[x.device].any()
 
@@ -135,8 +135,8 @@ def test_tma_kernels_reject_what_they_do_not_take() -> None:
     with pytest.raises(AssertionError, match="N % 32"):
         awq_gemm(torch.randn(4, 64).to(DEVICE, torch.float16), qweight, qzeros, scales)
     qweight, qzeros, scales, _ = _random_weight(64, 64, 32, _seed())
-    with pytest.raises(AssertionError, match="one token"):
-        awq_gemv(torch.randn(2, 64).to(DEVICE, torch.float16), qweight, qzeros, scales)
+    with pytest.raises(AssertionError, match="1 to 4 tokens"):
+        awq_gemv(torch.randn(5, 64).to(DEVICE, torch.float16), qweight, qzeros, scales)
 
 
 def test_gemv_config() -> None:

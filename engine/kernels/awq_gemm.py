@@ -47,6 +47,8 @@ FUSED_MAX_TOKENS = 128
 # tokens the two were even (an H200, bench/results/awq_linear.json, an earlier register-fed gemv
 # that took up to 16 tokens); the gemv now takes one.
 GEMV_MAX_TOKENS = 1
+# The most tokens awq_gemv takes (one FFMA per weight and token; registers grow with them).
+GEMV_BLOCK_MAX = 4
 
 # A 4-bit q OR-ed into these exponent bits reads as the float MAGIC + q, exactly: q - z then
 # costs one subtraction and no integer-to-float conversion.
@@ -185,15 +187,16 @@ _X_SCALE_LOG2 = 90
 @triton.jit(do_not_specialize=["k_per_split", "split_k"])
 def _awq_gemv_kernel(
     x_ptr, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
-    N, K, n_words, group_shift, k_per_split, split_k,
-    BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr, X_SCALE_LOG2: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    M, N, K, n_words, stride_xm, group_shift, k_per_split, split_k,
+    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    X_SCALE_LOG2: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
-    """Split-K dequantizing GEMV for one token: ``out`` [1, N] = x [1, K] @ ((q - z) * s).
+    """Split-K dequantizing GEMV for a few tokens: ``out`` [M, N] = x [M, K] @ ((q - z) * s).
 
     Grid ``(cdiv(N / 8, BLOCK_W), split_k)``. Program (p, s) owns the packed words ``p * BLOCK_W
-    ..`` (8 * BLOCK_W output columns) and the K rows ``s * k_per_split ..`` (a multiple of BLOCK_K;
-    BLOCK_K divides K and the group size, so a K tile lies in one group).
+    ..`` (8 * BLOCK_W output columns, all BLOCK_M >= M tokens) and the K rows ``s * k_per_split
+    ..`` (a multiple of BLOCK_K; BLOCK_K divides K and the group size, so a K tile lies in one
+    group).
 
     Loads: the packed weight arrives through the tensor memory accelerator (``w_desc``, a TMA
     descriptor of qweight [K, N / 8]), one [BLOCK_K, BLOCK_W] tile per step, NUM_STAGES - 1 tiles
@@ -201,11 +204,12 @@ def _awq_gemv_kernel(
     what held the register-fed loads of a one-token GEMV to about half the copy rate. Activations,
     zero points and scales are small and come through the caches.
 
-    Tiling: the dequantized tile is [8, BLOCK_K, BLOCK_W] with the nibble index first, so each
-    thread keeps the 8 columns of a word and its K rows in registers and the words lie across the
-    lanes: the sum over K of x * q is in-thread FFMAs, with a few shuffles when BLOCK_W is under
-    32 lanes. Per weight: one LOP3 (shift-free for 5 of 8 nibbles) and one FFMA, about 3.1
-    instructions with the loop's share (sm_90 SASS of a 16 x 128 tile).
+    Tiling: the products are [BLOCK_M, 8, BLOCK_K, BLOCK_W] with the words last, so each thread
+    keeps the tokens, the 8 columns of a word and its K rows in registers and the words lie across
+    the lanes: the sum over K of x * q is in-thread FFMAs, with a few shuffles when BLOCK_W is under
+    32 lanes. Per weight: one LOP3 (shift-free for 5 of 8 nibbles) and one FFMA per token; the
+    loop's sm_90 SASS (16 x 64 tiles) has 3.2, 4.9 and 8.1 instructions per weight at 1, 2 and 4
+    tokens.
 
     Exactness: nibble planes ``(word >> shift) & mask`` read as the fp32 subnormal q * 16**e *
     2**-149 (positions 0-4 masked in place, e = position; 5-7 from ``word >> 16``, e = position -
@@ -216,15 +220,16 @@ def _awq_gemv_kernel(
     undone at the end.
 
     With split_k == 1 the program stores ``out`` in its dtype; otherwise it stores its fp32 partial
-    to ``partial_ptr[s]`` ([split_k, N]) and the last program of column block p to arrive (counted
-    in ``lock_ptr[p]``, which it resets to 0) sums the split_k partials in order and stores ``out``:
-    one launch, deterministic."""
+    to ``partial_ptr[s]`` ([split_k, M, N]) and the last program of column block p to arrive
+    (counted in ``lock_ptr[p]``, which it resets to 0) sums the split_k partials in order and
+    stores ``out``: one launch, deterministic."""
     pdl_prologue(USE_PDL)
     pid_w = tl.program_id(0)
     pid_s = tl.program_id(1)
     w0 = pid_w * BLOCK_W
-    w = w0 + tl.arange(0, BLOCK_W)[None, :]  # [1, BLOCK_W]
-    c = tl.arange(0, 8)[:, None]  # [8, 1]
+    m = tl.arange(0, BLOCK_M)[:, None, None]  # [BLOCK_M, 1, 1]
+    c = tl.arange(0, 8)[None, :, None]  # [1, 8, 1]
+    w = w0 + tl.arange(0, BLOCK_W)[None, None, :]  # [1, 1, BLOCK_W]
     # Column 8j + c sits in nibble position c // 2 + 4 * (c % 2) (AWQ order 0, 2, 4, 6, 1, 3, 5, 7).
     pos = c // 2 + 4 * (c % 2)
     top = pos >= 5
@@ -235,37 +240,41 @@ def _awq_gemv_kernel(
     unscale = ((unscale + 127) << 23).to(tl.float32, bitcast=True)
     w_ok = w < n_words
     w_in = tl.minimum(w, n_words - 1)  # clamped: columns past N compute garbage that is not stored
-    # The 8 scales of a word, contiguous, as one load per thread: [BLOCK_W, 8], transposed on use.
-    scale_offs = tl.trans(w_in * 8 + c)
+    # Rows past M read row M - 1 (real memory) and are never stored.
+    x_rows = x_ptr + tl.minimum(m, M - 1) * stride_xm + tl.arange(0, BLOCK_K)[None, None, :]  # [BLOCK_M, 1, BLOCK_K]
+    # The 8 scales of a word, contiguous, as one load per thread: [1, BLOCK_W, 8], permuted on use.
+    scale_offs = tl.permute(w_in * 8 + c, (0, 2, 1))
 
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    acc = tl.zeros((8, BLOCK_W), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, 8, BLOCK_W), dtype=tl.float32)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
         words = w_desc.load([k0, w0])  # [BLOCK_K, BLOCK_W]
-        x = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)[None, :, None] * (2.0**X_SCALE_LOG2)
-        planes = ((words[None, :, :] >> shift[:, :, None]) & mask[:, :, None]).to(tl.float32, bitcast=True)
-        raw = tl.sum(x * planes, axis=1)  # [8, BLOCK_W]
+        x = (tl.load(x_rows + k0).to(tl.float32) * (2.0**X_SCALE_LOG2))[:, :, :, None]  # [BLOCK_M, 1, BLOCK_K, 1]
+        planes = ((words[None, None, :, :] >> shift[:, :, :, None]) & mask[:, :, :, None]).to(tl.float32,
+                                                                                            bitcast=True)
+        raw = tl.sum(x * planes, axis=2)  # [BLOCK_M, 8, BLOCK_W]
         group = k0 >> group_shift
         zero_planes = ((tl.load(qzeros_ptr + group * n_words + w_in) >> shift) & mask).to(tl.float32, bitcast=True)
-        scales = tl.trans(tl.load(scales_ptr + group * N + scale_offs).to(tl.float32))
-        acc += (raw - tl.sum(x, axis=1) * zero_planes) * scales
-    out = tl.trans(acc * unscale)  # [BLOCK_W, 8]: a thread's 8 columns are contiguous in out
-    offs = tl.trans(w * 8 + c)
-    ok = tl.trans(w_ok & (c < 8))
+        scales = tl.permute(tl.load(scales_ptr + group * N + scale_offs).to(tl.float32), (0, 2, 1))
+        acc += (raw - tl.sum(x, axis=2) * zero_planes) * scales
+    # [BLOCK_M, BLOCK_W, 8]: a thread's 8 columns are contiguous in out.
+    out = tl.permute(acc * unscale, (0, 2, 1))
+    offs = tl.permute(m * N + w * 8 + c, (0, 2, 1))
+    ok = tl.permute((m < M) & w_ok & (c < 8), (0, 2, 1))
     if split_k == 1:
         tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
     else:
-        tl.store(partial_ptr + pid_s * N + offs, out, mask=ok)
+        tl.store(partial_ptr + pid_s * M * N + offs, out, mask=ok)
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(lock_ptr + pid_w, 1, sem="acq_rel", scope="gpu")
         if arrived == split_k - 1:
             # UNROLL independent loads in flight, then their sums in order.
-            UNROLL: tl.constexpr = 8
-            total = tl.zeros((BLOCK_W, 8), dtype=tl.float32)
+            UNROLL: tl.constexpr = max(2, 8 // BLOCK_M)
+            total = tl.zeros((BLOCK_M, BLOCK_W, 8), dtype=tl.float32)
             for s0 in range(0, split_k, UNROLL):
                 for j in tl.static_range(UNROLL):
-                    part = tl.load(partial_ptr + tl.minimum(s0 + j, split_k - 1) * N + offs, mask=ok, other=0.0,
+                    part = tl.load(partial_ptr + tl.minimum(s0 + j, split_k - 1) * M * N + offs, mask=ok, other=0.0,
                                    cache_modifier=".cg")
                     total += tl.where(s0 + j < split_k, part, 0.0)
             tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
@@ -436,14 +445,15 @@ def awq_gemv(
     scales: torch.Tensor,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """Dequantizing split-K GEMV for one token (see _awq_gemv_kernel): ``x`` [1, K] (fp16, bf16
-    or fp32) times the AWQ weight -> [1, N] in x's dtype. ``config`` overrides ``gemv_config``.
-    Needs ``tma_supported(N)`` and a power-of-two group size (or one group over all of K)."""
+    """Dequantizing split-K GEMV for up to ``GEMV_BLOCK_MAX`` tokens (see _awq_gemv_kernel): ``x``
+    [M, K] (fp16, bf16 or fp32) times the AWQ weight -> [M, N] in x's dtype. ``config`` overrides
+    ``gemv_config``. Needs ``tma_supported(N)`` and a power-of-two group size (or one group over
+    all of K)."""
     m, k_x = x.shape
     k, n, group_size = _check_shapes(qweight, qzeros, scales)
-    assert m == 1, f"awq_gemv takes one token, got {m}"
+    assert 1 <= m <= GEMV_BLOCK_MAX, f"awq_gemv takes 1 to {GEMV_BLOCK_MAX} tokens, got {m}"
     assert k_x == k, f"x has {k_x} features, the weight {k}"
-    assert x.is_contiguous()
+    assert x.stride(1) == 1
     assert tma_supported(n), f"awq_gemv needs N % 32 == 0, got {n}"
     assert group_size == k or group_size & (group_size - 1) == 0, "groups: a power of two or all of K"
     cfg = GemvConfig(*config) if config else gemv_config(n, k, group_size, _num_sms(x.device))
@@ -456,16 +466,16 @@ def awq_gemv(
     split_k = triton.cdiv(k, k_per_split)
     group_shift = group_size.bit_length() - 1 if group_size < k else 31
     grid = (triton.cdiv(n_words, block_w), split_k)
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # split_k is a runtime argument, so the reduction is compiled even when unused: it needs the
     # int32 counters whatever the split.
     locks = _gemv_locks(x.device, grid[0])
-    partial = torch.empty((split_k, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     _awq_gemv_kernel[grid](
         x, TensorDescriptor.from_tensor(qweight, [block_k, block_w]), qzeros, scales, out, partial, locks,
-        n, k, n_words, group_shift, k_per_split, split_k,
-        BLOCK_W=block_w, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages, X_SCALE_LOG2=_X_SCALE_LOG2,
-        num_warps=max(1, block_w // 32), num_stages=cfg.num_stages,
+        m, n, k, n_words, x.stride(0), group_shift, k_per_split, split_k,
+        BLOCK_M=triton.next_power_of_2(m), BLOCK_W=block_w, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages,
+        X_SCALE_LOG2=_X_SCALE_LOG2, num_warps=max(1, block_w // 32), num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )
     return out
