@@ -2,7 +2,7 @@
 kernels of a few steps, from torch.profiler), for one workload on one shape.
 
     python -m bench.profile_step --shape qwen3-0.6b --num-requests 64 --max-len 512 [--enforce-eager]
-    python -m bench.profile_step --shape llama-3.1-8b --single [--async-scheduling]
+    python -m bench.profile_step --shape llama-3.1-8b --single [--async-scheduling] [--awq]
     python -m bench.profile_step --shape qwen3-0.6b --prefill --async-scheduling
     python -m bench.profile_step --shape llama-3.1-8b --offline --num-requests 256 --max-len 1024 --async-scheduling
 
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--async-scheduling", action="store_true")
+    parser.add_argument("--awq", action="store_true", help="random AWQ 4-bit weights in the shape (AutoAWQ GEMM)")
     parser.add_argument("--single", action="store_true", help="one stream: step wall time against graph replay time")
     parser.add_argument("--prefill", action="store_true",
                         help="one 128-token prompt's step: its host time and where it goes (cProfile)")
@@ -70,7 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         engine = LLMEngine(EngineArgs(
-            model=str(write_shape_dir(args.shape, Path(tmp))), load_format="dummy",
+            model=str(write_shape_dir(args.shape, Path(tmp), awq=args.awq)), load_format="dummy",
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=2 * args.max_len + 16,
             attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
             async_scheduling=args.async_scheduling, max_cuda_graph_prefill_tokens=args.max_cuda_graph_prefill_tokens,

@@ -46,7 +46,7 @@ FUSED_MAX_TOKENS = 128
 # the fused kernel: at 1 token 1.5-1.9x faster than bf16 where awq_gemm is 0.85-1.05x, and at 4
 # tokens the two were even (an H200, bench/results/awq_linear.json, an earlier register-fed gemv
 # that took up to 16 tokens); the gemv now takes one.
-GEMV_MAX_TOKENS = 1
+GEMV_MAX_TOKENS = 2
 # The most tokens awq_gemv takes (one FFMA per weight and token; registers grow with them).
 GEMV_BLOCK_MAX = 4
 
@@ -189,7 +189,7 @@ def _awq_gemv_kernel(
     x_ptr, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
     M, N, K, n_words, stride_xm, group_shift, k_per_split, split_k,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    X_SCALE_LOG2: tl.constexpr, USE_PDL: tl.constexpr = False,
+    X_SCALE_LOG2: tl.constexpr, REDUCE_UNROLL: tl.constexpr = 8, USE_PDL: tl.constexpr = False,
 ):
     """Split-K dequantizing GEMV for a few tokens: ``out`` [M, N] = x [M, K] @ ((q - z) * s).
 
@@ -269,8 +269,9 @@ def _awq_gemv_kernel(
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(lock_ptr + pid_w, 1, sem="acq_rel", scope="gpu")
         if arrived == split_k - 1:
-            # UNROLL independent loads in flight, then their sums in order.
-            UNROLL: tl.constexpr = max(2, 8 // BLOCK_M)
+            # REDUCE_UNROLL independent loads in flight, then their sums in order: the partials
+            # sit in L2, and each round of loads waits out its latency.
+            UNROLL: tl.constexpr = REDUCE_UNROLL
             total = tl.zeros((BLOCK_M, BLOCK_W, 8), dtype=tl.float32)
             for s0 in range(0, split_k, UNROLL):
                 for j in tl.static_range(UNROLL):
@@ -421,6 +422,10 @@ def gemv_config(n: int, k: int, group_size: int, num_sms: int) -> GemvConfig:
     return GemvConfig(block_w, block_k, split_k)
 
 
+# Partial sums of one token the split-K reduction loads before it adds them: it waits out one
+# L2 round trip per batch of loads (ptxas keeps ~18 of these 32 in flight at 96 registers).
+_GEMV_REDUCE_LOADS = 32
+
 _GEMV_LOCKS: dict[torch.device, torch.Tensor] = {}
 _GEMV_LOCK_SLOTS = 1 << 14
 
@@ -466,6 +471,7 @@ def awq_gemv(
     split_k = triton.cdiv(k, k_per_split)
     group_shift = group_size.bit_length() - 1 if group_size < k else 31
     grid = (triton.cdiv(n_words, block_w), split_k)
+    block_m = triton.next_power_of_2(m)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # split_k is a runtime argument, so the reduction is compiled even when unused: it needs the
     # int32 counters whatever the split.
@@ -474,8 +480,9 @@ def awq_gemv(
     _awq_gemv_kernel[grid](
         x, TensorDescriptor.from_tensor(qweight, [block_k, block_w]), qzeros, scales, out, partial, locks,
         m, n, k, n_words, x.stride(0), group_shift, k_per_split, split_k,
-        BLOCK_M=triton.next_power_of_2(m), BLOCK_W=block_w, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages,
-        X_SCALE_LOG2=_X_SCALE_LOG2, num_warps=max(1, block_w // 32), num_stages=cfg.num_stages,
+        BLOCK_M=block_m, BLOCK_W=block_w, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages,
+        X_SCALE_LOG2=_X_SCALE_LOG2, REDUCE_UNROLL=max(1, _GEMV_REDUCE_LOADS // block_m),
+        num_warps=max(1, block_w // 32), num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )
     return out
