@@ -53,6 +53,9 @@ GEMV_BLOCK_MAX = 4
 # A 4-bit q OR-ed into these exponent bits reads as the float MAGIC + q, exactly: q - z then
 # costs one subtraction and no integer-to-float conversion.
 _FP16_MAGIC_BITS, _BF16_MAGIC_BITS = 0x6400, 0x4300  # 1024.0 in fp16, 128.0 in bf16
+# The same, for the kernels: the interpreter runs no inline PTX.
+_IN_INTERPRETER = tl.constexpr(_INTERPRETED)
+_BF16_MAGIC = tl.constexpr(_BF16_MAGIC_BITS)
 
 
 @triton.jit
@@ -75,6 +78,55 @@ def _nibbles_as_float(words, shifts, MAGIC_BITS: tl.constexpr, DTYPE: tl.constex
 
 
 @triton.jit
+def _magic_pairs(words, SHIFT: tl.constexpr, MAGIC_BITS: tl.constexpr):
+    """``(word >> SHIFT) & 0x000F000F | MAGIC`` in both halves: nibbles SHIFT / 4 and SHIFT / 4 + 4
+    (columns 2j and 2j + 1 of the word in the AWQ order, SHIFT = 4j) as the two 16-bit floats
+    MAGIC + q of one 32-bit word, with one LOP3 on a GPU."""
+    v = words >> SHIFT if SHIFT > 0 else words
+    if _IN_INTERPRETER:
+        return (v & 0x000F000F) | (MAGIC_BITS * 0x10001)
+    elif MAGIC_BITS == _BF16_MAGIC:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;", "=r,r", [v],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xEA;", "=r,r", [v],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _pair_columns(pairs, DTYPE: tl.constexpr):
+    """int32 [R, W] words of two 16-bit floats -> [R, W, 2] floats (low half first)."""
+    if _IN_INTERPRETER:
+        lo = (pairs & 0xFFFF).to(tl.int16).to(DTYPE, bitcast=True)
+        hi = (pairs >> 16).to(tl.int16).to(DTYPE, bitcast=True)
+    elif DTYPE == tl.bfloat16:
+        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pairs],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+    else:
+        lo, hi = tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pairs],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _magic_tile(words, MAGIC_BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """int32 [R, W] packed words -> [R, 8 W] 16-bit floats MAGIC + q in natural column order.
+
+    Nibbles j and j + 4 of a word hold its columns 2j and 2j + 1, so one masked word per j gives
+    both as a pair of 16-bit floats (``_magic_pairs``): per weight half a LOP3 and 3/8 of a shift,
+    and the pairs are already the 32-bit halves of the tile's rows. The joins and permutes only
+    name the registers in column order."""
+    p0 = _pair_columns(_magic_pairs(words, 0, MAGIC_BITS), DTYPE)
+    p1 = _pair_columns(_magic_pairs(words, 4, MAGIC_BITS), DTYPE)
+    p2 = _pair_columns(_magic_pairs(words, 8, MAGIC_BITS), DTYPE)
+    p3 = _pair_columns(_magic_pairs(words, 12, MAGIC_BITS), DTYPE)
+    lo = tl.permute(tl.join(p0, p1), (0, 1, 3, 2))  # [R, W, j in 0..1, column in pair]
+    hi = tl.permute(tl.join(p2, p3), (0, 1, 3, 2))  # j in 2..3
+    tile = tl.permute(tl.join(lo, hi), (0, 1, 4, 2, 3))  # [R, W, j // 2, j % 2, column in pair]
+    return tile.reshape(words.shape[0], words.shape[1] * 8)
+
+
+@triton.jit
 def _awq_gemm_kernel(
     x_ptr, w_desc, qzeros_ptr, scales_ptr, out_ptr,
     M, N, K, group_size,
@@ -89,12 +141,16 @@ def _awq_gemm_kernel(
 
     The packed weight arrives through the tensor memory accelerator (``w_desc``: qweight [K, N / 8]
     in [BLOCK_K, BLOCK_N / 8] tiles, pipelined into shared memory; rows and columns past the edge
-    read as 0). Inside a K tile every column has one scale, so the tile's product is ``x @ (q -
-    z)`` (exact small integers, in DOT_DTYPE) times ``s`` per column, in fp32: no per-weight
-    multiply. SWAP_AB computes the transposed product ``(q - z)^T @ x^T``, so that the weight
-    tile, BLOCK_N wide, is the MMA's M side and the few tokens its N side (faster for up to 16
-    tokens). With SPLIT_K > 1 it writes fp32 partial sums to ``out_ptr[s]`` ([SPLIT_K, M, N]),
-    else the result in x's dtype (SPLIT_K is a runtime value: no recompilation per split)."""
+    read as 0). Inside a K tile every column has one scale and one zero point, so the tile's
+    product is ``(x @ (MAGIC + q) - sum_k x * (MAGIC + z)) * s`` per column: the tensor cores take
+    the weight as the exact 16-bit floats MAGIC + q (``_magic_tile``, about one instruction per
+    weight), and the zero point and the scale cost a multiply-add per output, not per weight. The
+    products are exact in fp32; MAGIC + q against q - z costs a few fp32 rounding steps of
+    accumulation, far below the 16-bit output's. For fp32 activations (DOT_DTYPE fp32) the zero
+    point comes off each weight instead, exactly. SWAP_AB computes the transposed product so that
+    the weight tile, BLOCK_N wide, is the MMA's M side and the few tokens its N side (faster for
+    up to 16 tokens). With SPLIT_K > 1 it writes fp32 partial sums to ``out_ptr[s]`` ([SPLIT_K, M,
+    N]), else the result in x's dtype (SPLIT_K is a runtime value: no recompilation per split)."""
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -104,13 +160,13 @@ def _awq_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_w = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    w_ok = offs_w < N // 8
     shifts = _column_shifts(offs_n)
     n_words = N // 8
+    magic = tl.full((), MAGIC_BITS, tl.int16).to(MAGIC_DTYPE, bitcast=True).to(tl.float32)
+    factored: tl.constexpr = DOT_DTYPE != tl.float32
 
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -119,18 +175,27 @@ def _awq_gemm_kernel(
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         k = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :],
-                    other=0.0)
+                    other=0.0).to(DOT_DTYPE)
         words = w_desc.load([k0, pid_n * (BLOCK_N // 8)])
         group = k0 // group_size
-        zero_words = tl.load(qzeros_ptr + group * n_words + offs_w, mask=w_ok, other=0)
+        zero_words = tl.load(qzeros_ptr + group * n_words + offs_n // 8, mask=n_ok, other=0)
+        z = ((zero_words >> shifts) & 0xF).to(tl.float32) + magic  # MAGIC + z per column
         scales = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        q = _nibbles_as_float(words, shifts, MAGIC_BITS, MAGIC_DTYPE)
-        z = _nibbles_as_float(zero_words[None, :], shifts, MAGIC_BITS, MAGIC_DTYPE)
-        w = (q - z).to(DOT_DTYPE)
-        if SWAP_AB:
-            acc += tl.dot(tl.trans(w), tl.trans(x.to(DOT_DTYPE)), input_precision=DOT_PRECISION) * scales[:, None]
+        w = _magic_tile(words, MAGIC_BITS, MAGIC_DTYPE)
+        if factored:
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
         else:
-            acc += tl.dot(x.to(DOT_DTYPE), w, input_precision=DOT_PRECISION) * scales[None, :]
+            w = w.to(tl.float32) - z[None, :]
+        if SWAP_AB:
+            part = tl.dot(tl.trans(w), tl.trans(x), input_precision=DOT_PRECISION)
+            if factored:
+                part -= z[:, None] * x_sum[None, :]
+            acc += part * scales[:, None]
+        else:
+            part = tl.dot(x, w, input_precision=DOT_PRECISION)
+            if factored:
+                part -= x_sum[:, None] * z[None, :]
+            acc += part * scales[None, :]
     if SWAP_AB:
         acc = tl.trans(acc)
 
