@@ -6,11 +6,10 @@
 For each shape and token count it times, replayed from CUDA graphs over enough weight copies
 that weights stream from memory: bf16 ``F.linear``; ``awq_linear`` as the engine calls it; the
 fused kernel and dequantize + matmul separately (their crossing is where ``FUSED_MAX_TOKENS``
-comes from); and, up to ``GEMV_BLOCK_MAX`` tokens, the split-K gemv (where it beats the fused
-kernel is where ``GEMV_MAX_TOKENS`` comes from). It reports the int4 weight bytes streamed per
-second against a measured device copy bandwidth. ``--sweep`` also times a grid of fused-kernel
+comes from); and, up to ``GEMV_MAX_TOKENS`` tokens, the split-K gemv. It reports the int4 weight
+bytes streamed per second against a measured device copy bandwidth. ``--sweep`` also times a grid of fused-kernel
 tilings at the token counts it names and records the best. ``--gemv-sweep`` times, at each token
-count up to ``GEMV_BLOCK_MAX``, a grid of gemv configurations (``gemv_sweep_configs``), records
+count up to ``GEMV_MAX_TOKENS``, a grid of gemv configurations (``gemv_sweep_configs``), records
 the best per shape and prints a summary table.
 Results go to JSON.
 """
@@ -32,7 +31,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.kernels.awq_gemm import (  # noqa: E402
     FUSED_MAX_TOKENS,
-    GEMV_BLOCK_MAX,
     GEMV_MAX_TOKENS,
     GemmConfig,
     GemvConfig,
@@ -74,7 +72,7 @@ def sweep_configs(m: int) -> list[GemmConfig]:
     128-row K tiles, split-K 1-16, the weight on either side of the MMA."""
     if m > FUSED_MAX_TOKENS:
         return []
-    block_ms = [16] if m <= 16 else [16, 64]
+    block_ms = [16] if m <= 16 else [16, 32, 64]
     return [
         GemmConfig(bm, bn, 128, split, 4, 3, swap)
         for bm in block_ms for bn in (64, 128, 256) for split in (1, 2, 4, 8, 16) for swap in (False, True)
@@ -82,12 +80,12 @@ def sweep_configs(m: int) -> list[GemmConfig]:
     ]
 
 
-def gemv_sweep_configs(n: int, k: int, num_sms: int) -> list[GemvConfig]:
-    """One-token gemv configurations to time on a [K, N] weight: the default first, then words per
+def gemv_sweep_configs(n: int, k: int, num_sms: int, tokens: int) -> list[GemvConfig]:
+    """Gemv configurations to time on a [K, N] weight: the default for ``tokens`` first, then words per
     program in {8, 16, 32} (one warp), K tiles of 64-256 rows inside a group, 2-4 stages, and the
     split-K values nearest 1, 2, 4 and 8 programs per SM (the split is a runtime argument: one
     compiled kernel per tiling)."""
-    configs = [gemv_config(n, k, GROUP_SIZE, num_sms)]
+    configs = [gemv_config(n, k, GROUP_SIZE, num_sms, tokens)]
     for block_w in (8, 16, 32):
         programs = triton.cdiv(n // 8, block_w)
         for block_k in (64, 128, 256):
@@ -152,8 +150,8 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
         "bf16_us": bf16_us, "awq_linear_us": auto_us, "fused_us": fused_us,
         "fused_config": list(default_cfg), "dequant_matmul_us": dequant_us,
     }
-    if m <= GEMV_BLOCK_MAX:
-        gemv_cfg = gemv_config(n, k, GROUP_SIZE, num_sms)
+    if m <= GEMV_MAX_TOKENS:
+        gemv_cfg = gemv_config(n, k, GROUP_SIZE, num_sms, m)
         result["gemv_config"] = list(gemv_cfg)
         result["gemv_rel_err_vs_fp32"] = rel_err(awq_gemv(x, qweight, qzeros, scales, gemv_cfg), ref)
         result["gemv_us"] = graph_us(awq_calls(lambda x, *c: awq_gemv(x, *c, gemv_cfg)))
@@ -170,7 +168,7 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
         result["sweep_best_us"], result["sweep_best_config"] = best[0], list(best[1])
     if gemv_sweep:
         timings = []
-        for cfg in gemv_sweep_configs(n, k, num_sms):
+        for cfg in gemv_sweep_configs(n, k, num_sms, m):
             try:
                 e = rel_err(awq_gemv(x, qweight, qzeros, scales, cfg), ref)
                 if not e < 1e-2:
@@ -217,7 +215,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", type=int, nargs="*", default=[],
                         help="token counts at which to also time a grid of fused-kernel tilings")
     parser.add_argument("--gemv-sweep", action="store_true",
-                        help="up to GEMV_BLOCK_MAX tokens (among --tokens), also time a grid of gemv tilings")
+                        help="up to GEMV_MAX_TOKENS tokens (among --tokens), also time a grid of gemv tilings")
     parser.add_argument("--out", default="bench/results/awq_linear.json")
     args = parser.parse_args(argv)
     return args
@@ -238,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         k, n = SHAPES[name]
         for m in args.tokens:
             start = time.perf_counter()
-            r = bench_case(k, n, m, m in args.sweep, args.gemv_sweep and m <= GEMV_BLOCK_MAX, num_sms, copy_bps)
+            r = bench_case(k, n, m, m in args.sweep, args.gemv_sweep and m <= GEMV_MAX_TOKENS, num_sms, copy_bps)
             r["shape"] = name
             results.append(r)
             line = (f"{name:8s} {k:5d}->{n:5d} tokens {m:5d}: bf16 {r['bf16_us']:8.1f} us"

@@ -12,6 +12,7 @@ import engine.kernels.awq_gemm as awq_kernels
 from engine.kernels.awq_gemm import (
     FUSED_MAX_TOKENS,
     GEMV_MAX_TOKENS,
+    GemmConfig,
     GemvConfig,
     awq_dequantize,
     awq_gemm,
@@ -103,9 +104,9 @@ def test_split_k_fills_an_idle_gpu() -> None:
     [
         (1, 128, 64, 32, None),  # the default tiling: split-K over 4 "SMs"
         (2, 256, 96, 64, GemvConfig(8, 16, 1)),  # N not a multiple of 8 * block_w (a TMA box past the edge), no split
-        (3, 256, 96, 128, GemvConfig(4, 32, 4, 2)),  # K tiles per group, splits inside one; 2 stages; M padded to 4
+        (2, 256, 96, 128, GemvConfig(4, 32, 4, 2)),  # K tiles per group, splits inside one; 2 stages
         (1, 96, 64, 96, GemvConfig(8, 32, 3)),  # one group over all of K = 96
-        (4, 128, 256, 32, GemvConfig(32, 32, 2, 4)),  # a warp's 32 lanes on 32 words; 4 stages
+        (2, 128, 256, 32, GemvConfig(32, 32, 2, 4)),  # a warp's 32 lanes on 32 words; 4 stages
         (1, 256, 512, 64, GemvConfig(64, 64, 3)),  # two warps
     ],
 )
@@ -116,16 +117,20 @@ def test_gemv_matches_float64_reference(m, k, n, group_size, config, dtype) -> N
     _check_matmul(awq_gemv(x, qweight, qzeros, scales, config), x, w64, seed)
 
 
-def test_gemv_split_k_counters_reset() -> None:
-    """The last program of each column block sums the split-K partials and leaves its arrival
-    counter at zero, so the next launch (here: twice, other inputs) is right too."""
+def test_split_k_counters_reset() -> None:
+    """The last program of each output tile sums the split-K partials and leaves its arrival
+    counter at zero, so the next launch (here: several, other inputs, both kernels) is right too."""
     seed = _seed()
     qweight, qzeros, scales, w64 = _random_weight(128, 64, 32, seed)
     gen = torch.Generator().manual_seed(seed)
-    for m in (1, 2):
+    for m in (1, 2, 1, 5):
         x = torch.randn(m, 128, generator=gen).to(DEVICE, torch.bfloat16)
+        _check_matmul(awq_gemm(x, qweight, qzeros, scales, GemmConfig(16, 32, 32, 4)), x, w64, seed)
+        assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
+        if m > GEMV_MAX_TOKENS:
+            continue
         _check_matmul(awq_gemv(x, qweight, qzeros, scales, GemvConfig(4, 16, 4)), x, w64, seed)
-        assert not awq_kernels._GEMV_LOCKS[x.device].any()
+        assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
 
 
 def test_tma_kernels_reject_what_they_do_not_take() -> None:
@@ -135,8 +140,8 @@ def test_tma_kernels_reject_what_they_do_not_take() -> None:
     with pytest.raises(AssertionError, match="N % 32"):
         awq_gemm(torch.randn(4, 64).to(DEVICE, torch.float16), qweight, qzeros, scales)
     qweight, qzeros, scales, _ = _random_weight(64, 64, 32, _seed())
-    with pytest.raises(AssertionError, match="1 to 4 tokens"):
-        awq_gemv(torch.randn(5, 64).to(DEVICE, torch.float16), qweight, qzeros, scales)
+    with pytest.raises(AssertionError, match=f"1 to {GEMV_MAX_TOKENS} tokens"):
+        awq_gemv(torch.randn(GEMV_MAX_TOKENS + 1, 64).to(DEVICE, torch.float16), qweight, qzeros, scales)
 
 
 def test_gemv_config() -> None:

@@ -47,8 +47,6 @@ FUSED_MAX_TOKENS = 128
 # tokens the two were even (an H200, bench/results/awq_linear.json, an earlier register-fed gemv
 # that took up to 16 tokens); the gemv now takes one.
 GEMV_MAX_TOKENS = 2
-# The most tokens awq_gemv takes (one FFMA per weight and token; registers grow with them).
-GEMV_BLOCK_MAX = 4
 
 # A 4-bit q OR-ed into these exponent bits reads as the float MAGIC + q, exactly: q - z then
 # costs one subtraction and no integer-to-float conversion.
@@ -127,13 +125,40 @@ def _magic_tile(words, MAGIC_BITS: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _store_split_k(out_ptr, partial_ptr, lock_ptr, lock, offs, ok, acc, split, split_k, MN,
+                   UNROLL: tl.constexpr):
+    """Store a program's ``acc`` at ``out_ptr + offs``: directly when split_k == 1; otherwise as
+    fp32 partial ``split`` of ``partial_ptr`` ([split_k, MN]), and the last program of the output
+    tile to arrive (counted in ``lock_ptr[lock]``, which it resets to 0) sums the split_k
+    partials in order, UNROLL loads in flight, and stores the result: one launch, deterministic.
+    ``split_k`` is a runtime value, so both branches are compiled: ``partial_ptr`` must point at
+    real memory even without a split."""
+    if split_k == 1:
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(partial_ptr + split * MN + offs, acc, mask=ok)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(lock_ptr + lock, 1, sem="acq_rel", scope="gpu")
+        if arrived == split_k - 1:
+            total = tl.zeros_like(acc)
+            for s0 in range(0, split_k, UNROLL):
+                for j in tl.static_range(UNROLL):
+                    part = tl.load(partial_ptr + tl.minimum(s0 + j, split_k - 1) * MN + offs, mask=ok, other=0.0,
+                                   cache_modifier=".cg")
+                    total += tl.where(s0 + j < split_k, part, 0.0)
+            tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
+            tl.atomic_xchg(lock_ptr + lock, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _awq_gemm_kernel(
-    x_ptr, w_desc, qzeros_ptr, scales_ptr, out_ptr,
+    x_ptr, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
     M, N, K, group_size,
     stride_xm, SPLIT_K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr, USE_PDL: tl.constexpr = False,
+    DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr, REDUCE_UNROLL: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), SPLIT_K)``; program (p, s) owns the output
     tile p and the K tiles s, s + SPLIT_K, ... Assumes N % 8 == 0, BLOCK_N % 8 == 0, and that
@@ -149,8 +174,8 @@ def _awq_gemm_kernel(
     accumulation, far below the 16-bit output's. For fp32 activations (DOT_DTYPE fp32) the zero
     point comes off each weight instead, exactly. SWAP_AB computes the transposed product so that
     the weight tile, BLOCK_N wide, is the MMA's M side and the few tokens its N side (faster for
-    up to 16 tokens). With SPLIT_K > 1 it writes fp32 partial sums to ``out_ptr[s]`` ([SPLIT_K, M,
-    N]), else the result in x's dtype (SPLIT_K is a runtime value: no recompilation per split)."""
+    up to 16 tokens). With SPLIT_K > 1 the programs of an output tile sum their fp32 partials in
+    the kernel (``_store_split_k``; SPLIT_K is a runtime value: no recompilation per split)."""
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -201,10 +226,8 @@ def _awq_gemm_kernel(
 
     out_mask = m_ok[:, None] & n_ok[None, :]
     out_offs = offs_m[:, None] * N + offs_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.store(out_ptr + pid_k * M * N + out_offs, acc, mask=out_mask)
+    _store_split_k(out_ptr, partial_ptr, lock_ptr, pid, out_offs, out_mask, acc, pid_k, SPLIT_K, M * N,
+                   REDUCE_UNROLL)
 
 
 @triton.jit
@@ -327,24 +350,7 @@ def _awq_gemv_kernel(
     out = tl.permute(acc * unscale, (0, 2, 1))
     offs = tl.permute(m * N + w * 8 + c, (0, 2, 1))
     ok = tl.permute((m < M) & w_ok & (c < 8), (0, 2, 1))
-    if split_k == 1:
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.store(partial_ptr + pid_s * M * N + offs, out, mask=ok)
-        tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(lock_ptr + pid_w, 1, sem="acq_rel", scope="gpu")
-        if arrived == split_k - 1:
-            # REDUCE_UNROLL independent loads in flight, then their sums in order: the partials
-            # sit in L2, and each round of loads waits out its latency.
-            UNROLL: tl.constexpr = REDUCE_UNROLL
-            total = tl.zeros((BLOCK_M, BLOCK_W, 8), dtype=tl.float32)
-            for s0 in range(0, split_k, UNROLL):
-                for j in tl.static_range(UNROLL):
-                    part = tl.load(partial_ptr + tl.minimum(s0 + j, split_k - 1) * M * N + offs, mask=ok, other=0.0,
-                                   cache_modifier=".cg")
-                    total += tl.where(s0 + j < split_k, part, 0.0)
-            tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
-            tl.atomic_xchg(lock_ptr + pid_w, 0, sem="relaxed", scope="gpu")
+    _store_split_k(out_ptr, partial_ptr, lock_ptr, pid_w, offs, ok, out, pid_s, split_k, M * N, REDUCE_UNROLL)
 
 
 def tma_supported(n: int) -> bool:
@@ -437,19 +443,20 @@ def awq_gemm(
     assert group_size % block_k == 0 or group_size == k, "a K tile must lie inside one group"
     assert block_n >= 32 and block_k <= 256, "a TMA box is at least 16 bytes wide and at most 256 rows"
     swap_ab = m <= 16 if cfg.swap_ab is None else cfg.swap_ab
-    if split_k == 1:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
+    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    # Partial sums a thread loads at once in the split-K reduction: about 32 registers' worth.
+    per_thread = max(1, block_m * block_n // (32 * cfg.num_warps))
     _awq_gemm_kernel[grid](
-        x, TensorDescriptor.from_tensor(qweight, [block_k, block_n // 8]), qzeros, scales, out,
-        m, n, k, group_size, x.stride(0), split_k,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWAP_AB=swap_ab, **_dot_types(x.dtype),
+        x, TensorDescriptor.from_tensor(qweight, [block_k, block_n // 8]), qzeros, scales, out, partial,
+        _split_k_locks(x.device, grid[0] if split_k > 1 else 0), m, n, k, group_size, x.stride(0), split_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWAP_AB=swap_ab,
+        REDUCE_UNROLL=max(1, min(8, 32 // per_thread)), **_dot_types(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )
-    return out if split_k == 1 else out.sum(dim=0).to(x.dtype)
+    return out
 
 
 def awq_dequantize(
@@ -472,39 +479,46 @@ class GemvConfig(NamedTuple):
     num_stages: int = 3  # weight tiles in flight: num_stages - 1 ahead of the one being summed
 
 
-def gemv_config(n: int, k: int, group_size: int, num_sms: int) -> GemvConfig:
+def gemv_config(n: int, k: int, group_size: int, num_sms: int, tokens: int = 1) -> GemvConfig:
     """The gemv's tiling, from sweeps on an H200 (bench/bench_awq_linear.py --gemv-sweep, 24-48
     tilings a shape, Llama-3.1-8B shapes; bench/results/awq_linear_gemv_tma_h200.json and, for
     this rule, awq_linear_gemv_tma_rule_h200.json): 16 words (one warp) per program, 64-row K
-    tiles, 3 stages, and split-K up to about eight programs per SM. Within 3% of the best on qkv,
-    gate_up and down; on o 7.9 against 7.0 us (128-row tiles, 16 splits), which lost elsewhere."""
+    tiles, 3 stages, and for one token split-K up to about eight programs per SM (within 3% of the
+    best on qkv, gate_up and down; on o 7.9 against 7.0 us, 128-row tiles and 16 splits, which
+    lost elsewhere). Two tokens double the FFMAs per weight, and the best splits gave each
+    program about 6 K tiles whatever the width (11, 16, 9 and 33 splits for qkv, o, gate_up and
+    down; bench/results/awq_linear_s13_probe.json)."""
     block_w = min(16, triton.next_power_of_2(n // 8))
     block_k = 64
     while block_k > 1 and (k % block_k or group_size % block_k):
         block_k //= 2
     programs = triton.cdiv(n // 8, block_w)
-    split_k = max(1, min(k // block_k, triton.cdiv(8 * num_sms, programs)))
+    if tokens == 1:
+        split_k = max(1, min(k // block_k, triton.cdiv(8 * num_sms, programs)))
+    else:
+        split_k = max(1, triton.cdiv(k // block_k, 6))
     return GemvConfig(block_w, block_k, split_k)
 
 
-# Partial sums of one token the split-K reduction loads before it adds them: it waits out one
-# L2 round trip per batch of loads (ptxas keeps ~18 of these 32 in flight at 96 registers).
+# Partial sums of one token the gemv's split-K reduction loads before it adds them (at most the
+# split): it waits out one L2 round trip per batch of loads (ptxas keeps ~18 of 32 in flight at
+# 96 registers). 8 -> 32 took the o projection from 8.0 to 7.7 us on an H200 (33 splits).
 _GEMV_REDUCE_LOADS = 32
 
-_GEMV_LOCKS: dict[torch.device, torch.Tensor] = {}
-_GEMV_LOCK_SLOTS = 1 << 14
+_SPLIT_K_LOCKS: dict[torch.device, torch.Tensor] = {}
+_SPLIT_K_LOCK_SLOTS = 1 << 14
 
 
 
 
-def _gemv_locks(device: torch.device, slots: int) -> torch.Tensor:
+def _split_k_locks(device: torch.device, slots: int) -> torch.Tensor:
     """Per-device arrival counters of the serial split-K reduction, zero between launches (the
     last program of each column block resets its own). Kernels that use them must not run
     concurrently on one device (sluice runs its forward passes on one stream)."""
-    assert slots <= _GEMV_LOCK_SLOTS, f"{slots} column blocks: more than the {_GEMV_LOCK_SLOTS} counters"
-    locks = _GEMV_LOCKS.get(device)
+    assert slots <= _SPLIT_K_LOCK_SLOTS, f"{slots} column blocks: more than the {_SPLIT_K_LOCK_SLOTS} counters"
+    locks = _SPLIT_K_LOCKS.get(device)
     if locks is None:
-        locks = _GEMV_LOCKS[device] = torch.zeros(_GEMV_LOCK_SLOTS, dtype=torch.int32, device=device)
+        locks = _SPLIT_K_LOCKS[device] = torch.zeros(_SPLIT_K_LOCK_SLOTS, dtype=torch.int32, device=device)
     return locks
 
 
@@ -515,18 +529,18 @@ def awq_gemv(
     scales: torch.Tensor,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """Dequantizing split-K GEMV for up to ``GEMV_BLOCK_MAX`` tokens (see _awq_gemv_kernel): ``x``
+    """Dequantizing split-K GEMV for up to ``GEMV_MAX_TOKENS`` tokens (see _awq_gemv_kernel): ``x``
     [M, K] (fp16, bf16 or fp32) times the AWQ weight -> [M, N] in x's dtype. ``config`` overrides
     ``gemv_config``. Needs ``tma_supported(N)`` and a power-of-two group size (or one group over
     all of K)."""
     m, k_x = x.shape
     k, n, group_size = _check_shapes(qweight, qzeros, scales)
-    assert 1 <= m <= GEMV_BLOCK_MAX, f"awq_gemv takes 1 to {GEMV_BLOCK_MAX} tokens, got {m}"
+    assert 1 <= m <= GEMV_MAX_TOKENS, f"awq_gemv takes 1 to {GEMV_MAX_TOKENS} tokens, got {m}"
     assert k_x == k, f"x has {k_x} features, the weight {k}"
     assert x.stride(1) == 1
     assert tma_supported(n), f"awq_gemv needs N % 32 == 0, got {n}"
     assert group_size == k or group_size & (group_size - 1) == 0, "groups: a power of two or all of K"
-    cfg = GemvConfig(*config) if config else gemv_config(n, k, group_size, _num_sms(x.device))
+    cfg = GemvConfig(*config) if config else gemv_config(n, k, group_size, _num_sms(x.device), m)
     n_words = n // 8
     block_w, block_k = cfg.block_w, cfg.block_k
     assert k % block_k == 0 and group_size % block_k == 0 and block_k <= 256, \
@@ -540,13 +554,13 @@ def awq_gemv(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # split_k is a runtime argument, so the reduction is compiled even when unused: it needs the
     # int32 counters whatever the split.
-    locks = _gemv_locks(x.device, grid[0])
+    locks = _split_k_locks(x.device, grid[0])
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     _awq_gemv_kernel[grid](
         x, TensorDescriptor.from_tensor(qweight, [block_k, block_w]), qzeros, scales, out, partial, locks,
         m, n, k, n_words, x.stride(0), group_shift, k_per_split, split_k,
         BLOCK_M=block_m, BLOCK_W=block_w, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages,
-        X_SCALE_LOG2=_X_SCALE_LOG2, REDUCE_UNROLL=max(1, _GEMV_REDUCE_LOADS // block_m),
+        X_SCALE_LOG2=_X_SCALE_LOG2, REDUCE_UNROLL=min(triton.next_power_of_2(split_k), max(1, _GEMV_REDUCE_LOADS // block_m)),
         num_warps=max(1, block_w // 32), num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )
