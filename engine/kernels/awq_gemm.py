@@ -560,7 +560,8 @@ def awq_gemv(
         x, TensorDescriptor.from_tensor(qweight, [block_k, block_w]), qzeros, scales, out, partial, locks,
         m, n, k, n_words, x.stride(0), group_shift, k_per_split, split_k,
         BLOCK_M=block_m, BLOCK_W=block_w, BLOCK_K=block_k, NUM_STAGES=cfg.num_stages,
-        X_SCALE_LOG2=_X_SCALE_LOG2, REDUCE_UNROLL=min(triton.next_power_of_2(split_k), max(1, _GEMV_REDUCE_LOADS // block_m)),
+        X_SCALE_LOG2=_X_SCALE_LOG2,
+        REDUCE_UNROLL=min(triton.next_power_of_2(split_k), max(1, _GEMV_REDUCE_LOADS // block_m)),
         num_warps=max(1, block_w // 32), num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )
