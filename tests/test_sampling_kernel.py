@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from engine.kernels.sampling import greedy_sample, gumbel_sample
+from engine.kernels.sampling import gumbel_sample
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -63,43 +63,6 @@ def test_bfloat16_logits_draw_as_their_float32_copy() -> None:
     tokens = gumbel_sample(logits, inv_t, 99, num_chunks=2, block=64)
     assert torch.equal(tokens, gumbel_sample(logits.float(), inv_t, 99, num_chunks=2, block=64))
     assert len(set(tokens.tolist())) > 1  # not all rows on one token: the noise does its work
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("num_chunks", "block"), [(None, 64), (1, 64), (3, 32), (7, 128)])
-def test_greedy_sample_is_torch_argmax_with_ties_to_the_lowest_column(dtype, num_chunks, block) -> None:
-    """The greedy kernel against ``torch.argmax``: random rows, a vocabulary that is no multiple
-    of the block, the maximum tied within a chunk and across chunks (the lowest column wins, as
-    in torch), a row all -inf but one column, and one all -inf (column 0)."""
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    rows, vocab = 9, 1000
-    logits = torch.randn(rows, vocab, generator=gen) * 4
-    logits[1, [17, 18]] = 50.0  # adjacent: one chunk
-    logits[2, [5, 990]] = 50.0  # far apart: different chunks when there are several
-    logits[3, [999, 0]] = 50.0
-    logits[4] = float("-inf")
-    logits[4, 733] = -1e30
-    logits[5] = float("-inf")
-    logits = logits.to(dtype)
-    want = logits.argmax(dim=-1)
-    got = greedy_sample(logits.to(DEVICE), num_chunks=num_chunks, block=block).cpu()
-    assert got.dtype == torch.int64
-    assert torch.equal(got, want), (got.tolist(), want.tolist())
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the sampler takes the kernel on CUDA only")
-def test_sampler_on_cuda_takes_greedy_rows_through_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.kernels.sampling as sampling
-    from engine.sampler import Sampler, SamplingRow
-    from engine.sampling_params import SamplingParams
-
-    calls = []
-    monkeypatch.setattr(sampling, "greedy_sample", lambda *a, **k: calls.append(1) or greedy_sample(*a, **k))
-    logits = torch.randn(5, 151936, device="cuda", dtype=torch.bfloat16)
-    batch = [SamplingRow(SamplingParams(temperature=0.0), [1], []) for _ in range(5)]
-    tokens = Sampler(seed=0).sample_tokens(logits, batch)
-    assert calls == [1]
-    assert torch.equal(tokens, logits.argmax(dim=-1))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the sampler takes the kernel on CUDA only")

@@ -2,14 +2,15 @@
 
 Three ways to compute ``y = x @ W`` with ``W = (q - z) * s`` of shape [K, N]:
 
-- ``awq_gemv``: for one token, a split-K GEMV on the CUDA cores fed by the tensor memory
+- ``awq_gemv``: for one or two tokens, a split-K GEMV on the CUDA cores fed by the tensor memory
   accelerator (TMA): the packed weight streams into shared memory a few tiles ahead, each thread
   turns the 8 nibbles of a word into exact floats with one LOP3 each and FFMAs them with the
-  token; scales and zero points are applied once per K tile.
+  tokens; scales and zero points are applied once per K tile.
 - ``awq_gemm``: fused. Each program streams its [K, BLOCK_N] slice of the packed weight once
-  (through TMA), dequantizes a [BLOCK_K, BLOCK_N] tile in registers and feeds it to ``tl.dot``;
-  up to 16 tokens with the weight tile as the MMA's wide side. Split-K spreads K over more
-  programs when N alone gives too few to fill the GPU.
+  (through TMA), turns a [BLOCK_K, BLOCK_N] tile into the 16-bit floats MAGIC + q (half a LOP3 a
+  weight) and feeds it to ``tl.dot``; the zero point and scale are applied per output and K tile.
+  Up to 32 tokens the weight tile is the MMA's wide side. Split-K spreads K over more programs
+  when N alone gives too few to fill the GPU; both kernels sum the splits in the kernel.
 - ``awq_dequantize`` then a dense ``torch.matmul``: for many tokens. The separate pass writes the
   whole bf16 weight (30-40 us a Llama-3.1-8B linear on an H200), which the matmul amortizes only
   at thousands of tokens (0.5-0.7x bf16 at 256, 0.8-0.9x at 2048).
@@ -34,7 +35,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from engine.kernels.pdl import pdl_args, pdl_prologue
 
 # The interpreter computes bf16 arithmetic (and tl.dot) on the raw 16-bit patterns: there the
-# kernels take q - z in fp16 and multiply in fp32, which is exact too.
+# fused kernel takes bf16 activations through its fp32 path (q - z from fp16, exact).
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Above this many tokens dequantize + dense matmul beats the fused kernel: on an H200, summed over a
@@ -43,9 +44,9 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FUSED_MAX_TOKENS = 128
 
 # Up to this many tokens the split-K gemv (no tensor cores: one FFMA per weight and token) beats
-# the fused kernel: at 1 token 1.5-1.9x faster than bf16 where awq_gemm is 0.85-1.05x, and at 4
-# tokens the two were even (an H200, bench/results/awq_linear.json, an earlier register-fed gemv
-# that took up to 16 tokens); the gemv now takes one.
+# the fused kernel. On an H200 (bench/results/awq_linear_s13.json, awq_linear_s13_gemv2.json): at
+# 1 token 7.7-25.5 us against 11.0-47.8 for the Llama-3.1-8B shapes, at 2 tokens 10.5-33.9
+# against 11.1-48.6; at 4 tokens the gemv loses (gate_up 63 against 49 us).
 GEMV_MAX_TOKENS = 2
 
 # A 4-bit q OR-ed into these exponent bits reads as the float MAGIC + q, exactly: q - z then
@@ -174,7 +175,7 @@ def _awq_gemm_kernel(
     accumulation, far below the 16-bit output's. For fp32 activations (DOT_DTYPE fp32) the zero
     point comes off each weight instead, exactly. SWAP_AB computes the transposed product so that
     the weight tile, BLOCK_N wide, is the MMA's M side and the few tokens its N side (faster for
-    up to 16 tokens). With SPLIT_K > 1 the programs of an output tile sum their fp32 partials in
+    up to 32 tokens). With SPLIT_K > 1 the programs of an output tile sum their fp32 partials in
     the kernel (``_store_split_k``; SPLIT_K is a runtime value: no recompilation per split)."""
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
@@ -390,21 +391,22 @@ class GemmConfig(NamedTuple):
     split_k: int
     num_warps: int = 4
     num_stages: int = 3
-    swap_ab: bool | None = None  # None: for up to 16 tokens
+    swap_ab: bool | None = None  # None: for up to 32 tokens
 
 
 def gemm_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> GemmConfig:
     """The fused kernel's tiling, from sweeps on an H200 (bench/bench_awq_linear.py --sweep 4 16
-    64, bench/results/awq_linear_tma_s12.json). Up to 16 tokens: 64-column tiles with the weight
-    as the MMA's wide side (swap_ab) and split-K until there are about 3.5 programs per SM.
-    Above: 64-token tiles, 64 columns (128 when that alone gives a program per SM) and split-K
-    to about 1.5 programs per SM. K tiles lie inside one group."""
+    64, bench/results/awq_linear_tma_s12.json; --sweep 32, awq_linear_s13_fused.json). Up to 32
+    tokens: 16- or 32-token, 64-column tiles with the weight as the MMA's wide side (swap_ab) and
+    split-K until there are about 3.5 programs per SM (at 32 tokens the sweep's best on all four
+    Llama-3.1-8B shapes). Above: 64-token tiles, 64 columns (128 when that alone gives a program
+    per SM) and split-K to about 1.5 programs per SM. K tiles lie inside one group."""
     block_k = max(16, min(128, triton.next_power_of_2(k)))
     if group_size < k:
         block_k = min(block_k, group_size)
     k_tiles = triton.cdiv(k, block_k)
-    if m <= 16:
-        block_m, block_n, programs = 16, 64, 7 * num_sms // 2
+    if m <= 32:
+        block_m, block_n, programs = max(16, triton.next_power_of_2(m)), 64, 7 * num_sms // 2
     else:
         block_m = 32 if m <= 32 else 64
         block_n = 128 if triton.cdiv(n, 128) >= num_sms else 64
@@ -414,7 +416,7 @@ def gemm_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> GemmCo
     split_k = 1
     while tiles * split_k < programs and split_k * 2 <= min(16, k_tiles):
         split_k *= 2
-    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=m <= 16)
+    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=m <= 32)
 
 
 @functools.cache
@@ -442,7 +444,7 @@ def awq_gemm(
     block_m, block_n, block_k, split_k = cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k
     assert group_size % block_k == 0 or group_size == k, "a K tile must lie inside one group"
     assert block_n >= 32 and block_k <= 256, "a TMA box is at least 16 bytes wide and at most 256 rows"
-    swap_ab = m <= 16 if cfg.swap_ab is None else cfg.swap_ab
+    swap_ab = m <= 32 if cfg.swap_ab is None else cfg.swap_ab
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
@@ -485,18 +487,17 @@ def gemv_config(n: int, k: int, group_size: int, num_sms: int, tokens: int = 1) 
     this rule, awq_linear_gemv_tma_rule_h200.json): 16 words (one warp) per program, 64-row K
     tiles, 3 stages, and for one token split-K up to about eight programs per SM (within 3% of the
     best on qkv, gate_up and down; on o 7.9 against 7.0 us, 128-row tiles and 16 splits, which
-    lost elsewhere). Two tokens double the FFMAs per weight, and the best splits gave each
-    program about 6 K tiles whatever the width (11, 16, 9 and 33 splits for qkv, o, gate_up and
-    down; bench/results/awq_linear_s13_probe.json)."""
+    lost elsewhere). Two tokens double the FFMAs per weight: there a program also takes at most 7
+    K tiles (gate_up: 10 splits, 33.9 us against 43.1 with the one-token rule's 5; the other
+    shapes keep theirs, within 1.5 us of their best; bench/results/awq_linear_s13_gemv2.json)."""
     block_w = min(16, triton.next_power_of_2(n // 8))
     block_k = 64
     while block_k > 1 and (k % block_k or group_size % block_k):
         block_k //= 2
     programs = triton.cdiv(n // 8, block_w)
-    if tokens == 1:
-        split_k = max(1, min(k // block_k, triton.cdiv(8 * num_sms, programs)))
-    else:
-        split_k = max(1, triton.cdiv(k // block_k, 6))
+    split_k = max(1, min(k // block_k, triton.cdiv(8 * num_sms, programs)))
+    if tokens > 1:
+        split_k = max(split_k, triton.cdiv(k // block_k, 7))
     return GemvConfig(block_w, block_k, split_k)
 
 

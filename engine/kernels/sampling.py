@@ -5,8 +5,7 @@
 ``argmax(softmax(logits / T) / e)`` (``-log e`` is Gumbel), without forming the softmax: the
 logits are read once, the noise made in registers. For a batch of 256 rows over a 152k vocabulary
 that is one read of 155 MB where the torch ops (divide, softmax, noise, clamp, divide, argmax)
-make about a dozen passes. The same kernel without the noise is the greedy argmax
-(``greedy_sample``), spread over enough programs to fill the GPU at batch 1.
+make about a dozen passes.
 """
 
 from __future__ import annotations
@@ -19,13 +18,10 @@ from engine.kernels.pdl import pdl_args, pdl_prologue
 
 
 @triton.jit
-def _score(logits_ptr, row_offset, inv_temp, cols, hi, u, best_val, best_idx, GUMBEL: tl.constexpr = True):
+def _score(logits_ptr, row_offset, inv_temp, cols, hi, u, best_val, best_idx):
     ok = cols < hi
     logit = tl.load(logits_ptr + row_offset + cols, mask=ok, other=float("-inf"))
-    if GUMBEL:
-        score = tl.where(ok, logit.to(tl.float32) * inv_temp - tl.log(-tl.log(u)), float("-inf"))
-    else:
-        score = logit.to(tl.float32)
+    score = tl.where(ok, logit.to(tl.float32) * inv_temp - tl.log(-tl.log(u)), float("-inf"))
     better = score > best_val
     return tl.where(better, score, best_val), tl.where(better, cols, best_idx)
 
@@ -36,7 +32,7 @@ def _score(logits_ptr, row_offset, inv_temp, cols, hi, u, best_val, best_idx, GU
 def _gumbel_argmax_kernel(
     logits_ptr, inv_temp_ptr, best_val_ptr, best_idx_ptr,
     vocab_size, stride_row, chunk_len, tiles_per_row, num_chunks, seed,
-    BLOCK: tl.constexpr, RAND4X: tl.constexpr, GUMBEL: tl.constexpr = True, USE_PDL: tl.constexpr = False,
+    BLOCK: tl.constexpr, RAND4X: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_rows, num_chunks)``: program (r, c) scans columns ``[c * chunk_len, (c + 1) *
     chunk_len)`` of row r (chunk_len a multiple of BLOCK) in BLOCK-wide tiles, scoring each
@@ -46,22 +42,15 @@ def _gumbel_argmax_kernel(
     Noise, a function of the seed and the element alone (so of neither the chunking nor the
     batch): with ``RAND4X``, one Philox call (``tl.rand4x``) gives a tile's four quarters their
     uniforms, counter ``(r * tiles_per_row + tile) * BLOCK / 4 + i``; otherwise one call per
-    element (``tl.rand``, counter ``r * vocab_size + column``), four times the Philox work.
-    Without ``GUMBEL`` the score is the logit itself: the greedy argmax, in the same grid."""
+    element (``tl.rand``, counter ``r * vocab_size + column``), four times the Philox work."""
     pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     chunk = tl.program_id(1)
+    inv_temp = tl.load(inv_temp_ptr + row)
     row_offset = row.to(tl.int64) * stride_row
     lo = chunk * chunk_len
     hi = tl.minimum(lo + chunk_len, vocab_size)
-    if not GUMBEL:
-        best_val = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
-        best_idx = tl.zeros((BLOCK,), dtype=tl.int32)
-        for start in range(lo, hi, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            best_val, best_idx = _score(logits_ptr, row_offset, 1.0, cols, hi, 0.0, best_val, best_idx, GUMBEL)
-    elif RAND4X:
-        inv_temp = tl.load(inv_temp_ptr + row)
+    if RAND4X:
         QUARTER: tl.constexpr = BLOCK // 4
         lanes = tl.arange(0, QUARTER)
         best_val = tl.full((QUARTER,), float("-inf"), dtype=tl.float32)
@@ -76,7 +65,6 @@ def _gumbel_argmax_kernel(
             best_val, best_idx = _score(logits_ptr, row_offset, inv_temp, cols + 3 * QUARTER, hi, u3, best_val,
                                         best_idx)
     else:
-        inv_temp = tl.load(inv_temp_ptr + row)
         best_val = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
         best_idx = tl.zeros((BLOCK,), dtype=tl.int32)
         for start in range(lo, hi, BLOCK):
@@ -94,23 +82,10 @@ def gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: int
     """One token per row of ``logits`` [R, V] drawn from ``softmax(logits * inv_temperature[r])``
     (``inv_temperature`` [R] float32 on the same device), as int64 [R], with noise that is a
     function of ``seed`` (< 2**31) and the element alone. No host syncs."""
-    assert inv_temperature.shape == (logits.shape[0],)
-    assert 0 <= seed < 2**31
-    return _chunked_argmax(logits, inv_temperature, seed, num_chunks, block, rand4x, gumbel=True)
-
-
-def greedy_sample(logits: torch.Tensor, *, num_chunks: int | None = None, block: int = 1024) -> torch.Tensor:
-    """``logits.argmax(dim=-1)`` (ties: the lowest column; a NaN never wins) spread over about 4
-    programs per SM: at batch 1 PyTorch's argmax scans a 128k vocabulary with one block of
-    threads (36 us on an H200, against a few here)."""
-    return _chunked_argmax(logits, logits, 0, num_chunks, block, False, gumbel=False)
-
-
-def _chunked_argmax(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: int, num_chunks: int | None,
-                    block: int, rand4x: bool, gumbel: bool) -> torch.Tensor:
     rows, vocab = logits.shape
-    assert logits.stride(1) == 1
+    assert logits.stride(1) == 1 and inv_temperature.shape == (rows,)
     assert block % 4 == 0 and rows * triton.cdiv(vocab, block) * block < 2**31, "Philox counters are 32-bit"
+    assert 0 <= seed < 2**31
     if num_chunks is None:  # about 4 programs per SM for small batches, one chunk per row for big
         num_chunks = max(1, min(32, 512 // max(rows, 1)))
     chunk_len = triton.cdiv(triton.cdiv(vocab, num_chunks), block) * block
@@ -118,7 +93,7 @@ def _chunked_argmax(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: i
     best_idx = torch.empty((rows, num_chunks), dtype=torch.int32, device=logits.device)
     _gumbel_argmax_kernel[(rows, num_chunks)](
         logits, inv_temperature, best_val, best_idx, vocab, logits.stride(0), chunk_len,
-        triton.cdiv(vocab, block), num_chunks, seed, BLOCK=block, RAND4X=rand4x, GUMBEL=gumbel, num_warps=4,
+        triton.cdiv(vocab, block), num_chunks, seed, BLOCK=block, RAND4X=rand4x, num_warps=4,
         **pdl_args(logits.device),
     )
     if num_chunks == 1:
