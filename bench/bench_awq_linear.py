@@ -29,6 +29,7 @@ from triton.testing import do_bench as triton_do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import environment  # noqa: E402
 from engine.kernels.awq_gemm import (  # noqa: E402
     FUSED_MAX_TOKENS,
     GEMV_MAX_TOKENS,
@@ -254,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gemv_sweep:
         print(gemv_summary(results))
     out = {
+        "environment": environment(),
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
         "copy_bandwidth_tbps": copy_bps / 1e12, "group_size": GROUP_SIZE,

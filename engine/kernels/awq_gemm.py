@@ -12,7 +12,7 @@ Three ways to compute ``y = x @ W`` with ``W = (q - z) * s`` of shape [K, N]:
   Up to 32 tokens the weight tile is the MMA's wide side. Split-K spreads K over more programs
   when N alone gives too few to fill the GPU; both kernels sum the splits in the kernel.
 - ``awq_dequantize`` then a dense ``torch.matmul``: for many tokens. The separate pass writes the
-  whole bf16 weight (30-40 us a Llama-3.1-8B linear on an H200), which the matmul amortizes only
+  whole bf16 weight (8-83 us a Llama-3.1-8B linear on an H200), which the matmul amortizes only
   at thousands of tokens (0.5-0.7x bf16 at 256, 0.8-0.9x at 2048).
 
 ``awq_linear`` picks between them by token count (``GEMV_MAX_TOKENS``, ``FUSED_MAX_TOKENS``,
@@ -39,14 +39,14 @@ from engine.kernels.pdl import pdl_args, pdl_prologue
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Above this many tokens dequantize + dense matmul beats the fused kernel: on an H200, summed over a
-# Llama-3.1-8B layer's linears, fused 273 us vs 337 at 128 tokens, 509 vs 339 at 256
-# (bench/results/awq_linear_tma_rule_s12.json, awq_linear_tma_s12.json).
+# Llama-3.1-8B layer's linears, fused 307 us vs 337 at 128 tokens, 601 vs 339 at 256
+# (bench/results/awq_linear_s13.json; gate_up alone carries the fused kernel's lead at 128).
 FUSED_MAX_TOKENS = 128
 
 # Up to this many tokens the split-K gemv (no tensor cores: one FFMA per weight and token) beats
-# the fused kernel. On an H200 (bench/results/awq_linear_s13.json, awq_linear_s13_gemv2.json): at
-# 1 token 7.7-25.5 us against 11.0-47.8 for the Llama-3.1-8B shapes, at 2 tokens 10.5-33.9
-# against 11.1-48.6; at 4 tokens the gemv loses (gate_up 63 against 49 us).
+# the fused kernel. On an H200 for the Llama-3.1-8B shapes (bench/results/awq_linear_s13.json): at
+# 1 token 7.7-25.5 us against 11.1-48.3, at 2 tokens 10.3-30.5 against 11.1-48.9; at 4 tokens it
+# loses (gate_up 63.2 against 49.3 us, awq_linear_s13_magic.json).
 GEMV_MAX_TOKENS = 2
 
 # A 4-bit q OR-ed into these exponent bits reads as the float MAGIC + q, exactly: q - z then
@@ -396,7 +396,7 @@ class GemmConfig(NamedTuple):
 
 def gemm_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> GemmConfig:
     """The fused kernel's tiling, from sweeps on an H200 (bench/bench_awq_linear.py --sweep 4 16
-    64, bench/results/awq_linear_tma_s12.json; --sweep 32, awq_linear_s13_fused.json). Up to 32
+    64, bench/results/awq_linear_tma_s12.json; --sweep 32, awq_linear_s13_fused32.json). Up to 32
     tokens: 16- or 32-token, 64-column tiles with the weight as the MMA's wide side (swap_ab) and
     split-K until there are about 3.5 programs per SM (at 32 tokens the sweep's best on all four
     Llama-3.1-8B shapes). Above: 64-token tiles, 64 columns (128 when that alone gives a program
@@ -488,8 +488,9 @@ def gemv_config(n: int, k: int, group_size: int, num_sms: int, tokens: int = 1) 
     tiles, 3 stages, and for one token split-K up to about eight programs per SM (within 3% of the
     best on qkv, gate_up and down; on o 7.9 against 7.0 us, 128-row tiles and 16 splits, which
     lost elsewhere). Two tokens double the FFMAs per weight: there a program also takes at most 7
-    K tiles (gate_up: 10 splits, 33.9 us against 43.1 with the one-token rule's 5; the other
-    shapes keep theirs, within 1.5 us of their best; bench/results/awq_linear_s13_gemv2.json)."""
+    K tiles (gate_up: 10 splits, 30.5 us against 43.1 with the one-token rule's 5; the other
+    shapes keep theirs, within 1.5 us of their best; bench/results/awq_linear_s13_gemv2.json,
+    awq_linear_s13.json)."""
     block_w = min(16, triton.next_power_of_2(n // 8))
     block_k = 64
     while block_k > 1 and (k % block_k or group_size % block_k):
