@@ -98,6 +98,13 @@ def test_split_k_fills_an_idle_gpu() -> None:
     assert gemm_config(4096, 4096, 4096, 128, num_sms=132)[3] == 1
 
 
+def test_gemm_config_puts_the_weight_on_the_wide_side_up_to_32_tokens() -> None:
+    for m, block_m in [(3, 16), (16, 16), (17, 32), (32, 32)]:
+        cfg = gemm_config(m, 6144, 4096, 128, num_sms=132)
+        assert cfg.swap_ab and cfg.block_m == block_m and cfg.block_n == 64, (m, cfg)
+    assert gemm_config(33, 6144, 4096, 128, num_sms=132).swap_ab is False
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("m", "k", "n", "group_size", "config"),
@@ -152,6 +159,11 @@ def test_gemv_config() -> None:
         programs = -(-n // 8 // cfg.block_w) * cfg.split_k
         assert (cfg.block_w, cfg.block_k) == (16, 64) and 1056 <= programs < 1056 + n // 8 // 16, (n, k, cfg)
     assert gemv_config(64, 72, 72, num_sms=4) == GemvConfig(8, 8, 9)  # a power of two dividing K = 72
+    # Two tokens: at most 7 K tiles a program (gate_up 5 -> 10 splits; the others already had fewer).
+    assert gemv_config(28672, 4096, 128, num_sms=132).split_k == 5
+    assert gemv_config(28672, 4096, 128, num_sms=132, tokens=2).split_k == 10
+    for n, k in [(6144, 4096), (4096, 4096), (4096, 14336)]:
+        assert gemv_config(n, k, 128, 132, tokens=2) == gemv_config(n, k, 128, 132), (n, k)
 
 
 @pytest.mark.parametrize(("tokens", "n"), [(1, 32), (1, 48), (4, 32), (4, 48), (GEMV_MAX_TOKENS + 1, 32),
