@@ -297,8 +297,8 @@ def _awq_gemv_kernel(
     keeps the tokens, the 8 columns of a word and its K rows in registers and the words lie across
     the lanes: the sum over K of x * q is in-thread FFMAs, with a few shuffles when BLOCK_W is under
     32 lanes. Per weight: one LOP3 (shift-free for 5 of 8 nibbles) and one FFMA per token; the
-    loop's sm_90 SASS (16 x 64 tiles) has 3.2, 4.9 and 8.1 instructions per weight at 1, 2 and 4
-    tokens.
+    loop's sm_90 SASS (16 x 64 tiles) has 3.2 and 4.9 instructions per weight at 1 and 2 tokens
+    (8.1 at 4, where the fused kernel is faster).
 
     Exactness: nibble planes ``(word >> shift) & mask`` read as the fp32 subnormal q * 16**e *
     2**-149 (positions 0-4 masked in place, e = position; 5-7 from ``word >> 16``, e = position -
@@ -308,10 +308,8 @@ def _awq_gemv_kernel(
     finite); terms with |x| < ~1e-20 lose precision (subnormal products). The powers of two are
     undone at the end.
 
-    With split_k == 1 the program stores ``out`` in its dtype; otherwise it stores its fp32 partial
-    to ``partial_ptr[s]`` ([split_k, M, N]) and the last program of column block p to arrive
-    (counted in ``lock_ptr[p]``, which it resets to 0) sums the split_k partials in order and
-    stores ``out``: one launch, deterministic."""
+    With split_k > 1 the programs of column block p sum their fp32 partials in the kernel
+    (``_store_split_k``, counter ``lock_ptr[p]``): one launch, deterministic."""
     pdl_prologue(USE_PDL)
     pid_w = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -408,7 +406,7 @@ def gemm_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> GemmCo
     if m <= 32:
         block_m, block_n, programs = max(16, triton.next_power_of_2(m)), 64, 7 * num_sms // 2
     else:
-        block_m = 32 if m <= 32 else 64
+        block_m = 64
         block_n = 128 if triton.cdiv(n, 128) >= num_sms else 64
         programs = 3 * num_sms // 2
     block_n = max(32, min(block_n, triton.next_power_of_2(n)))
