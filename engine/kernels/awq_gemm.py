@@ -335,9 +335,15 @@ def _awq_gemv_kernel(
     k_lo = pid_s * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
     acc = tl.zeros((BLOCK_M, 8, BLOCK_W), dtype=tl.float32)
+    # The activations of the next K tile load one step ahead (clamped to the last tile: in bounds,
+    # unused): the pipeliner leaves this small load synchronous, and waiting out its L2 round trip
+    # every step stalled the GEMV's one or two warps a scheduler (ncu: long scoreboard first).
+    x_next = tl.load(x_rows + k_lo)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
         words = w_desc.load([k0, w0])  # [BLOCK_K, BLOCK_W]
-        x = (tl.load(x_rows + k0).to(tl.float32) * (2.0**X_SCALE_LOG2))[:, :, :, None]  # [BLOCK_M, 1, BLOCK_K, 1]
+        x_tile = x_next
+        x_next = tl.load(x_rows + tl.minimum(k0 + BLOCK_K, K - BLOCK_K))
+        x = (x_tile.to(tl.float32) * (2.0**X_SCALE_LOG2))[:, :, :, None]  # [BLOCK_M, 1, BLOCK_K, 1]
         planes = ((words[None, None, :, :] >> shift[:, :, :, None]) & mask[:, :, :, None]).to(tl.float32,
                                                                                             bitcast=True)
         raw = tl.sum(x * planes, axis=2)  # [BLOCK_M, 8, BLOCK_W]
