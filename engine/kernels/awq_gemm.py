@@ -44,8 +44,8 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 FUSED_MAX_TOKENS = 128
 
 # Up to this many tokens the split-K gemv (no tensor cores: one FFMA per weight and token) beats
-# the fused kernel. On an H200 for the Llama-3.1-8B shapes (bench/results/awq_linear_s13.json): at
-# 1 token 7.7-25.5 us against 11.1-48.3, at 2 tokens 10.3-30.5 against 11.1-48.9; at 4 tokens it
+# the fused kernel. On an H200 for the Llama-3.1-8B shapes (bench/results/awq_linear_s13_final.json):
+# at 1 token 7.4-23.9 us against 11.1-48.6, at 2 tokens 9.3-28.1 against 11.1-49.0; at 4 tokens it
 # loses (gate_up 63.2 against 49.3 us, awq_linear_s13_magic.json).
 GEMV_MAX_TOKENS = 2
 
