@@ -489,9 +489,11 @@ def gemv_config(n: int, k: int, group_size: int, num_sms: int, tokens: int = 1) 
     """The gemv's tiling, from sweeps on an H200 (bench/bench_awq_linear.py --gemv-sweep, 24-48
     tilings a shape, Llama-3.1-8B shapes; bench/results/awq_linear_gemv_tma_h200.json and, for
     this rule, awq_linear_gemv_tma_rule_h200.json): 16 words (one warp) per program, 64-row K
-    tiles, 3 stages, and for one token split-K up to about eight programs per SM (within 3% of the
-    best on qkv, gate_up and down; on o 7.9 against 7.0 us, 128-row tiles and 16 splits, which
-    lost elsewhere). Two tokens double the FFMAs per weight: there a program also takes at most 7
+    tiles, 3 stages, and split-K up to about eight programs per SM, four for weights of up to 32M
+    entries: once the activations no longer stalled every K tile, fewer splits won there (o 7.44
+    -> 6.71 us with 16 splits instead of 33, qkv 8.45 -> 8.18 with 11 instead of 22; gate_up and
+    down within 5% of their best at 8; awq_linear_s13_gemv_sweep.json). Two tokens double the
+    FFMAs per weight: there a program also takes at most 7
     K tiles (gate_up: 10 splits, 30.5 us against 43.1 with the one-token rule's 5; the other
     shapes keep theirs, within 1.5 us of their best; bench/results/awq_linear_s13_gemv2.json,
     awq_linear_s13.json)."""
@@ -500,7 +502,9 @@ def gemv_config(n: int, k: int, group_size: int, num_sms: int, tokens: int = 1) 
     while block_k > 1 and (k % block_k or group_size % block_k):
         block_k //= 2
     programs = triton.cdiv(n // 8, block_w)
-    split_k = max(1, min(k // block_k, triton.cdiv(8 * num_sms, programs)))
+    # Small weights: about 4 programs per SM, big ones 8 (their split-K tails weigh less).
+    per_sm = 4 if n * k <= 32 * 2**20 else 8
+    split_k = max(1, min(k // block_k, round(per_sm * num_sms / programs)))
     if tokens > 1:
         split_k = max(split_k, triton.cdiv(k // block_k, 7))
     return GemvConfig(block_w, block_k, split_k)
