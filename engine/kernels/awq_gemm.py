@@ -54,26 +54,13 @@ GEMV_MAX_TOKENS = 2
 _FP16_MAGIC_BITS, _BF16_MAGIC_BITS = 0x6400, 0x4300  # 1024.0 in fp16, 128.0 in bf16
 # The same, for the kernels: the interpreter runs no inline PTX.
 _IN_INTERPRETER = tl.constexpr(_INTERPRETED)
-_BF16_MAGIC = tl.constexpr(_BF16_MAGIC_BITS)
+_BF16_MAGIC, _FP16_MAGIC = tl.constexpr(_BF16_MAGIC_BITS), tl.constexpr(_FP16_MAGIC_BITS)
 
 
 @triton.jit
 def _column_shifts(offs_n):
     # AWQ order 0,2,4,6,1,3,5,7: column 8j + c sits in nibble c // 2 + 4 * (c % 2).
     return ((offs_n % 8) // 2) * 4 + (offs_n % 2) * 16
-
-
-@triton.jit
-def _nibbles_as_float(words, shifts, MAGIC_BITS: tl.constexpr, DTYPE: tl.constexpr):
-    """int32 [R, C/8] packed words -> [R, C] floats MAGIC + q in natural column order.
-
-    Three interleaves repeat every word 8 times side by side; ``shifts`` [C] then picks, for
-    column c, the nibble the AWQ order put it in."""
-    words = tl.interleave(words, words)
-    words = tl.interleave(words, words)
-    words = tl.interleave(words, words)
-    bits = ((words >> shifts[None, :]) & 0xF) | MAGIC_BITS
-    return bits.to(tl.int16).to(DTYPE, bitcast=True)
 
 
 @triton.jit
@@ -250,15 +237,14 @@ def _awq_dequantize_kernel(
     n_ok = offs_n < N
     w_ok = offs_w < N // 8
     n_words = N // 8
-    shifts = _column_shifts(offs_n)
     group = (pid_k * BLOCK_K) // group_size
 
     words = tl.load(qweight_ptr + offs_k[:, None] * n_words + offs_w[None, :],
                     mask=k_ok[:, None] & w_ok[None, :], other=0)
     zero_words = tl.load(qzeros_ptr + group * n_words + offs_w, mask=w_ok, other=0)
     scales = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0)
-    q = _nibbles_as_float(words, shifts, 0x6400, tl.float16)
-    z = _nibbles_as_float(zero_words[None, :], shifts, 0x6400, tl.float16)
+    q = _magic_tile(words, _FP16_MAGIC, tl.float16)
+    z = _magic_tile(zero_words[None, :], _FP16_MAGIC, tl.float16)
     if out_ptr.dtype.element_ty == tl.float16:
         w = (q - z) * scales[None, :]
     else:
