@@ -7,8 +7,8 @@ For each shape and token count it times, replayed from CUDA graphs over enough w
 that weights stream from memory: bf16 ``F.linear``; ``awq_linear`` as the engine calls it; the
 fused kernel and dequantize + matmul separately (their crossing is where ``FUSED_MAX_TOKENS``
 comes from); and, up to ``GEMV_MAX_TOKENS`` tokens, the split-K gemv. It reports the int4 weight
-bytes streamed per second against a measured device copy bandwidth. ``--sweep`` also times a grid of fused-kernel
-tilings at the token counts it names and records the best. ``--gemv-sweep`` times, at each token
+bytes streamed per second against a measured device copy bandwidth. ``--sweep`` also times a
+grid of fused-kernel tilings at the token counts it names and records the best. ``--gemv-sweep`` times, at each token
 count up to ``GEMV_MAX_TOKENS``, a grid of gemv configurations (``gemv_sweep_configs``), records
 the best per shape and prints a summary table.
 Results go to JSON.
