@@ -58,12 +58,6 @@ _BF16_MAGIC, _FP16_MAGIC = tl.constexpr(_BF16_MAGIC_BITS), tl.constexpr(_FP16_MA
 
 
 @triton.jit
-def _column_shifts(offs_n):
-    # AWQ order 0,2,4,6,1,3,5,7: column 8j + c sits in nibble c // 2 + 4 * (c % 2).
-    return ((offs_n % 8) // 2) * 4 + (offs_n % 2) * 16
-
-
-@triton.jit
 def _magic_pairs(words, SHIFT: tl.constexpr, MAGIC_BITS: tl.constexpr):
     """``(word >> SHIFT) & 0x000F000F | MAGIC`` in both halves: nibbles SHIFT / 4 and SHIFT / 4 + 4
     (columns 2j and 2j + 1 of the word in the AWQ order, SHIFT = 4j) as the two 16-bit floats
@@ -95,17 +89,47 @@ def _pair_columns(pairs, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _magic_tile(words, MAGIC_BITS: tl.constexpr, DTYPE: tl.constexpr):
-    """int32 [R, W] packed words -> [R, 8 W] 16-bit floats MAGIC + q in natural column order.
+def _sub_pairs(a, b, DTYPE: tl.constexpr):
+    """Both halves of ``a - b`` for int32 words of two 16-bit floats each, as such words (one
+    packed SUB on a GPU)."""
+    if DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise("sub.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise("sub.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _column_pairs(words, zero_words, SHIFT: tl.constexpr, MAGIC_BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Columns 2j and 2j + 1 (SHIFT = 4j) of each word as [R, W, 2] floats: MAGIC + q, or q - z
+    when ``zero_words`` ([1, W], the same columns' packed zero points) is given, exactly."""
+    pairs = _magic_pairs(words, SHIFT, MAGIC_BITS)
+    if zero_words is None:
+        columns = _pair_columns(pairs, DTYPE)
+    else:
+        zero_pairs = tl.broadcast_to(_magic_pairs(zero_words, SHIFT, MAGIC_BITS), pairs.shape)
+        if _IN_INTERPRETER:
+            columns = _pair_columns(pairs, DTYPE) - _pair_columns(zero_pairs, DTYPE)
+        else:
+            columns = _pair_columns(_sub_pairs(pairs, zero_pairs, DTYPE), DTYPE)
+    return columns
+
+
+@triton.jit
+def _magic_tile(words, MAGIC_BITS: tl.constexpr, DTYPE: tl.constexpr, zero_words=None):
+    """int32 [R, W] packed words -> [R, 8 W] 16-bit floats in natural column order: MAGIC + q, or
+    with ``zero_words`` ([1, W] packed zero points) the exact q - z.
 
     Nibbles j and j + 4 of a word hold its columns 2j and 2j + 1, so one masked word per j gives
-    both as a pair of 16-bit floats (``_magic_pairs``): per weight half a LOP3 and 3/8 of a shift,
-    and the pairs are already the 32-bit halves of the tile's rows. The joins and permutes only
-    name the registers in column order."""
-    p0 = _pair_columns(_magic_pairs(words, 0, MAGIC_BITS), DTYPE)
-    p1 = _pair_columns(_magic_pairs(words, 4, MAGIC_BITS), DTYPE)
-    p2 = _pair_columns(_magic_pairs(words, 8, MAGIC_BITS), DTYPE)
-    p3 = _pair_columns(_magic_pairs(words, 12, MAGIC_BITS), DTYPE)
+    both as a pair of 16-bit floats (``_magic_pairs``): per weight half a LOP3 and 3/8 of a shift
+    (and half a packed SUB for q - z: (MAGIC + q) - (MAGIC + z) is exact), and the pairs are
+    already the 32-bit halves of the tile's rows. The joins and permutes only name the registers
+    in column order."""
+    p0 = _column_pairs(words, zero_words, 0, MAGIC_BITS, DTYPE)
+    p1 = _column_pairs(words, zero_words, 4, MAGIC_BITS, DTYPE)
+    p2 = _column_pairs(words, zero_words, 8, MAGIC_BITS, DTYPE)
+    p3 = _column_pairs(words, zero_words, 12, MAGIC_BITS, DTYPE)
     lo = tl.permute(tl.join(p0, p1), (0, 1, 3, 2))  # [R, W, j in 0..1, column in pair]
     hi = tl.permute(tl.join(p2, p3), (0, 1, 3, 2))  # j in 2..3
     tile = tl.permute(tl.join(lo, hi), (0, 1, 4, 2, 3))  # [R, W, j // 2, j % 2, column in pair]
@@ -154,16 +178,15 @@ def _awq_gemm_kernel(
 
     The packed weight arrives through the tensor memory accelerator (``w_desc``: qweight [K, N / 8]
     in [BLOCK_K, BLOCK_N / 8] tiles, pipelined into shared memory; rows and columns past the edge
-    read as 0). Inside a K tile every column has one scale and one zero point, so the tile's
-    product is ``(x @ (MAGIC + q) - sum_k x * (MAGIC + z)) * s`` per column: the tensor cores take
-    the weight as the exact 16-bit floats MAGIC + q (``_magic_tile``, about one instruction per
-    weight), and the zero point and the scale cost a multiply-add per output, not per weight. The
-    products are exact in fp32; MAGIC + q against q - z costs a few fp32 rounding steps of
-    accumulation, far below the 16-bit output's. For fp32 activations (DOT_DTYPE fp32) the zero
-    point comes off each weight instead, exactly. SWAP_AB computes the transposed product so that
-    the weight tile, BLOCK_N wide, is the MMA's M side and the few tokens its N side (faster for
-    up to 32 tokens). With SPLIT_K > 1 the programs of an output tile sum their fp32 partials in
-    the kernel (``_store_split_k``; SPLIT_K is a runtime value: no recompilation per split)."""
+    read as 0). The tensor cores take the tile as the exact 16-bit floats q - z (``_magic_tile``:
+    per weight half a LOP3 and half a packed SUB), and inside a K tile every column has one scale,
+    applied to the tile's fp32 product per output. The activations, zero points and scales of the
+    next K tile load one step ahead (the pipeliner leaves these small loads synchronous, an L2
+    round trip every step otherwise). fp32 activations meet the weights in fp32 (q - z exact from
+    fp16). SWAP_AB computes the transposed product so that the weight tile, BLOCK_N wide, is the
+    MMA's M side and the few tokens its N side (faster for up to 32 tokens). With SPLIT_K > 1 the
+    programs of an output tile sum their fp32 partials in the kernel (``_store_split_k``; SPLIT_K
+    is a runtime value: no recompilation per split)."""
     pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -173,42 +196,33 @@ def _awq_gemm_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_w = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    shifts = _column_shifts(offs_n)
-    n_words = N // 8
-    magic = tl.full((), MAGIC_BITS, tl.int16).to(MAGIC_DTYPE, bitcast=True).to(tl.float32)
-    factored: tl.constexpr = DOT_DTYPE != tl.float32
+    w_ok = offs_w < N // 8
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    k_step = BLOCK_K * SPLIT_K
 
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
-        k = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :],
-                    other=0.0).to(DOT_DTYPE)
+    x_next, zero_next, scales_next = _gemm_tile_operands(
+        x_rows, qzeros_ptr, scales_ptr, pid_k * BLOCK_K, K, N, group_size, offs_k, offs_n, offs_w, m_ok, n_ok, w_ok)
+    for k0 in range(pid_k * BLOCK_K, K, k_step):
+        x, zero_words, scales = x_next, zero_next, scales_next
+        # The next K tile's (this one's again after the last: in bounds, unused).
+        k_ahead = tl.where(k0 + k_step < K, k0 + k_step, k0)
+        x_next, zero_next, scales_next = _gemm_tile_operands(
+            x_rows, qzeros_ptr, scales_ptr, k_ahead, K, N, group_size, offs_k, offs_n, offs_w, m_ok, n_ok, w_ok)
         words = w_desc.load([k0, pid_n * (BLOCK_N // 8)])
-        group = k0 // group_size
-        zero_words = tl.load(qzeros_ptr + group * n_words + offs_n // 8, mask=n_ok, other=0)
-        z = ((zero_words >> shifts) & 0xF).to(tl.float32) + magic  # MAGIC + z per column
-        scales = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        w = _magic_tile(words, MAGIC_BITS, MAGIC_DTYPE)
-        if factored:
-            x_sum = tl.sum(x.to(tl.float32), axis=1)
-        else:
-            w = w.to(tl.float32) - z[None, :]
+        w = _magic_tile(words, MAGIC_BITS, MAGIC_DTYPE, zero_words[None, :]).to(DOT_DTYPE)
+        x = x.to(DOT_DTYPE)
         if SWAP_AB:
-            part = tl.dot(tl.trans(w), tl.trans(x), input_precision=DOT_PRECISION)
-            if factored:
-                part -= z[:, None] * x_sum[None, :]
-            acc += part * scales[:, None]
+            acc += tl.dot(tl.trans(w), tl.trans(x), input_precision=DOT_PRECISION) * scales[:, None]
         else:
-            part = tl.dot(x, w, input_precision=DOT_PRECISION)
-            if factored:
-                part -= x_sum[:, None] * z[None, :]
-            acc += part * scales[None, :]
+            acc += tl.dot(x, w, input_precision=DOT_PRECISION) * scales[None, :]
     if SWAP_AB:
         acc = tl.trans(acc)
 
@@ -216,6 +230,19 @@ def _awq_gemm_kernel(
     out_offs = offs_m[:, None] * N + offs_n[None, :]
     _store_split_k(out_ptr, partial_ptr, lock_ptr, pid, out_offs, out_mask, acc, pid_k, SPLIT_K, M * N,
                    REDUCE_UNROLL)
+
+
+@triton.jit
+def _gemm_tile_operands(x_rows, qzeros_ptr, scales_ptr, k0, K, N, group_size, offs_k, offs_n, offs_w,
+                        m_ok, n_ok, w_ok):
+    """The fused kernel's small loads for the K tile at ``k0``: activations [BLOCK_M, BLOCK_K],
+    packed zero points [BLOCK_N / 8] and scales [BLOCK_N] (fp32) of its group."""
+    k = k0 + offs_k
+    x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
+    group = k0 // group_size
+    zero_words = tl.load(qzeros_ptr + group * (N // 8) + offs_w, mask=w_ok, other=0)
+    scales = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    return x, zero_words, scales
 
 
 @triton.jit
