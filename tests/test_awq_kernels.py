@@ -93,6 +93,18 @@ def test_fused_gemm_matches_float64_reference(m, k, n, group_size, config, dtype
     _check_matmul(awq_gemm(x, qweight, qzeros, scales, config), x, w64, seed)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("m", "k", "n"), [(3, 64, 64), (4, 36, 64)])
+def test_fused_gemm_reads_activations_tma_cannot(m, k, n, dtype) -> None:
+    """Activations at an odd address with an odd row stride (a column slice), and rows of 36
+    features (not a multiple of 16 bytes), reach the kernel through a padded copy."""
+    seed = _seed()
+    qweight, qzeros, scales, w64 = _random_weight(k, n, k, seed)
+    wide = torch.randn(m, k + 3, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    x = wide[:, 1 : k + 1]
+    _check_matmul(awq_gemm(x, qweight, qzeros, scales), x, w64, seed)
+
+
 def test_split_k_fills_an_idle_gpu() -> None:
     assert gemm_config(1, 4096, 4096, 128, num_sms=132)[3] > 1
     assert gemm_config(4096, 4096, 4096, 128, num_sms=132)[3] == 1

@@ -6,11 +6,12 @@ Three ways to compute ``y = x @ W`` with ``W = (q - z) * s`` of shape [K, N]:
   accelerator (TMA): the packed weight streams into shared memory a few tiles ahead, each thread
   turns the 8 nibbles of a word into exact floats with one LOP3 each and FFMAs them with the
   tokens; scales and zero points are applied once per K tile.
-- ``awq_gemm``: fused. Each program streams its [K, BLOCK_N] slice of the packed weight once
-  (through TMA), turns a [BLOCK_K, BLOCK_N] tile into the 16-bit floats MAGIC + q (half a LOP3 a
-  weight) and feeds it to ``tl.dot``; the zero point and scale are applied per output and K tile.
-  Up to 32 tokens the weight tile is the MMA's wide side. Split-K spreads K over more programs
-  when N alone gives too few to fill the GPU; both kernels sum the splits in the kernel.
+- ``awq_gemm``: fused. Each program streams its [K, BLOCK_N] slice of the packed weight and its
+  activations through TMA, turns a [BLOCK_K, BLOCK_N] tile into the exact 16-bit floats q - z
+  (half a LOP3 and half a packed SUB a weight) and feeds it to ``tl.dot``; the scale is applied
+  per output and K tile. Up to 32 tokens the weight tile is the MMA's wide side. Split-K spreads
+  K over more programs when N alone gives too few to fill the GPU; both kernels sum the splits in
+  the kernel.
 - ``awq_dequantize`` then a dense ``torch.matmul``: for many tokens. The separate pass writes the
   whole bf16 weight (8-83 us a Llama-3.1-8B linear on an H200), which the matmul amortizes only
   at thousands of tokens (0.5-0.7x bf16 at 256, 0.8-0.9x at 2048).
@@ -39,9 +40,9 @@ from engine.kernels.pdl import pdl_args, pdl_prologue
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Above this many tokens dequantize + dense matmul beats the fused kernel: on an H200, summed over a
-# Llama-3.1-8B layer's linears, fused 307 us vs 337 at 128 tokens, 601 vs 339 at 256
-# (bench/results/awq_linear_s13.json; gate_up alone carries the fused kernel's lead at 128).
-FUSED_MAX_TOKENS = 128
+# Llama-3.1-8B layer's linears, fused 294 us vs 327 at 192 tokens, 423 vs 340 at 256 (344 vs 343
+# with each shape's best tiling; bench/results/awq_linear_s14_crossing.json).
+FUSED_MAX_TOKENS = 192
 
 # Up to this many tokens the split-K gemv (no tensor cores: one FFMA per weight and token) beats
 # the fused kernel. On an H200 for the Llama-3.1-8B shapes (bench/results/awq_linear_s13_final.json):
@@ -164,9 +165,8 @@ def _store_split_k(out_ptr, partial_ptr, lock_ptr, lock, offs, ok, acc, split, s
 
 @triton.jit
 def _awq_gemm_kernel(
-    x_ptr, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
-    M, N, K, group_size,
-    stride_xm, SPLIT_K,
+    x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
+    M, N, K, group_size, SPLIT_K,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MAGIC_BITS: tl.constexpr, MAGIC_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr, REDUCE_UNROLL: tl.constexpr,
@@ -180,8 +180,9 @@ def _awq_gemm_kernel(
     in [BLOCK_K, BLOCK_N / 8] tiles, pipelined into shared memory; rows and columns past the edge
     read as 0). The tensor cores take the tile as the exact 16-bit floats q - z (``_magic_tile``:
     per weight half a LOP3 and half a packed SUB), and inside a K tile every column has one scale,
-    applied to the tile's fp32 product per output. The activations, zero points and scales of the
-    next K tile load one step ahead (the pipeliner leaves these small loads synchronous, an L2
+    applied to the tile's fp32 product per output. The activations ([BLOCK_M, BLOCK_K] tiles of
+    ``x_desc``, rows past M read as 0) arrive through TMA as well; the zero points and scales of
+    the next K tile load one step ahead (the pipeliner leaves these small loads synchronous, an L2
     round trip every step otherwise). fp32 activations meet the weights in fp32 (q - z exact from
     fp16). SWAP_AB computes the transposed product so that the weight tile, BLOCK_N wide, is the
     MMA's M side and the few tokens its N side (faster for up to 32 tokens). With SPLIT_K > 1 the
@@ -197,28 +198,26 @@ def _awq_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_w = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
-    offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
     w_ok = offs_w < N // 8
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
     k_step = BLOCK_K * SPLIT_K
 
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    x_next, zero_next, scales_next = _gemm_tile_operands(
-        x_rows, qzeros_ptr, scales_ptr, pid_k * BLOCK_K, K, N, group_size, offs_k, offs_n, offs_w, m_ok, n_ok, w_ok)
+    zero_next, scales_next = _gemm_tile_groups(qzeros_ptr, scales_ptr, pid_k * BLOCK_K, N, group_size, offs_n,
+                                               offs_w, n_ok, w_ok)
     for k0 in range(pid_k * BLOCK_K, K, k_step):
-        x, zero_words, scales = x_next, zero_next, scales_next
+        zero_words, scales = zero_next, scales_next
         # The next K tile's (this one's again after the last: in bounds, unused).
         k_ahead = tl.where(k0 + k_step < K, k0 + k_step, k0)
-        x_next, zero_next, scales_next = _gemm_tile_operands(
-            x_rows, qzeros_ptr, scales_ptr, k_ahead, K, N, group_size, offs_k, offs_n, offs_w, m_ok, n_ok, w_ok)
+        zero_next, scales_next = _gemm_tile_groups(qzeros_ptr, scales_ptr, k_ahead, N, group_size, offs_n, offs_w,
+                                                   n_ok, w_ok)
+        x = x_desc.load([pid_m * BLOCK_M, k0]).to(DOT_DTYPE)
         words = w_desc.load([k0, pid_n * (BLOCK_N // 8)])
         w = _magic_tile(words, MAGIC_BITS, MAGIC_DTYPE, zero_words[None, :]).to(DOT_DTYPE)
-        x = x.to(DOT_DTYPE)
         if SWAP_AB:
             acc += tl.dot(tl.trans(w), tl.trans(x), input_precision=DOT_PRECISION) * scales[:, None]
         else:
@@ -233,16 +232,12 @@ def _awq_gemm_kernel(
 
 
 @triton.jit
-def _gemm_tile_operands(x_rows, qzeros_ptr, scales_ptr, k0, K, N, group_size, offs_k, offs_n, offs_w,
-                        m_ok, n_ok, w_ok):
-    """The fused kernel's small loads for the K tile at ``k0``: activations [BLOCK_M, BLOCK_K],
-    packed zero points [BLOCK_N / 8] and scales [BLOCK_N] (fp32) of its group."""
-    k = k0 + offs_k
-    x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
+def _gemm_tile_groups(qzeros_ptr, scales_ptr, k0, N, group_size, offs_n, offs_w, n_ok, w_ok):
+    """The packed zero points [BLOCK_N / 8] and scales [BLOCK_N] (fp32) of the K tile at ``k0``."""
     group = k0 // group_size
     zero_words = tl.load(qzeros_ptr + group * (N // 8) + offs_w, mask=w_ok, other=0)
     scales = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    return x, zero_words, scales
+    return zero_words, scales
 
 
 @triton.jit
@@ -417,7 +412,9 @@ def gemm_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> GemmCo
     tokens: 16- or 32-token, 64-column tiles with the weight as the MMA's wide side (swap_ab) and
     split-K until there are about 3.5 programs per SM (at 32 tokens the sweep's best on all four
     Llama-3.1-8B shapes). Above: 64-token tiles, 64 columns (128 when that alone gives a program
-    per SM) and split-K to about 1.5 programs per SM. K tiles lie inside one group."""
+    per SM) and split-K to about 1.5 programs per SM; 4 stages for outputs of at most 64 column
+    tiles up to 128 tokens (o and down at 48-128 tokens: 15-25% faster than 3,
+    bench/results/awq_linear_s14_tilings.json). K tiles lie inside one group."""
     block_k = max(16, min(128, triton.next_power_of_2(k)))
     if group_size < k:
         block_k = min(block_k, group_size)
@@ -433,7 +430,8 @@ def gemm_config(m: int, n: int, k: int, group_size: int, num_sms: int) -> GemmCo
     split_k = 1
     while tiles * split_k < programs and split_k * 2 <= min(16, k_tiles):
         split_k *= 2
-    return GemmConfig(block_m, block_n, block_k, split_k, swap_ab=m <= 32)
+    stages = 4 if 32 < m <= 128 and triton.cdiv(n, block_n) <= 64 else 3
+    return GemmConfig(block_m, block_n, block_k, split_k, num_stages=stages, swap_ab=m <= 32)
 
 
 @functools.cache
@@ -441,6 +439,17 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the interpreter: a few programs are plenty
+
+
+def _tma_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [M, K] when TMA can read it (16-byte aligned start and row stride), else a copy whose
+    rows are padded to 16 bytes (the descriptor still ends at column K)."""
+    align = 16 // x.element_size()
+    if x.data_ptr() % 16 == 0 and (x.stride(0) % align == 0 or x.shape[0] == 1):
+        return x
+    padded = torch.empty((x.shape[0], triton.cdiv(x.shape[1], align) * align), dtype=x.dtype, device=x.device)
+    padded[:, : x.shape[1]] = x
+    return padded[:, : x.shape[1]]
 
 
 def awq_gemm(
@@ -467,9 +476,11 @@ def awq_gemm(
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     # Partial sums a thread loads at once in the split-K reduction: about 32 registers' worth.
     per_thread = max(1, block_m * block_n // (32 * cfg.num_warps))
+    x_desc = TensorDescriptor.from_tensor(_tma_rows(x), [block_m, block_k])
+    w_desc = TensorDescriptor.from_tensor(qweight, [block_k, block_n // 8])
     _awq_gemm_kernel[grid](
-        x, TensorDescriptor.from_tensor(qweight, [block_k, block_n // 8]), qzeros, scales, out, partial,
-        _split_k_locks(x.device, grid[0] if split_k > 1 else 0), m, n, k, group_size, x.stride(0), split_k,
+        x_desc, w_desc, qzeros, scales, out, partial, _split_k_locks(x.device, grid[0] if split_k > 1 else 0),
+        m, n, k, group_size, split_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWAP_AB=swap_ab,
         REDUCE_UNROLL=max(1, min(8, 32 // per_thread)), **_dot_types(x.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
