@@ -33,37 +33,11 @@ def _x_tile(row_ptr, k, k_ok, K, SILU_MUL: tl.constexpr):
 
 
 @triton.jit
-def _residual_sum(x_ptr, residual_ptr, k, k_ok, HAS_RESIDUAL: tl.constexpr):
-    """One token's ``x + residual`` over the K offsets ``k``, rounded to x's dtype (the fused
-    add + RMSNorm's residual stream), or x alone."""
-    x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
-    if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(residual_ptr + k, mask=k_ok, other=0.0).to(tl.float32)).to(x.dtype)
-    return x
-
-
-@triton.jit
-def _normed_x_tile(x_ptr, residual_ptr, norm_w_ptr, sum_out_ptr, k, k_ok, rstd, sum_end,
-                   HAS_RESIDUAL: tl.constexpr):
-    """The RMSNorm of one token over the K offsets ``k`` with the roundings of
-    engine/kernels/rms_norm.py (normalize in fp32, round, times the weight, round), as fp32;
-    with HAS_RESIDUAL the norm is of ``x + residual``, which is stored to ``sum_out_ptr`` below
-    offset ``sum_end`` (K in one program, 0 in the others)."""
-    h = _residual_sum(x_ptr, residual_ptr, k, k_ok, HAS_RESIDUAL)
-    if HAS_RESIDUAL:
-        tl.store(sum_out_ptr + k, h, mask=k_ok & (k < sum_end))
-    normed = (h.to(tl.float32) * rstd).to(h.dtype)
-    weight = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(h.dtype)
-    return (normed.to(tl.float32) * weight.to(tl.float32)).to(h.dtype).to(tl.float32)
-
-
-@triton.jit
 def _gemv_kernel(
-    x_ptr, w_ptr, out_ptr, residual_ptr, norm_w_ptr, sum_out_ptr,
-    M, N, K, stride_wn, x_row1, x_row2, x_row3, eps,
+    x_ptr, w_ptr, out_ptr,
+    M, N, K, stride_wn, x_row1, x_row2, x_row3,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, NORM: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False,
+    EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; program (p, s) computes rows ``[p * BLOCK_N, (p + 1) *
     BLOCK_N)`` of ``W`` against the ``M <= BLOCK_M <= 4`` tokens over the s-th contiguous K range
@@ -73,12 +47,7 @@ def _gemv_kernel(
     ``x_row{1,2,3}``: offsets of x's rows 1-3, clamped to its last row (a padded token row reads
     real memory and is never stored).
     ``SILU_MUL``: x's rows are [gate | up], 2K wide, and the kernel multiplies ``silu(gate) * up``
-    (rounded to x's dtype, as engine/kernels/activation.py does) by W.
-    ``NORM`` (one token, SPLIT_K == 1): the kernel multiplies W by ``rms_norm(x [+ residual])``
-    with ``norm_w`` and ``eps``, as engine/kernels/rms_norm.py computes it: a first pass over K
-    sums the squares (every program sees all of K), the main loop normalizes each tile as it
-    goes; with HAS_RESIDUAL, program 0 writes ``x + residual`` to ``sum_out`` (not over
-    ``residual``, which the other programs are still reading)."""
+    (rounded to x's dtype, as engine/kernels/activation.py does) by W."""
     pdl_prologue(USE_PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -94,13 +63,6 @@ def _gemv_kernel(
     acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    rstd = 0.0
-    if NORM:
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            h = _residual_sum(x_ptr, residual_ptr, k0 + offs_k, k0 + offs_k < K, HAS_RESIDUAL).to(tl.float32)
-            squares += h * h
-        rstd = tl.rsqrt(tl.sum(squares, 0) / K + eps)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + offs_k
         k_ok = k < k_hi
@@ -108,11 +70,7 @@ def _gemv_kernel(
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
         else:
             w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        if NORM:
-            acc0 += w * _normed_x_tile(x_ptr, residual_ptr, norm_w_ptr, sum_out_ptr, k, k_ok, rstd,
-                                       tl.where(pid_n == 0, K, 0), HAS_RESIDUAL)[None, :]
-        else:
-            acc0 += w * _x_tile(x_ptr, k, k_ok, K, SILU_MUL)[None, :]
+        acc0 += w * _x_tile(x_ptr, k, k_ok, K, SILU_MUL)[None, :]
         if BLOCK_M > 1:
             acc1 += w * _x_tile(x_ptr + x_row1, k, k_ok, K, SILU_MUL)[None, :]
         if BLOCK_M > 2:
@@ -188,7 +146,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     target = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
-        x, weight, target, x, x, x, m, n, k, weight.stride(0), *(min(i, m - 1) * x.stride(0) for i in (1, 2, 3)), 0.0,
+        x, weight, target, m, n, k, weight.stride(0), *(min(i, m - 1) * x.stride(0) for i in (1, 2, 3)),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
         EVEN_K=k % (cfg.block_k * split_k) == 0, SILU_MUL=silu_mul,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -199,32 +157,3 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](target, out, m * n, SPLIT_K=split_k, BLOCK=block,
                                                           **pdl_args(target.device))
     return out
-
-
-def rms_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                  weight: torch.Tensor, config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One launch for a token's (add +) RMSNorm and the linear after it:
-    ``(rms_norm(h) @ weight.T, h)`` with ``h = x + residual`` (rounded to x's dtype; ``x`` itself
-    without a residual), the norm as engine/kernels/rms_norm.py computes it. ``x`` and
-    ``residual`` [1, K], ``norm_weight`` [K], ``weight`` [N, K]; ``h`` is a new tensor (``residual``
-    is left as it was)."""
-    m, k = x.shape
-    n, k_w = weight.shape
-    assert m == 1 and k_w == k and norm_weight.shape == (k,), f"rms_norm_gemv takes [1, K] x [N, K], got {x.shape}"
-    assert x.stride(1) == 1 and weight.stride(1) == 1 and norm_weight.is_contiguous()
-    cfg = config or default_config(n, k)
-    assert cfg.split_k == 1, "the fused norm needs all of K in every program"
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    if residual is not None:
-        assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1
-        h = torch.empty_like(x)
-    else:
-        h = x
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), 1)](
-        x, weight, out, residual if residual is not None else x, norm_weight, h, 1, n, k, weight.stride(0), 0, 0, 0,
-        eps, BLOCK_M=1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=1, EVEN_K=k % cfg.block_k == 0,
-        SILU_MUL=False, NORM=True, HAS_RESIDUAL=residual is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pdl_args(x.device),
-    )
-    return out, h

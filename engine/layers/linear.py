@@ -62,12 +62,6 @@ class LinearMethod(ABC):
         """``apply(layer, act(gate_up))``; a method may fuse the activation into its matmul."""
         return self.apply(layer, act(gate_up))
 
-    def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
-                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(apply(layer, norm(h)), h)`` with ``h = x + residual`` (``x`` without one), when the
-        method can fuse the norm into its matmul; None when it cannot."""
-        return None
-
     def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
         """The dense ``[out_features, in_features]`` weight on the CPU, if the layer holds one."""
         return None
@@ -97,16 +91,6 @@ class DenseLinearMethod(LinearMethod):
         if _gemv_applies(gate_up, layer.weight) and isinstance(act, SiluAndMul):
             return _gemv(layer, gate_up, silu_mul=True)
         return self.apply(layer, act(gate_up))
-
-    def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
-                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        # One token: the (add +) RMSNorm inside the GEMV (one launch instead of two).
-        if not (_gemv_applies(x, layer.weight) and x.stride(1) == 1 and hasattr(norm, "eps")):
-            return None
-        from engine.kernels.gemv import rms_norm_gemv
-
-        out, h = rms_norm_gemv(x, residual, norm.weight, norm.eps, layer.weight)
-        return (out if layer.bias is None else out + layer.bias), h
 
     def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
         return None if layer.weight.is_cuda else layer.weight
@@ -197,17 +181,6 @@ class LinearBase(nn.Module):
         if not gate_up.is_cuda:
             return self.forward(act(gate_up))
         return self.quant_method.apply_gated(self, gate_up, act)
-
-    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(forward(norm(h)), h)`` with ``h = x + residual`` (``x`` itself without a residual): the
-        (add +) RMSNorm before a linear, fused into its matmul where the method can."""
-        if x.is_cuda and (fused := self.quant_method.apply_normed(self, x, residual, norm)) is not None:
-            return fused
-        if residual is None:
-            return self.forward(norm(x)), x
-        normed, residual = norm(x, residual)
-        return self.forward(normed), residual
 
     def pack_for_cpu(self) -> None:
         """Run this layer through oneDNN with a packed fp32 weight (engine/layers/cpu_linear.py)."""

@@ -54,11 +54,9 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # bound by the runner
 
-    def forward(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
-        """Attention from the qkv projection's output (the decoder layer runs the projection, with
-        the norm before it) through the o projection."""
-        num_tokens = qkv.shape[0]
-        q, k, v = qkv.split(list(self.qkv_proj.output_sizes.values()), dim=-1)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(list(self.qkv_proj.output_sizes.values()), dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -100,10 +98,8 @@ class LlamaMLP(nn.Module):
         )
         self.act = SiluAndMul()
 
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The MLP from the gate/up projection's output (the decoder layer runs the projection,
-        with the norm before it)."""
-        return self.down_proj.forward_gated(gate_up, self.act)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj.forward_gated(self.gate_up_proj(x), self.act)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -119,19 +115,19 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden`` is the previous layer's MLP output and ``residual`` the stream it adds to
         (None in the first layer, whose ``hidden`` is the embedding); returns this layer's pair.
-        Each residual add happens inside the norm after it, and each norm goes with the linear
-        after it (``forward_normed``): for one token through the dense GEMV that is one launch.
+        Each residual add happens inside the norm after it.
 
         Elementwise launches per layer and step on GPU, besides the linears and attention: 2 fused
-        add + RMSNorm (none for one token on dense weights: inside the qkv and gate/up GEMVs),
-        1 rotary with the cache write and Qwen3's q/k norms, 1 SiLU-and-mul (inside the down GEMV
-        for one token), where the torch code launched 36 (52) in bf16 (RMSNorm 8 each, residual
+        add + RMSNorm, 1 rotary, 1 SiLU-and-mul, and for Qwen3 2 per-head q/k RMSNorm: 4 (Qwen3: 6)
+        Triton kernels, where the torch code launched 36 (52) in bf16 (RMSNorm 8 each, residual
         add 1 each, rotary 16, SiLU-and-mul 2)."""
-        attn, mlp = self.self_attn, self.mlp
-        qkv, residual = attn.qkv_proj.forward_normed(hidden, residual, self.input_layernorm)
-        hidden = attn(positions, qkv)
-        gate_up, residual = mlp.gate_up_proj.forward_normed(hidden, residual, self.post_attention_layernorm)
-        return mlp(gate_up), residual
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
