@@ -13,8 +13,8 @@ Three ways to compute ``y = x @ W`` with ``W = (q - z) * s`` of shape [K, N]:
   K over more programs when N alone gives too few to fill the GPU; both kernels sum the splits in
   the kernel.
 - ``awq_dequantize`` then a dense ``torch.matmul``: for many tokens. The separate pass writes the
-  whole bf16 weight (8-83 us a Llama-3.1-8B linear on an H200), which the matmul amortizes only
-  at thousands of tokens (0.5-0.7x bf16 at 256, 0.8-0.9x at 2048).
+  whole bf16 weight (13-86 us a Llama-3.1-8B linear on an H200, 73-80% of the copy rate), which
+  the matmul amortizes only at thousands of tokens (0.5-0.7x bf16 at 256, 0.8-0.9x at 2048).
 
 ``awq_linear`` picks between them by token count (``GEMV_MAX_TOKENS``, ``FUSED_MAX_TOKENS``,
 measured on an H200 with bench/bench_awq_linear.py). The two TMA-fed kernels need the packed rows
@@ -445,7 +445,7 @@ def _tma_rows(x: torch.Tensor) -> torch.Tensor:
     """``x`` [M, K] when TMA can read it (16-byte aligned start and row stride), else a copy whose
     rows are padded to 16 bytes (the descriptor still ends at column K)."""
     align = 16 // x.element_size()
-    if x.data_ptr() % 16 == 0 and (x.stride(0) % align == 0 or x.shape[0] == 1):
+    if x.data_ptr() % 16 == 0 and x.stride(0) % align == 0:
         return x
     padded = torch.empty((x.shape[0], triton.cdiv(x.shape[1], align) * align), dtype=x.dtype, device=x.device)
     padded[:, : x.shape[1]] = x
