@@ -265,12 +265,11 @@ def _awq_dequantize_kernel(
                     mask=k_ok[:, None] & w_ok[None, :], other=0)
     zero_words = tl.load(qzeros_ptr + group * n_words + offs_w, mask=w_ok, other=0)
     scales = tl.load(scales_ptr + group * N + offs_n, mask=n_ok, other=0.0)
-    q = _magic_tile(words, _FP16_MAGIC, tl.float16)
-    z = _magic_tile(zero_words[None, :], _FP16_MAGIC, tl.float16)
+    q_minus_z = _magic_tile(words, _FP16_MAGIC, tl.float16, zero_words[None, :])
     if out_ptr.dtype.element_ty == tl.float16:
-        w = (q - z) * scales[None, :]
+        w = q_minus_z * scales[None, :]
     else:
-        w = ((q - z).to(tl.float32) * scales[None, :].to(tl.float32)).to(out_ptr.dtype.element_ty)
+        w = (q_minus_z.to(tl.float32) * scales[None, :].to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=k_ok[:, None] & n_ok[None, :])
 
 
