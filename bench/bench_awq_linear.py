@@ -6,7 +6,9 @@
 For each shape and token count it times, replayed from CUDA graphs over enough weight copies
 that weights stream from memory: bf16 ``F.linear``; ``awq_linear`` as the engine calls it; the
 fused kernel and dequantize + matmul separately (their crossing is where ``FUSED_MAX_TOKENS``
-comes from); and, up to ``GEMV_MAX_TOKENS`` tokens, the split-K gemv. It reports the int4 weight
+comes from); up to ``GEMV_MAX_TOKENS`` tokens, the split-K gemv; and up to ``MMA_MAX_TOKENS``, on
+Hopper, the tensor-core kernel of engine/kernels/awq_mma.py (what ``awq_linear`` runs there;
+``--mma-sweep`` times a grid of its configurations). It reports the int4 weight
 bytes streamed per second against a measured device copy bandwidth. ``--sweep`` also times a
 grid of fused-kernel tilings at the token counts it names and records the best. ``--gemv-sweep`` times, at each token
 count up to ``GEMV_MAX_TOKENS``, a grid of gemv configurations (``gemv_sweep_configs``), records
@@ -42,6 +44,7 @@ from engine.kernels.awq_gemm import (  # noqa: E402
     gemm_config,
     gemv_config,
 )
+from engine.kernels.awq_mma import MMA_MAX_TOKENS, MmaConfig, awq_mma, mma_config, mma_supported  # noqa: E402
 from engine.quantization.awq import quantize  # noqa: E402
 
 # name -> (K in, N out) for Llama-3.1-8B (fused q|k|v and gate|up, as the engine runs them).
@@ -97,6 +100,19 @@ def gemv_sweep_configs(n: int, k: int, num_sms: int, tokens: int) -> list[GemvCo
     return list(dict.fromkeys(configs))
 
 
+def mma_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[MmaConfig]:
+    """awq_mma configurations to time: the default first, then 128- or 256-row stages, split-K
+    nearest 1, 2, 4 and 8 programs per SM, 2 or 3 stages."""
+    configs = [mma_config(m, n, k, num_sms)]
+    for halves in (1, 2):
+        if k % (128 * halves):
+            continue
+        k_tiles = k // (128 * halves)
+        splits = {max(1, min(k_tiles, round(p * num_sms / (n // 128)))) for p in (1, 2, 4, 8)}
+        configs += [MmaConfig(halves, s, stages) for s in sorted(splits) for stages in (2, 3)]
+    return list(dict.fromkeys(configs))
+
+
 def graph_us(calls: list, rep: int = 50) -> float:
     """Microseconds per call of ``calls`` replayed back to back from one CUDA graph: no launch
     overhead (decode runs from CUDA graphs too), and every call reads its own weights, so with
@@ -121,7 +137,8 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.float() - ref).norm() / ref.norm()).item()
 
 
-def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: int, copy_bps: float) -> dict:
+def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: int, copy_bps: float,
+               mma_sweep: bool = False) -> dict:
     torch.manual_seed(0)
     w = torch.randn(n, k, device="cuda") * 0.02
     qweight, qzeros, scales = quantize(w, GROUP_SIZE)
@@ -151,6 +168,21 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
         "bf16_us": bf16_us, "awq_linear_us": auto_us, "fused_us": fused_us,
         "fused_config": list(default_cfg), "dequant_matmul_us": dequant_us,
     }
+    if m <= MMA_MAX_TOKENS and mma_supported(x, qweight, GROUP_SIZE):
+        mma_cfg = mma_config(m, n, k, num_sms)
+        result["mma_config"] = list(mma_cfg)
+        result["mma_rel_err_vs_fp32"] = rel_err(awq_mma(x, qweight, qzeros, scales, mma_cfg), ref)
+        result["mma_us"] = graph_us(awq_calls(lambda x, *c: awq_mma(x, *c, mma_cfg)))
+        result["mma_weight_bw_fraction_of_copy"] = bw_fraction(result["mma_us"])
+        if mma_sweep:
+            timings = []
+            for cfg in mma_sweep_configs(m, n, k, num_sms):
+                e = rel_err(awq_mma(x, qweight, qzeros, scales, cfg), ref)
+                assert e < 1e-2, f"{cfg}: relative error {e:.1e}"
+                timings.append((graph_us(awq_calls(lambda x, *c, cfg=cfg: awq_mma(x, *c, cfg)), rep=20), cfg))
+            timings.sort(key=lambda t: t[0])
+            result["mma_sweep"] = [[us, list(cfg)] for us, cfg in timings]
+            result["mma_sweep_best_us"], result["mma_sweep_best_config"] = timings[0][0], list(timings[0][1])
     if m <= GEMV_MAX_TOKENS:
         gemv_cfg = gemv_config(n, k, GROUP_SIZE, num_sms, m)
         result["gemv_config"] = list(gemv_cfg)
@@ -217,6 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="token counts at which to also time a grid of fused-kernel tilings")
     parser.add_argument("--gemv-sweep", action="store_true",
                         help="up to GEMV_MAX_TOKENS tokens (among --tokens), also time a grid of gemv tilings")
+    parser.add_argument("--mma-sweep", action="store_true",
+                        help="up to MMA_MAX_TOKENS tokens (among --tokens), also time a grid of awq_mma configurations")
     parser.add_argument("--out", default="bench/results/awq_linear.json")
     args = parser.parse_args(argv)
     return args
@@ -237,15 +271,20 @@ def main(argv: list[str] | None = None) -> int:
         k, n = SHAPES[name]
         for m in args.tokens:
             start = time.perf_counter()
-            r = bench_case(k, n, m, m in args.sweep, args.gemv_sweep and m <= GEMV_MAX_TOKENS, num_sms, copy_bps)
+            r = bench_case(k, n, m, m in args.sweep, args.gemv_sweep and m <= GEMV_MAX_TOKENS, num_sms, copy_bps,
+                           args.mma_sweep)
             r["shape"] = name
             results.append(r)
             line = (f"{name:8s} {k:5d}->{n:5d} tokens {m:5d}: bf16 {r['bf16_us']:8.1f} us"
                     f"  awq {r['awq_linear_us']:8.1f} us ({r['speedup_vs_bf16']:.2f}x,"
                     f" {r['weight_bw_fraction_of_copy']:.0%} of copy BW)"
                     f"  fused {r['fused_us']:8.1f}  dequant+mm {r['dequant_matmul_us']:8.1f}")
+            if "mma_us" in r:
+                line += f"  mma {r['mma_us']:7.1f} ({r['mma_weight_bw_fraction_of_copy']:.0%})"
             if "gemv_us" in r:
                 line += f"  gemv {r['gemv_us']:7.1f} ({r['gemv_weight_bw_fraction_of_copy']:.0%})"
+            if "mma_sweep_best_us" in r:
+                line += f"  best mma {r['mma_sweep_best_us']:.1f} {r['mma_sweep_best_config']}"
             if "sweep_best_us" in r:
                 line += f"  best {r['sweep_best_us']:.1f} {r['sweep_best_config']}"
             if "gemv_sweep_best_us" in r:
@@ -259,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
         "copy_bandwidth_tbps": copy_bps / 1e12, "group_size": GROUP_SIZE,
-        "fused_max_tokens": FUSED_MAX_TOKENS, "gemv_max_tokens": GEMV_MAX_TOKENS, "results": results,
+        "fused_max_tokens": FUSED_MAX_TOKENS, "gemv_max_tokens": GEMV_MAX_TOKENS, "mma_max_tokens": MMA_MAX_TOKENS,
+        "results": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

@@ -1,6 +1,9 @@
 """Triton kernels for AWQ 4-bit linears (AutoAWQ "GEMM" layout, see engine/quantization/awq.py).
 
-Three ways to compute ``y = x @ W`` with ``W = (q - z) * s`` of shape [K, N]:
+On Hopper GPUs, 1-16 tokens of fp16/bf16 go to the tensor-core kernel of awq_mma.py (Gluon; 1.0-1.1x
+this module's gemv at one token, 1.2-1.9x its kernels at 2-16). The kernels here take the rest,
+and every shape where that one does not run (other GPUs, fp32, the interpreter): three ways to
+compute ``y = x @ W`` with ``W = (q - z) * s`` of shape [K, N]:
 
 - ``awq_gemv``: for one or two tokens, a split-K GEMV on the CUDA cores fed by the tensor memory
   accelerator (TMA): the packed weight streams into shared memory a few tiles ahead, each thread
@@ -16,7 +19,7 @@ Three ways to compute ``y = x @ W`` with ``W = (q - z) * s`` of shape [K, N]:
   whole bf16 weight (13-86 us a Llama-3.1-8B linear on an H200, 73-80% of the copy rate), which
   the matmul amortizes only at thousands of tokens (0.5-0.7x bf16 at 256, 0.8-0.9x at 2048).
 
-``awq_linear`` picks between them by token count (``GEMV_MAX_TOKENS``, ``FUSED_MAX_TOKENS``,
+``awq_linear`` picks between them by token count (``MMA_MAX_TOKENS``, ``GEMV_MAX_TOKENS``, ``FUSED_MAX_TOKENS``,
 measured on an H200 with bench/bench_awq_linear.py). The two TMA-fed kernels need the packed rows
 (N / 2 bytes) to be a multiple of 16 bytes (``tma_supported``: N % 32 == 0, true of the models'
 projection widths); other widths take dequantize + matmul at any token count.
@@ -608,14 +611,17 @@ def awq_linear(
     scales: torch.Tensor,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W (+ bias)`` for x [..., K]: the gemv for one token, the fused kernel for up to
-    ``FUSED_MAX_TOKENS``, dequantize + dense matmul above, and for output widths the TMA kernels
-    do not take (``tma_supported``)."""
+    """``x @ W (+ bias)`` for x [..., K]: the tensor-core kernel of awq_mma.py for up to
+    ``MMA_MAX_TOKENS`` where it runs, else the gemv for one or two tokens, the fused kernel for up
+    to ``FUSED_MAX_TOKENS``, dequantize + dense matmul above, and for output widths the TMA
+    kernels do not take (``tma_supported``)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     tokens, tma = x2.shape[0], tma_supported(qweight.shape[1] * 8)
-    if tma and tokens <= GEMV_MAX_TOKENS:
+    if tokens <= _awq_mma.MMA_MAX_TOKENS and _awq_mma.mma_supported(x2, qweight, qweight.shape[0] // scales.shape[0]):
+        out = _awq_mma.awq_mma(x2, qweight, qzeros, scales)
+    elif tma and tokens <= GEMV_MAX_TOKENS:
         out = awq_gemv(x2, qweight, qzeros, scales)
     elif tma and tokens <= FUSED_MAX_TOKENS:
         out = awq_gemm(x2, qweight, qzeros, scales)
@@ -624,3 +630,7 @@ def awq_linear(
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+# At the end: awq_mma.py takes its helpers from this module (the import resolves either way round).
+from engine.kernels import awq_mma as _awq_mma  # noqa: E402

@@ -1,0 +1,362 @@
+"""Tensor-core AWQ linear for 1-16 tokens on Hopper: ``awq_mma`` (a Gluon kernel).
+
+The Triton-language kernels in awq_gemm.py hand a dequantized weight tile to the tensor cores
+through shared memory (``tl.dot`` wants its operand in the MMA's register layout, and only a
+round trip through shared memory gets it there), or, in the gemv, skip the tensor cores and pay
+an FFMA per weight and token. This kernel is written in Gluon, Triton's layout-explicit
+dialect: the registers a thread unpacks from its packed words *are* its part of the MMA operand,
+so a weight costs about one ALU instruction (a PRMT per 8, a shift per 2.7, a LOP3 per 2) and
+reaches ``mma.sync`` without touching shared memory again; the tokens ride on the MMA's narrow
+side (8 or 16 of them cost the same as one).
+
+How a thread's registers line up (``_unpack``): ``mma.sync.m16n8k16`` takes its A operand as
+pairs (k, k + 1) of one row. Row r of the A tile is output column ``8 word + c`` of the weight
+(the weight tile is the transposed product's A side: 64 columns a warp), so one PRMT of the
+words at rows k and k + 1 puts byte j of each in the two 16-bit halves of a register, and each
+column's nibble pair is then one LOP3 (after a shift for 6 of the 8 columns) into the
+exponent-biased floats MAGIC + q (128 + q in bf16, 1024 + q in fp16: exact). The zero point
+comes out per K tile through the activations' sums, which one more MMA against a tile of ones
+gives: sum x (MAGIC + q) - (MAGIC + z) sum x = sum x (q - z), then times the scale, in fp32.
+
+Gluon kernels do not run under TRITON_INTERPRET=1: CI checks this one by compiling it for sm_90
+with the installed Triton and by running its unpacking PTX through a small PTX interpreter
+(tests/test_awq_mma.py); its numerics are tested on the GPU against a float64 reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+
+from engine.kernels.awq_gemm import _check_shapes, _num_sms, _split_k_locks, _tma_rows
+from engine.kernels.pdl import pdl_args
+
+# Above this many tokens the fused kernel (awq_gemm) takes over.
+MMA_MAX_TOKENS = 16
+BLOCK_K = 128  # one MMA group of K rows; a TMA stage holds one or two of them (``MmaConfig.halves``)
+WARPS = 2  # warps a program: 64 output columns each
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+    from triton.runtime.jit import constexpr_function
+
+    HAVE_GLUON = True
+except ImportError:  # Triton without Gluon: awq_linear keeps to awq_gemm.py's kernels
+    HAVE_GLUON = False
+
+# The unpacking asm, for one pair of packed words (rows k and k + 1: operands $8, $9) -> eight
+# registers $0..$7 = columns 0..7 as the floats MAGIC + q of row k (low half) and k + 1 (high
+# half). Column c sits in nibble c // 2 + 4 (c % 2) (AWQ order 0, 2, 4, 6, 1, 3, 5, 7): t0 holds
+# nibbles 0-3 of both words, t1 nibbles 4-7.
+_UNPACK_BODY = """{
+.reg .b32 t0, t1, u;
+prmt.b32 t0, $8, $9, 0x5410;
+prmt.b32 t1, $8, $9, 0x7632;
+lop3.b32 $0, t0, 0x000F000F, MAGIC, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, MAGIC, 0xEA;
+shr.u32 u, t0, 4;
+lop3.b32 $2, u, 0x000F000F, MAGIC, 0xEA;
+shr.u32 u, t1, 4;
+lop3.b32 $3, u, 0x000F000F, MAGIC, 0xEA;
+shr.u32 u, t0, 8;
+lop3.b32 $4, u, 0x000F000F, MAGIC, 0xEA;
+shr.u32 u, t1, 8;
+lop3.b32 $5, u, 0x000F000F, MAGIC, 0xEA;
+shr.u32 u, t0, 12;
+lop3.b32 $6, u, 0x000F000F, MAGIC, 0xEA;
+shr.u32 u, t1, 12;
+lop3.b32 $7, u, 0x000F000F, MAGIC, 0xEA;
+}"""
+UNPACK_BF16_PTX = _UNPACK_BODY.replace("MAGIC", "0x43004300")  # 128.0 in both halves
+UNPACK_FP16_PTX = _UNPACK_BODY.replace("MAGIC", "0x64006400")  # 1024.0
+
+
+class MmaConfig(NamedTuple):
+    halves: int  # 128-row K tiles a pipeline stage holds (1 or 2)
+    split_k: int  # programs along K
+    num_stages: int = 2  # stages in flight: 3-4 measured slower on an H200
+
+
+def mma_config(m: int, n: int, k: int, num_sms: int) -> MmaConfig:
+    """The tiling, from a sweep on an H200 (``bench/bench_awq_linear.py --mma-sweep``,
+    bench/results/awq_mma_s15_sweep.json: Llama-3.1-8B shapes, 1-16 tokens, 2 or 3 stages,
+    128- or 256-row stages, split-K at 1-8 programs per SM). Two stages everywhere. Up to 4
+    tokens, 128-row stages and split-K to about 4 programs per SM (a layer's four linears 50.4 us
+    at one token, against 49.9 for each shape's best); from 5 tokens, where the split-K partials
+    grow with the tokens, 256-row stages and about 2 programs per SM (64.4 us at 16 tokens against
+    66.6 with the first rule), unless that splits the 256-row stages unevenly (qkv: 13.8 against
+    11.6 us at 16 tokens), then 128-row ones."""
+    blocks = n // (64 * WARPS)
+    halves, programs = (1, 4 * num_sms) if m <= 4 else (2 if k % (2 * BLOCK_K) == 0 else 1, 2 * num_sms)
+    split_k = max(1, min(k // (BLOCK_K * halves), round(programs / blocks)))
+    if halves == 2 and (k // (2 * BLOCK_K)) % split_k:
+        halves, split_k = 1, max(1, min(k // BLOCK_K, round(programs / blocks)))
+    return MmaConfig(halves, split_k)
+
+
+@functools.cache
+def _device_ok(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9  # TMA and mbarrier transactions
+
+
+def mma_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
+    """Whether ``awq_mma`` takes these activations and weight: a Hopper-or-newer GPU with Gluon,
+    fp16 or bf16 activations, N % 128 == 0, K % 128 == 0 and groups of a multiple of 128 rows (or
+    one over all of K). ``SLUICE_AWQ_MMA=0`` turns it off (the Triton-language kernels then take
+    these shapes)."""
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    return (HAVE_GLUON and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
+            and os.environ.get("SLUICE_AWQ_MMA", "1") != "0"
+            and x.dtype in (torch.float16, torch.bfloat16) and _device_ok(x.device)
+            and n % (64 * WARPS) == 0 and k % BLOCK_K == 0 and (group_size % BLOCK_K == 0 or group_size == k))
+
+
+def _descriptors(x: torch.Tensor, qweight: torch.Tensor, block_t: int, tile_k: int):
+    """TMA descriptors of the activations ([block_t, tile_k] boxes, 128-byte swizzle) and the
+    packed weight ([tile_k, 16] words, 64-byte rows with a 64-byte swizzle)."""
+    gl_dtype = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    x_desc = GluonTensorDescriptor.from_tensor(
+        _tma_rows(x), [block_t, tile_k], gl.NVMMASharedLayout.get_default_for([block_t, tile_k], gl_dtype))
+    w_desc = GluonTensorDescriptor.from_tensor(
+        qweight, [tile_k, 8 * WARPS], gl.NVMMASharedLayout(swizzle_byte_width=32 * WARPS, element_bitwidth=32, rank=2))
+    return x_desc, w_desc
+
+
+def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+            config: MmaConfig | None = None) -> torch.Tensor:
+    """``x`` [M, K] (fp16 or bf16, M <= 16) times the AWQ weight -> [M, N] in x's dtype, on the
+    tensor cores (see the module docstring). Needs ``mma_supported``; ``config`` overrides
+    ``mma_config``."""
+    m, k_x = x.shape
+    k, n, group_size = _check_shapes(qweight, qzeros, scales)
+    assert 1 <= m <= MMA_MAX_TOKENS, f"awq_mma takes 1 to {MMA_MAX_TOKENS} tokens, got {m}"
+    assert k_x == k, f"x has {k_x} features, the weight {k}"
+    assert mma_supported(x, qweight, group_size), "awq_mma does not take this device, dtype or shape"
+    cfg = MmaConfig(*config) if config else mma_config(m, n, k, _num_sms(x.device))
+    assert cfg.halves in (1, 2) and k % (BLOCK_K * cfg.halves) == 0
+    block_t = 8 if m <= 8 else 16
+    tile_k = BLOCK_K * cfg.halves
+    k_per_split = triton.cdiv(k // tile_k, cfg.split_k) * tile_k
+    split_k = triton.cdiv(k, k_per_split)
+    n_tiles = n // (64 * WARPS)
+    x_desc, w_desc = _descriptors(x, qweight, block_t, tile_k)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    _awq_mma_kernel[(n_tiles, split_k)](
+        x_desc, w_desc, qzeros, scales, out, partial, _split_k_locks(x.device, n_tiles), m, k_per_split, split_k,
+        N=n, K=k, GROUP=group_size, BLOCK_T=block_t, HALVES=cfg.halves, NUM_STAGES=cfg.num_stages,
+        num_warps=WARPS, **pdl_args(x.device),
+    )
+    return out
+
+
+if HAVE_GLUON:
+    # Triton 3.9 renamed the TMA load (its old name raises there) and the CTA barrier.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    _UNPACK_BF16 = gl.constexpr(UNPACK_BF16_PTX)
+    _UNPACK_FP16 = gl.constexpr(UNPACK_FP16_PTX)
+    _UNPACK_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))
+    _BLOCK_K, _WARPS = gl.constexpr(BLOCK_K), gl.constexpr(WARPS)
+
+    @constexpr_function
+    def _mma_layout(warps):
+        return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[warps, 1], instr_shape=[16, 8])
+
+    @constexpr_function
+    def _operand_layout(warps, index):
+        return gl.DotOperandLayout(operand_index=index, parent=_mma_layout(warps), k_width=2)
+
+    @constexpr_function
+    def _words_layout(warps):
+        """Packed words [128 k, 8 warps] as threads read them from shared memory: lanes on k bits
+        1-2 and their warp's 8 words, registers on k bit 0 (the MMA's pair) and bits 3-6."""
+        return gl.DistributedLinearLayout(
+            reg_bases=[[1, 0], [8, 0], [16, 0], [32, 0], [64, 0]],
+            lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
+            warp_bases=[[0, 8 << i] for i in range(warps.bit_length() - 1)], block_bases=[], shape=[128, 8 * warps])
+
+    @constexpr_function
+    def _unpack_layout(warps):
+        """[4 (c1, c2), warps, 2 (c0), 8 words, 128 k]: a thread's first 16 registers are the pair
+        k, k + 1 of the 8 columns c = c0 + 2 c1 + 4 c2 of one word, the order the asm takes."""
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 0, 0, 1], [0, 0, 1, 0, 0], [1, 0, 0, 0, 0], [2, 0, 0, 0, 0],
+                       [0, 0, 0, 0, 8], [0, 0, 0, 0, 16], [0, 0, 0, 0, 32], [0, 0, 0, 0, 64]],
+            lane_bases=[[0, 0, 0, 0, 2], [0, 0, 0, 0, 4], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0]],
+            warp_bases=[[0, 1 << i, 0, 0, 0] for i in range(warps.bit_length() - 1)], block_bases=[],
+            shape=[4, warps, 2, 8, 128])
+
+    @constexpr_function
+    def _out_layout(warps, block_t):
+        """The result [block_t tokens, 64 warps columns] in column order, a thread's 8 consecutive
+        columns of a token first in its registers (16-byte stores)."""
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [0, 2], [0, 4], [1, 0]] + ([[8, 0]] if block_t == 16 else []),
+            lane_bases=[[2, 0], [4, 0], [0, 8], [0, 16], [0, 32]],
+            warp_bases=[[0, 64 << i] for i in range(warps.bit_length() - 1)], block_bases=[],
+            shape=[block_t, 64 * warps])
+
+    @gluon.jit
+    def _unpack(words, DTYPE: gl.constexpr, W: gl.constexpr):
+        """words [128 k, 8 W] -> the A operand [64 W, 128 k] of MAGIC + q. Row r is column
+        8 word + c with word = 8 ((r // 16) % W) + r % 8, c = (r // 8) % 2 + 2 (r // (16 W)): the
+        rows the MMA gives a thread are its word's 8 columns. Every layout change here only
+        renames registers (asserted)."""
+        L5: gl.constexpr = _unpack_layout(W)
+        w = gl.permute(words, (1, 0)).reshape([W, 8, _BLOCK_K])
+        w = gl.convert_layout(w, gl.SliceLayout(0, gl.SliceLayout(2, L5)), assert_trivial=True)
+        w5 = gl.expand_dims(gl.expand_dims(w, 0), 2).broadcast_to([4, W, 2, 8, _BLOCK_K])
+        if DTYPE == gl.bfloat16:
+            q = gl.inline_asm_elementwise(_UNPACK_BF16, _UNPACK_CONSTRAINTS, [w5], dtype=gl.bfloat16,
+                                          is_pure=True, pack=16)
+        else:
+            q = gl.inline_asm_elementwise(_UNPACK_FP16, _UNPACK_CONSTRAINTS, [w5], dtype=gl.float16,
+                                          is_pure=True, pack=16)
+        return gl.convert_layout(q.reshape([64 * W, _BLOCK_K]), _operand_layout(W, 0), assert_trivial=True)
+
+    @gluon.jit
+    def _rows_times4(xs, MMA: gl.constexpr):
+        """[R, T] whose rows are equal -> [4 R, T] in the MMA layout: register copies only."""
+        xs2 = gl.permute(gl.join(xs, xs), (2, 0, 1)).reshape([2 * xs.shape[0], xs.shape[1]])
+        xs4 = gl.permute(gl.join(xs2, xs2), (2, 0, 1)).reshape([4 * xs.shape[0], xs.shape[1]])
+        return gl.convert_layout(xs4, MMA, assert_trivial=True)
+
+    @gluon.jit
+    def _group(acc, w_smem, x_smem, zero_words, scales, zero_shift, ones, DTYPE: gl.constexpr,
+               W: gl.constexpr, BLOCK_T: gl.constexpr, MMA: gl.constexpr):
+        """acc + one 128-row K tile (inside one group): s (sum x (MAGIC + q) - (MAGIC + z) sum x)."""
+        a = _unpack(w_smem.load(_words_layout(W)), DTYPE, W)
+        xb = x_smem.permute((1, 0)).load(_operand_layout(W, 1))
+        part = mma_v2(a, xb, gl.zeros([64 * W, BLOCK_T], gl.float32, layout=MMA))
+        x_sums = _rows_times4(mma_v2(ones, xb, gl.zeros([16 * W, BLOCK_T], gl.float32, layout=MMA)), MMA)
+        magic_z = ((zero_words >> zero_shift) & 0xF).to(gl.float32) + (128.0 if DTYPE == gl.bfloat16 else 1024.0)
+        return acc + scales.to(gl.float32)[:, None] * (part - magic_z[:, None] * x_sums)
+
+    @gluon.jit
+    def _pdl_wait():
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _awq_mma_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
+                        M, k_per_split, split_k,
+                        N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
+                        HALVES: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False):
+        """Grid ``(N / 128, split_k)``, 2 warps a program. Program (p, s) owns output columns
+        128 p .. 128 p + 127 (warp g the 64 from 128 p + 64 g) for up to BLOCK_T (8 or 16) tokens
+        and the K rows s * k_per_split ..; K % (128 HALVES) == 0, and a 128-row tile lies in one
+        group.
+
+        Pipeline: each stage is one TMA load of the packed weight [128 HALVES, 16 words] (64-byte
+        rows, 64-byte swizzle: the threads' reads are conflict-free) and one of the activations
+        [BLOCK_T, 128 HALVES] (rows past M read 0) on one mbarrier, NUM_STAGES - 1 stages ahead;
+        the first weight stages are requested before the PDL wait (weights are never written).
+        The zero points and scales of the next stage load a step ahead into registers. Per
+        128-row tile a warp issues 32 mma.sync (4 per 16-row slice: 64 columns x BLOCK_T tokens)
+        plus 8 against a tile of ones for the activations' sums (``_group``).
+
+        With split_k > 1 the programs of a column block store fp32 partials and the last to
+        arrive (counter ``lock_ptr[p]``, reset by it) sums them in order: deterministic."""
+        DTYPE: gl.constexpr = x_desc.dtype
+        W: gl.constexpr = _WARPS
+        MMA: gl.constexpr = _mma_layout(W)
+        N_WORDS: gl.constexpr = N // 8
+        BLOCK_W: gl.constexpr = 8 * W
+        TILE_K: gl.constexpr = _BLOCK_K * HALVES
+        STAGE_BYTES: gl.constexpr = TILE_K * BLOCK_W * 4 + BLOCK_T * TILE_K * 2
+        pid_n = gl.program_id(0)
+        pid_s = gl.program_id(1)
+        w0 = pid_n * BLOCK_W
+        k_lo = pid_s * k_per_split
+        n_tiles = (gl.minimum(k_lo + k_per_split, K) - k_lo) // TILE_K
+
+        w_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, TILE_K, BLOCK_W], w_desc.layout)
+        x_smem = gl.allocate_shared_memory(DTYPE, [NUM_STAGES, BLOCK_T, TILE_K], x_desc.layout)
+        bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.init(bars.index(i), count=1)
+        fence_async_shared()
+        for i in gl.static_range(NUM_STAGES - 1):
+            mbarrier.expect(bars.index(i), STAGE_BYTES, pred=i < n_tiles)
+            _tma_load(w_desc, [k_lo + i * TILE_K, w0], bars.index(i), w_smem.index(i), pred=i < n_tiles)
+        if USE_PDL:
+            _pdl_wait()
+        for i in gl.static_range(NUM_STAGES - 1):
+            _tma_load(x_desc, [0, k_lo + i * TILE_K], bars.index(i), x_smem.index(i), pred=i < n_tiles)
+
+        rows = gl.arange(0, 64 * W, layout=gl.SliceLayout(1, MMA))
+        word = w0 + 8 * ((rows // 16) % W) + rows % 8
+        c = (rows // 8) % 2 + 2 * (rows // (16 * W))
+        cols = 8 * word + c
+        zero_shift = 4 * (c // 2 + 4 * (c % 2))
+        ones = gl.full([16 * W, _BLOCK_K], 1.0, DTYPE, layout=_operand_layout(W, 0))
+
+        # Zero points and scales of the stage's first and second 128-row tile (the second is
+        # unused, and its loads dropped, when HALVES == 1).
+        za_next = gl.load(qzeros_ptr + (k_lo // GROUP) * N_WORDS + word)
+        sa_next = gl.load(scales_ptr + (k_lo // GROUP) * N + cols)
+        kb = gl.minimum(k_lo + _BLOCK_K, K - _BLOCK_K)
+        zb_next = gl.load(qzeros_ptr + (kb // GROUP) * N_WORDS + word)
+        sb_next = gl.load(scales_ptr + (kb // GROUP) * N + cols)
+        acc = gl.zeros([64 * W, BLOCK_T], gl.float32, layout=MMA)
+        for t in range(n_tiles):
+            nt = t + NUM_STAGES - 1
+            fence_async_shared()  # this slot's last reads (a step ago) before the async write
+            mbarrier.expect(bars.index(nt % NUM_STAGES), STAGE_BYTES, pred=nt < n_tiles)
+            _tma_load(w_desc, [k_lo + nt * TILE_K, w0], bars.index(nt % NUM_STAGES), w_smem.index(nt % NUM_STAGES),
+                      pred=nt < n_tiles)
+            _tma_load(x_desc, [0, k_lo + nt * TILE_K], bars.index(nt % NUM_STAGES), x_smem.index(nt % NUM_STAGES),
+                      pred=nt < n_tiles)
+            za, sa, zb, sb = za_next, sa_next, zb_next, sb_next
+            k_ahead = gl.minimum(k_lo + (t + 1) * TILE_K, K - TILE_K)  # in bounds; unused after the last
+            za_next = gl.load(qzeros_ptr + (k_ahead // GROUP) * N_WORDS + word)
+            sa_next = gl.load(scales_ptr + (k_ahead // GROUP) * N + cols)
+            kb = gl.minimum(k_ahead + _BLOCK_K, K - _BLOCK_K)
+            zb_next = gl.load(qzeros_ptr + (kb // GROUP) * N_WORDS + word)
+            sb_next = gl.load(scales_ptr + (kb // GROUP) * N + cols)
+
+            mbarrier.wait(bars.index(t % NUM_STAGES), (t // NUM_STAGES) & 1)
+            w_tile = w_smem.index(t % NUM_STAGES)
+            x_tile = x_smem.index(t % NUM_STAGES)
+            acc = _group(acc, w_tile.slice(0, _BLOCK_K), x_tile.slice(0, _BLOCK_K, dim=1), za, sa, zero_shift, ones,
+                         DTYPE, W, BLOCK_T, MMA)
+            if HALVES == 2:
+                acc = _group(acc, w_tile.slice(_BLOCK_K, _BLOCK_K), x_tile.slice(_BLOCK_K, _BLOCK_K, dim=1), zb, sb,
+                             zero_shift, ones, DTYPE, W, BLOCK_T, MMA)
+        for i in gl.static_range(NUM_STAGES):
+            mbarrier.invalidate(bars.index(i))
+
+        # Back in column order, each thread 8 consecutive columns of a token: the output and the
+        # split-K partials move in 16- and 32-byte runs.
+        OUT_L: gl.constexpr = _out_layout(W, BLOCK_T)
+        out = gl.permute(acc.reshape([4, W, 2, 8, BLOCK_T]), (4, 1, 3, 0, 2)).reshape([BLOCK_T, 64 * W])
+        out = gl.convert_layout(out, OUT_L, assert_trivial=True)
+        ot = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, OUT_L))
+        oc = pid_n * 64 * W + gl.arange(0, 64 * W, layout=gl.SliceLayout(0, OUT_L))
+        offs = ot[:, None] * N + oc[None, :]
+        ok = (ot < M)[:, None] & (oc < N)[None, :]
+        if split_k == 1:
+            gl.store(out_ptr + offs, out.to(DTYPE), mask=ok)
+        else:
+            gl.store(partial_ptr + pid_s * M * N + offs, out, mask=ok)
+            _cta_barrier()  # both warps' partials are written before the release below
+            arrived = gl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == split_k - 1:
+                total = gl.zeros([BLOCK_T, 64 * W], gl.float32, layout=OUT_L)
+                for s0 in range(0, split_k, 4):  # 4 partials in flight
+                    for j in gl.static_range(4):
+                        part = gl.load(partial_ptr + gl.minimum(s0 + j, split_k - 1) * M * N + offs, mask=ok,
+                                       other=0.0, cache_modifier=".cg")
+                        total += gl.where(s0 + j < split_k, part, 0.0)
+                gl.store(out_ptr + offs, total.to(DTYPE), mask=ok)
+                gl.atomic_xchg(lock_ptr + pid_n, 0, sem="relaxed", scope="gpu")

@@ -1,0 +1,184 @@
+"""The tensor-core AWQ kernel (engine/kernels/awq_mma.py).
+
+Gluon kernels do not run in Triton's interpreter, so on CPU (CI) the kernel is compiled for
+sm_90 with the installed Triton (every layout change in it is asserted to only rename registers,
+so a wrong layout fails to compile) and its unpacking PTX runs through a small interpreter of the
+three instructions it uses, against the AWQ packing order. On a Hopper GPU the kernel runs
+against a float64 reference of the dequantized weight, random data drawn fresh each run."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engine.kernels.awq_gemm as awq_kernels
+import engine.kernels.awq_mma as mma
+from engine.kernels.awq_gemm import awq_linear
+from engine.kernels.awq_mma import MMA_MAX_TOKENS, MmaConfig, awq_mma, mma_config
+from engine.quantization.awq import pack_int4
+from tests.test_awq_kernels import _check_matmul, _random_weight, _seed
+
+ON_HOPPER = (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+             and torch.cuda.get_device_capability()[0] >= 9)
+needs_hopper = pytest.mark.skipif(not ON_HOPPER or not mma.HAVE_GLUON, reason="needs a Hopper GPU and Gluon")
+
+
+def _run_ptx(body: str, regs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Execute the prmt.b32 / shr.u32 / lop3.b32 lines of ``body`` on uint32 arrays."""
+    regs = dict(regs)
+
+    def value(operand: str) -> np.ndarray:
+        return regs[operand] if operand in regs else np.uint32(int(operand, 0))
+
+    for line in body.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}.":
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        if op == "prmt.b32":  # default mode: selector nibble i picks byte i of d from {b, a}
+            a, b, sel = value(args[1]), value(args[2]), int(args[3], 0)
+            source = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
+            out = np.zeros_like(a)
+            for i in range(4):
+                s = (sel >> (4 * i)) & 0xF
+                byte = source[s & 7]
+                if s & 8:  # sign replication
+                    byte = np.where(byte & 0x80, np.uint32(0xFF), np.uint32(0))
+                out |= byte.astype(np.uint32) << np.uint32(8 * i)
+            regs[args[0]] = out
+        elif op == "shr.u32":
+            regs[args[0]] = value(args[1]) >> np.uint32(int(args[2], 0))
+        elif op == "lop3.b32":
+            assert int(args[4], 0) == 0xEA, "only (a & b) | c is modelled"
+            regs[args[0]] = (value(args[1]) & value(args[2])) | value(args[3])
+        else:
+            raise AssertionError(f"unmodelled instruction {op}")
+    return regs
+
+
+@pytest.mark.parametrize(("ptx", "magic"), [(mma.UNPACK_BF16_PTX, 0x4300), (mma.UNPACK_FP16_PTX, 0x6400)])
+def test_unpack_ptx_gives_each_column_pair_in_awq_order(ptx: str, magic: int) -> None:
+    """Two packed rows in, eight registers out: register c holds column c of row k (low half)
+    and of row k + 1 (high half) as the float MAGIC + q."""
+    gen = torch.Generator().manual_seed(_seed())
+    pairs = 512
+    q = torch.randint(0, 16, (2 * pairs, 8), generator=gen)
+    words = pack_int4(q).view(pairs, 2).numpy().view(np.uint32)
+    out = _run_ptx(ptx, {"$8": words[:, 0], "$9": words[:, 1]})
+    for c in range(8):
+        got = out[f"${c}"]
+        assert np.array_equal(got & 0xFFFF, magic | q[0::2, c].numpy()), f"column {c}, row k"
+        assert np.array_equal(got >> 16, magic | q[1::2, c].numpy()), f"column {c}, row k + 1"
+
+
+def test_config_rule() -> None:
+    """Splits stay within the K tiles; from 5 tokens 256-row stages where K and an even split allow."""
+    for m in range(1, MMA_MAX_TOKENS + 1):
+        for k, n in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (384, 128)]:
+            cfg = mma_config(m, n, k, num_sms=132)
+            assert 1 <= cfg.split_k <= k // (128 * cfg.halves)
+            if cfg.halves == 2:
+                assert m > 4 and (k // 256) % cfg.split_k == 0
+    picks = {(k, n): mma_config(16, n, k, num_sms=132)[:2] for k, n in [(4096, 6144), (4096, 4096), (14336, 4096)]}
+    assert picks == {(4096, 6144): (1, 6), (4096, 4096): (2, 8), (14336, 4096): (2, 8)}
+    assert mma_config(1, 4096, 4096, num_sms=132) == (1, 16, 2)  # 32 column blocks fill 132 SMs
+
+
+def _nvdisasm() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+
+
+@pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
+@pytest.mark.parametrize(("block_t", "halves", "dtype"), [(8, 1, torch.bfloat16), (16, 2, torch.float16)])
+def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtype: torch.dtype) -> None:
+    """The kernel compiles for an H100/H200 with this Triton (its layout changes are all asserted
+    trivial), keeps its state in registers (no local memory) and feeds the tensor cores from its
+    unpacked registers: no shared-memory store in the main loop, 40 mma.sync a 128-row tile."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    k, n = 1024, 256
+    x = torch.zeros(block_t, k, dtype=dtype)
+    x_desc, w_desc = mma._descriptors(x, torch.zeros(k, n // 8, dtype=torch.int32), block_t, 128 * halves)
+    fn = mma._awq_mma_kernel
+    consts = dict(N=n, K=k, GROUP=128, BLOCK_T=block_t, HALVES=halves, NUM_STAGES=2, USE_PDL=True)
+    out_ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    types = dict(x_desc=mangle_type(x_desc), w_desc=mangle_type(w_desc), qzeros_ptr="*i32", scales_ptr="*fp16",
+                 out_ptr=out_ty, partial_ptr="*fp32", lock_ptr="*i32")
+    signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in types if types[a].startswith("*")}
+    kernel = triton.compile(GluonASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": mma.WARPS})
+    ptx = kernel.asm["ptx"]
+    assert "ld.local" not in ptx and "st.local" not in ptx
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"awq_mma_{os.getpid()}_{block_t}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    try:
+        sass = subprocess.run([str(_nvdisasm()), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    finally:
+        cubin.unlink()
+    assert not re.search(r"\b(STL|LDL)\b", sass), "register spills"
+    hmma = len(re.findall(r"HMMA\.16816", sass))
+    per_tile = 40 * (2 if block_t == 16 else 1)  # 32 (64 columns x 8 tokens a warp) + 8 for the sums
+    assert hmma == per_tile * halves, hmma
+    # Nothing is stored to shared memory but the split-K counter's value (a scalar atomic's result,
+    # shared with the CTA): the dequantized tile goes from registers to the tensor cores.
+    assert len(re.findall(r"\bSTS\b", sass)) <= 1
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("m", "k", "n", "group_size", "config"),
+    [
+        (1, 512, 256, 128, None),
+        (3, 512, 384, 128, MmaConfig(1, 1)),  # no split
+        (8, 1024, 256, 128, MmaConfig(1, 3)),  # uneven split: 3 programs over 8 K tiles
+        (9, 1024, 128, 256, MmaConfig(2, 2)),  # 16-token MMA tiles, 256-row stages, groups of 256
+        (16, 768, 256, 128, MmaConfig(2, 3)),
+        (5, 384, 128, 384, None),  # one group over all of K, K % 256 != 0
+        (2, 512, 256, 128, MmaConfig(1, 4, 3)),  # 3 stages
+    ],
+)
+def test_mma_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:
+    seed = _seed()
+    qweight, qzeros, scales, w64 = _random_weight(k, n, group_size, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
+    _check_matmul(awq_mma(x, qweight, qzeros, scales, config), x, w64, seed)
+    assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
+
+
+@needs_hopper
+def test_mma_in_a_cuda_graph_and_through_awq_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    """awq_linear sends 1-16 tokens here; replays of a captured call match eager calls with
+    split-K counters left at zero."""
+    called = []
+    monkeypatch.setattr(awq_kernels._awq_mma, "awq_mma",
+                        lambda *a, f=awq_mma: called.append(len(a[0])) or f(*a))
+    seed = _seed()
+    qweight, qzeros, scales, w64 = _random_weight(1024, 512, 128, seed)
+    for m in (1, 7, 16, 17):
+        x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(seed + m)).to("cuda", torch.bfloat16)
+        _check_matmul(awq_linear(x, qweight, qzeros, scales), x, w64, seed)
+    assert called == [1, 7, 16]
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    eager = awq_mma(x, qweight, qzeros, scales)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = awq_mma(x, qweight, qzeros, scales)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
