@@ -176,24 +176,32 @@ if HAVE_GLUON:
         return gl.DotOperandLayout(operand_index=index, parent=_mma_layout(warps), k_width=2)
 
     @constexpr_function
-    def _words_layout(warps):
-        """Packed words [128 k, 8 warps] as threads read them from shared memory: lanes on k bits
-        1-2 and their warp's 8 words, registers on k bit 0 (the MMA's pair) and bits 3-6."""
+    def _words_layout(warps, rows):
+        """Packed words [rows k, 8 warps] as threads read them from shared memory: lanes on k bits
+        1-2 and their warp's 8 words, registers on k bit 0 (the MMA's pair) and bits 3 and up."""
         return gl.DistributedLinearLayout(
-            reg_bases=[[1, 0], [8, 0], [16, 0], [32, 0], [64, 0]],
+            reg_bases=[[1, 0]] + [[r, 0] for r in (8, 16, 32, 64) if r < rows],
             lane_bases=[[2, 0], [4, 0], [0, 1], [0, 2], [0, 4]],
-            warp_bases=[[0, 8 << i] for i in range(warps.bit_length() - 1)], block_bases=[], shape=[128, 8 * warps])
+            warp_bases=[[0, 8 << i] for i in range(warps.bit_length() - 1)], block_bases=[], shape=[rows, 8 * warps])
 
     @constexpr_function
-    def _unpack_layout(warps):
-        """[4 (c1, c2), warps, 2 (c0), 8 words, 128 k]: a thread's first 16 registers are the pair
+    def _unpack_layout(warps, rows):
+        """[4 (c1, c2), warps, 2 (c0), 8 words, rows k]: a thread's first 16 registers are the pair
         k, k + 1 of the 8 columns c = c0 + 2 c1 + 4 c2 of one word, the order the asm takes."""
         return gl.DistributedLinearLayout(
-            reg_bases=[[0, 0, 0, 0, 1], [0, 0, 1, 0, 0], [1, 0, 0, 0, 0], [2, 0, 0, 0, 0],
-                       [0, 0, 0, 0, 8], [0, 0, 0, 0, 16], [0, 0, 0, 0, 32], [0, 0, 0, 0, 64]],
+            reg_bases=[[0, 0, 0, 0, 1], [0, 0, 1, 0, 0], [1, 0, 0, 0, 0], [2, 0, 0, 0, 0]]
+            + [[0, 0, 0, 0, r] for r in (8, 16, 32, 64) if r < rows],
             lane_bases=[[0, 0, 0, 0, 2], [0, 0, 0, 0, 4], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0]],
             warp_bases=[[0, 1 << i, 0, 0, 0] for i in range(warps.bit_length() - 1)], block_bases=[],
-            shape=[4, warps, 2, 8, 128])
+            shape=[4, warps, 2, 8, rows])
+
+    @constexpr_function
+    def _cols_layout(warps):
+        """[64 warps] consecutive output columns held as the MMA rows' threads hold them: a thread
+        the 8 columns of one word, lanes 2-4 on its warp's 8 words."""
+        return gl.DistributedLinearLayout(
+            reg_bases=[[1], [2], [4]], lane_bases=[[0], [0], [8], [16], [32]],
+            warp_bases=[[64 << i] for i in range(warps.bit_length() - 1)], block_bases=[], shape=[64 * warps])
 
     @constexpr_function
     def _out_layout(warps, block_t):
@@ -206,22 +214,29 @@ if HAVE_GLUON:
             shape=[block_t, 64 * warps])
 
     @gluon.jit
-    def _unpack(words, DTYPE: gl.constexpr, W: gl.constexpr):
-        """words [128 k, 8 W] -> the A operand [64 W, 128 k] of MAGIC + q. Row r is column
+    def _unpack(words, DTYPE: gl.constexpr, W: gl.constexpr, ROWS: gl.constexpr):
+        """words [ROWS k, 8 W] -> the A operand [64 W, ROWS k] of MAGIC + q. Row r is column
         8 word + c with word = 8 ((r // 16) % W) + r % 8, c = (r // 8) % 2 + 2 (r // (16 W)): the
         rows the MMA gives a thread are its word's 8 columns. Every layout change here only
         renames registers (asserted)."""
-        L5: gl.constexpr = _unpack_layout(W)
-        w = gl.permute(words, (1, 0)).reshape([W, 8, _BLOCK_K])
+        L5: gl.constexpr = _unpack_layout(W, ROWS)
+        w = gl.permute(words, (1, 0)).reshape([W, 8, ROWS])
         w = gl.convert_layout(w, gl.SliceLayout(0, gl.SliceLayout(2, L5)), assert_trivial=True)
-        w5 = gl.expand_dims(gl.expand_dims(w, 0), 2).broadcast_to([4, W, 2, 8, _BLOCK_K])
+        w5 = gl.expand_dims(gl.expand_dims(w, 0), 2).broadcast_to([4, W, 2, 8, ROWS])
         if DTYPE == gl.bfloat16:
             q = gl.inline_asm_elementwise(_UNPACK_BF16, _UNPACK_CONSTRAINTS, [w5], dtype=gl.bfloat16,
                                           is_pure=True, pack=16)
         else:
             q = gl.inline_asm_elementwise(_UNPACK_FP16, _UNPACK_CONSTRAINTS, [w5], dtype=gl.float16,
                                           is_pure=True, pack=16)
-        return gl.convert_layout(q.reshape([64 * W, _BLOCK_K]), _operand_layout(W, 0), assert_trivial=True)
+        return gl.convert_layout(q.reshape([64 * W, ROWS]), _operand_layout(W, 0), assert_trivial=True)
+
+    @gluon.jit
+    def _load_scales(scales_ptr, n0, W: gl.constexpr, MMA: gl.constexpr):
+        """The scales of the 64 W columns from n0 (a 16-byte load a thread), in the MMA's row order."""
+        s = gl.load(scales_ptr + n0 + gl.arange(0, 64 * W, layout=_cols_layout(W)))
+        s = gl.permute(s.reshape([W, 8, 4, 2]), (2, 0, 3, 1)).reshape([64 * W])
+        return gl.convert_layout(s, gl.SliceLayout(1, MMA), assert_trivial=True)
 
     @gluon.jit
     def _rows_times4(xs, MMA: gl.constexpr):
@@ -232,14 +247,24 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _group(acc, w_smem, x_smem, zero_words, scales, zero_shift, ones, DTYPE: gl.constexpr,
-               W: gl.constexpr, BLOCK_T: gl.constexpr, MMA: gl.constexpr):
-        """acc + one 128-row K tile (inside one group): s (sum x (MAGIC + q) - (MAGIC + z) sum x)."""
-        a = _unpack(w_smem.load(_words_layout(W)), DTYPE, W)
-        xb = x_smem.permute((1, 0)).load(_operand_layout(W, 1))
+               W: gl.constexpr, BLOCK_T: gl.constexpr, MMA: gl.constexpr, KSPLIT: gl.constexpr):
+        """acc + one 128-row K tile (inside one group): s (sum x (MAGIC + q) - (MAGIC + z) sum x).
+        KSPLIT = 2 sums the tile's two 64-row halves in separate MMA chains (4 dependent MMAs
+        instead of 8)."""
+        ROWS: gl.constexpr = _BLOCK_K // KSPLIT
+        a = _unpack(w_smem.slice(0, ROWS).load(_words_layout(W, ROWS)), DTYPE, W, ROWS)
+        xb = x_smem.slice(0, ROWS, dim=1).permute((1, 0)).load(_operand_layout(W, 1))
         part = mma_v2(a, xb, gl.zeros([64 * W, BLOCK_T], gl.float32, layout=MMA))
-        x_sums = _rows_times4(mma_v2(ones, xb, gl.zeros([16 * W, BLOCK_T], gl.float32, layout=MMA)), MMA)
+        x_sums = mma_v2(ones, xb, gl.zeros([16 * W, BLOCK_T], gl.float32, layout=MMA))
+        if KSPLIT == 2:
+            a = _unpack(w_smem.slice(ROWS, ROWS).load(_words_layout(W, ROWS)), DTYPE, W, ROWS)
+            xb = x_smem.slice(ROWS, ROWS, dim=1).permute((1, 0)).load(_operand_layout(W, 1))
+            part += mma_v2(a, xb, gl.zeros([64 * W, BLOCK_T], gl.float32, layout=MMA))
+            x_sums = mma_v2(ones, xb, x_sums)
+        x_sums = _rows_times4(x_sums, MMA)
         magic_z = ((zero_words >> zero_shift) & 0xF).to(gl.float32) + (128.0 if DTYPE == gl.bfloat16 else 1024.0)
         return acc + scales.to(gl.float32)[:, None] * (part - magic_z[:, None] * x_sums)
+
 
     @gluon.jit
     def _pdl_wait():
@@ -273,6 +298,8 @@ if HAVE_GLUON:
         N_WORDS: gl.constexpr = N // 8
         BLOCK_W: gl.constexpr = 8 * W
         TILE_K: gl.constexpr = _BLOCK_K * HALVES
+        # Two MMA chains a tile where registers allow (8 tokens, 128-row stages: 1-4% faster on an H200).
+        KSPLIT: gl.constexpr = 2 if BLOCK_T == 8 and HALVES == 1 else 1
         STAGE_BYTES: gl.constexpr = TILE_K * BLOCK_W * 4 + BLOCK_T * TILE_K * 2
         pid_n = gl.program_id(0)
         pid_s = gl.program_id(1)
@@ -297,17 +324,16 @@ if HAVE_GLUON:
         rows = gl.arange(0, 64 * W, layout=gl.SliceLayout(1, MMA))
         word = w0 + 8 * ((rows // 16) % W) + rows % 8
         c = (rows // 8) % 2 + 2 * (rows // (16 * W))
-        cols = 8 * word + c
         zero_shift = 4 * (c // 2 + 4 * (c % 2))
-        ones = gl.full([16 * W, _BLOCK_K], 1.0, DTYPE, layout=_operand_layout(W, 0))
+        ones = gl.full([16 * W, _BLOCK_K // KSPLIT], 1.0, DTYPE, layout=_operand_layout(W, 0))
 
         # Zero points and scales of the stage's first and second 128-row tile (the second is
         # unused, and its loads dropped, when HALVES == 1).
         za_next = gl.load(qzeros_ptr + (k_lo // GROUP) * N_WORDS + word)
-        sa_next = gl.load(scales_ptr + (k_lo // GROUP) * N + cols)
+        sa_next = _load_scales(scales_ptr, (k_lo // GROUP) * N + 8 * w0, W, MMA)
         kb = gl.minimum(k_lo + _BLOCK_K, K - _BLOCK_K)
         zb_next = gl.load(qzeros_ptr + (kb // GROUP) * N_WORDS + word)
-        sb_next = gl.load(scales_ptr + (kb // GROUP) * N + cols)
+        sb_next = _load_scales(scales_ptr, (kb // GROUP) * N + 8 * w0, W, MMA)
         acc = gl.zeros([64 * W, BLOCK_T], gl.float32, layout=MMA)
         for t in range(n_tiles):
             nt = t + NUM_STAGES - 1
@@ -320,19 +346,19 @@ if HAVE_GLUON:
             za, sa, zb, sb = za_next, sa_next, zb_next, sb_next
             k_ahead = gl.minimum(k_lo + (t + 1) * TILE_K, K - TILE_K)  # in bounds; unused after the last
             za_next = gl.load(qzeros_ptr + (k_ahead // GROUP) * N_WORDS + word)
-            sa_next = gl.load(scales_ptr + (k_ahead // GROUP) * N + cols)
+            sa_next = _load_scales(scales_ptr, (k_ahead // GROUP) * N + 8 * w0, W, MMA)
             kb = gl.minimum(k_ahead + _BLOCK_K, K - _BLOCK_K)
             zb_next = gl.load(qzeros_ptr + (kb // GROUP) * N_WORDS + word)
-            sb_next = gl.load(scales_ptr + (kb // GROUP) * N + cols)
+            sb_next = _load_scales(scales_ptr, (kb // GROUP) * N + 8 * w0, W, MMA)
 
             mbarrier.wait(bars.index(t % NUM_STAGES), (t // NUM_STAGES) & 1)
             w_tile = w_smem.index(t % NUM_STAGES)
             x_tile = x_smem.index(t % NUM_STAGES)
             acc = _group(acc, w_tile.slice(0, _BLOCK_K), x_tile.slice(0, _BLOCK_K, dim=1), za, sa, zero_shift, ones,
-                         DTYPE, W, BLOCK_T, MMA)
+                         DTYPE, W, BLOCK_T, MMA, KSPLIT)
             if HALVES == 2:
                 acc = _group(acc, w_tile.slice(_BLOCK_K, _BLOCK_K), x_tile.slice(_BLOCK_K, _BLOCK_K, dim=1), zb, sb,
-                             zero_shift, ones, DTYPE, W, BLOCK_T, MMA)
+                             zero_shift, ones, DTYPE, W, BLOCK_T, MMA, KSPLIT)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(bars.index(i))
 
