@@ -52,31 +52,24 @@ try:
 except ImportError:  # Triton without Gluon: awq_linear keeps to awq_gemm.py's kernels
     HAVE_GLUON = False
 
-# The unpacking asm, for one pair of packed words (rows k and k + 1: operands $8, $9) -> eight
-# registers $0..$7 = columns 0..7 as the floats MAGIC + q of row k (low half) and k + 1 (high
-# half). Column c sits in nibble c // 2 + 4 (c % 2) (AWQ order 0, 2, 4, 6, 1, 3, 5, 7): t0 holds
-# nibbles 0-3 of both words, t1 nibbles 4-7.
-_UNPACK_BODY = """{
-.reg .b32 t0, t1, u;
-prmt.b32 t0, $8, $9, 0x5410;
-prmt.b32 t1, $8, $9, 0x7632;
-lop3.b32 $0, t0, 0x000F000F, MAGIC, 0xEA;
-lop3.b32 $1, t1, 0x000F000F, MAGIC, 0xEA;
-shr.u32 u, t0, 4;
-lop3.b32 $2, u, 0x000F000F, MAGIC, 0xEA;
-shr.u32 u, t1, 4;
-lop3.b32 $3, u, 0x000F000F, MAGIC, 0xEA;
-shr.u32 u, t0, 8;
-lop3.b32 $4, u, 0x000F000F, MAGIC, 0xEA;
-shr.u32 u, t1, 8;
-lop3.b32 $5, u, 0x000F000F, MAGIC, 0xEA;
-shr.u32 u, t0, 12;
-lop3.b32 $6, u, 0x000F000F, MAGIC, 0xEA;
-shr.u32 u, t1, 12;
-lop3.b32 $7, u, 0x000F000F, MAGIC, 0xEA;
-}"""
-UNPACK_BF16_PTX = _UNPACK_BODY.replace("MAGIC", "0x43004300")  # 128.0 in both halves
-UNPACK_FP16_PTX = _UNPACK_BODY.replace("MAGIC", "0x64006400")  # 1024.0
+def _unpack_ptx(magic: int) -> str:
+    """The unpacking asm, for one pair of packed words (rows k and k + 1: operands $8, $9) ->
+    eight registers $0..$7 = columns 0..7 as the floats MAGIC + q of row k (low half) and k + 1
+    (high half). Column c sits in nibble c // 2 + 4 (c % 2) (AWQ order 0, 2, 4, 6, 1, 3, 5, 7):
+    t0 holds nibbles 0-3 of both words (a PRMT of their low bytes), t1 nibbles 4-7, and column c
+    is nibble c // 2 of t(c % 2), masked in place (c < 2) or after a shift."""
+    lines = ["{", ".reg .b32 t0, t1, u;", "prmt.b32 t0, $8, $9, 0x5410;", "prmt.b32 t1, $8, $9, 0x7632;"]
+    for c in range(8):
+        src = f"t{c % 2}"
+        if c >= 2:
+            lines.append(f"shr.u32 u, {src}, {4 * (c // 2)};")
+            src = "u"
+        lines.append(f"lop3.b32 ${c}, {src}, 0x000F000F, {magic:#010x}, 0xEA;")
+    return "\n".join(lines + ["}"])
+
+
+UNPACK_BF16_PTX = _unpack_ptx(0x43004300)  # 128.0 in both halves
+UNPACK_FP16_PTX = _unpack_ptx(0x64006400)  # 1024.0
 
 
 class MmaConfig(NamedTuple):
