@@ -7,7 +7,7 @@ an FFMA per weight and token. This kernel is written in Gluon, Triton's layout-e
 dialect: the registers a thread unpacks from its packed words *are* its part of the MMA operand,
 so a weight costs about one ALU instruction (a PRMT per 8, a shift per 2.7, a LOP3 per 2) and
 reaches ``mma.sync`` without touching shared memory again; the tokens ride on the MMA's narrow
-side (8 or 16 of them cost the same as one).
+side (up to 8 of them cost the same MMAs as one).
 
 How a thread's registers line up (``_unpack``): ``mma.sync.m16n8k16`` takes its A operand as
 pairs (k, k + 1) of one row. Row r of the A tile is output column ``8 word + c`` of the weight
@@ -53,6 +53,7 @@ try:
     HAVE_GLUON = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 6)
 except ImportError:  # Triton without Gluon: awq_linear keeps to awq_gemm.py's kernels
     HAVE_GLUON = False
+
 
 def _unpack_ptx(magic: int) -> str:
     """The unpacking asm, for one pair of packed words (rows k and k + 1: operands $8, $9) ->
