@@ -160,6 +160,19 @@ def test_mma_matches_float64_reference(m, k, n, group_size, config, dtype) -> No
 
 
 @needs_hopper
+@pytest.mark.parametrize("m", [1, 12])
+def test_mma_reads_activations_tma_cannot(m: int) -> None:
+    """Activations at an odd address with an odd row stride (a column slice of a wider tensor)
+    reach the kernel through a padded copy."""
+    seed = _seed()
+    k, n = 512, 256
+    qweight, qzeros, scales, w64 = _random_weight(k, n, 128, seed)
+    wide = torch.randn(m, k + 3, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
+    x = wide[:, 1 : k + 1]
+    _check_matmul(awq_mma(x, qweight, qzeros, scales), x, w64, seed)
+
+
+@needs_hopper
 def test_mma_in_a_cuda_graph_and_through_awq_linear(monkeypatch: pytest.MonkeyPatch) -> None:
     """awq_linear sends 1-16 tokens here; replays of a captured call match eager calls with
     split-K counters left at zero."""
