@@ -99,19 +99,20 @@ def mma_config(m: int, n: int, k: int, num_sms: int) -> MmaConfig:
 
 
 @functools.cache
-def _device_ok(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9  # TMA and mbarrier transactions
+def _enabled(device: torch.device) -> bool:
+    """Gluon there, not the interpreter, not turned off, and TMA with mbarrier transactions
+    (compute capability 9 or newer): decided once per device, off the per-call path."""
+    return (HAVE_GLUON and os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("SLUICE_AWQ_MMA", "1") != "0"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def mma_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
     """Whether ``awq_mma`` takes these activations and weight: a Hopper-or-newer GPU with Gluon,
     fp16 or bf16 activations, N % 128 == 0, K % 128 == 0 and groups of a multiple of 128 rows (or
-    one over all of K). ``SLUICE_AWQ_MMA=0`` turns it off (the Triton-language kernels then take
-    these shapes)."""
+    one over all of K). ``SLUICE_AWQ_MMA=0`` in the environment at start-up turns it off (the
+    Triton-language kernels then take these shapes)."""
     k, n = qweight.shape[0], qweight.shape[1] * 8
-    return (HAVE_GLUON and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-            and os.environ.get("SLUICE_AWQ_MMA", "1") != "0"
-            and x.dtype in (torch.float16, torch.bfloat16) and _device_ok(x.device)
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _enabled(x.device)
             and n % (64 * WARPS) == 0 and k % BLOCK_K == 0 and (group_size % BLOCK_K == 0 or group_size == k))
 
 
@@ -367,6 +368,7 @@ if HAVE_GLUON:
         oc = pid_n * 64 * W + gl.arange(0, 64 * W, layout=gl.SliceLayout(0, OUT_L))
         offs = ot[:, None] * N + oc[None, :]
         ok = (ot < M)[:, None] & (oc < N)[None, :]
+        # awq_gemm.py's _store_split_k, as Gluon needs it (its zeros take a layout).
         if split_k == 1:
             gl.store(out_ptr + offs, out.to(DTYPE), mask=ok)
         else:
