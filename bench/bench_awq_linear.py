@@ -8,7 +8,8 @@ that weights stream from memory: bf16 ``F.linear``; ``awq_linear`` as the engine
 fused kernel and dequantize + matmul separately (their crossing is where ``FUSED_MAX_TOKENS``
 comes from); up to ``GEMV_MAX_TOKENS`` tokens, the split-K gemv; and up to ``MMA_MAX_TOKENS``, on
 Hopper, the tensor-core kernel of engine/kernels/awq_mma.py (what ``awq_linear`` runs there;
-``--mma-sweep`` times a grid of its configurations). It reports the int4 weight
+``--mma-sweep`` times a grid of its configurations); above that, on Hopper, the wgmma kernel of
+engine/kernels/awq_wgmma.py (``--wgmma-sweep`` times a grid of its configurations). It reports the int4 weight
 bytes streamed per second against a measured device copy bandwidth. ``--sweep`` also times a
 grid of fused-kernel tilings at the token counts it names and records the best. ``--gemv-sweep`` times, at each token
 count up to ``GEMV_MAX_TOKENS``, a grid of gemv configurations (``gemv_sweep_configs``), records
@@ -45,6 +46,7 @@ from engine.kernels.awq_gemm import (  # noqa: E402
     gemv_config,
 )
 from engine.kernels.awq_mma import MMA_MAX_TOKENS, MmaConfig, awq_mma, mma_config, mma_supported  # noqa: E402
+from engine.kernels.awq_wgmma import WgmmaConfig, awq_wgmma, wgmma_config, wgmma_supported  # noqa: E402
 from engine.quantization.awq import quantize  # noqa: E402
 
 # name -> (K in, N out) for Llama-3.1-8B (fused q|k|v and gate|up, as the engine runs them).
@@ -113,6 +115,15 @@ def mma_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[MmaConfig]:
     return list(dict.fromkeys(configs))
 
 
+def wgmma_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[WgmmaConfig]:
+    """awq_wgmma configurations to time: the default first, then 64-256 tokens a program (not
+    more than twice the tokens), split-K 1, 2 or 4, 3 or 4 stages."""
+    configs = [wgmma_config(m, n, k, num_sms)]
+    configs += [WgmmaConfig(bt, s, st) for bt in (64, 128, 256) if bt < 2 * m or bt == 64
+                for s in (1, 2, 4) for st in (3, 4)]
+    return list(dict.fromkeys(configs))
+
+
 def graph_us(calls: list, rep: int = 50) -> float:
     """Microseconds per call of ``calls`` replayed back to back from one CUDA graph: no launch
     overhead (decode runs from CUDA graphs too), and every call reads its own weights, so with
@@ -138,7 +149,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: int, copy_bps: float,
-               mma_sweep: bool = False) -> dict:
+               mma_sweep: bool = False, wgmma_sweep: bool = False) -> dict:
     torch.manual_seed(0)
     w = torch.randn(n, k, device="cuda") * 0.02
     qweight, qzeros, scales = quantize(w, GROUP_SIZE)
@@ -183,6 +194,20 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
             timings.sort(key=lambda t: t[0])
             result["mma_sweep"] = [[us, list(cfg)] for us, cfg in timings]
             result["mma_sweep_best_us"], result["mma_sweep_best_config"] = timings[0][0], list(timings[0][1])
+    if m > MMA_MAX_TOKENS and wgmma_supported(x, qweight, GROUP_SIZE):
+        wg_cfg = wgmma_config(m, n, k, num_sms)
+        result["wgmma_config"] = list(wg_cfg)
+        result["wgmma_rel_err_vs_fp32"] = rel_err(awq_wgmma(x, qweight, qzeros, scales, wg_cfg), ref)
+        result["wgmma_us"] = graph_us(awq_calls(lambda x, *c: awq_wgmma(x, *c, wg_cfg)))
+        if wgmma_sweep:
+            timings = []
+            for cfg in wgmma_sweep_configs(m, n, k, num_sms):
+                e = rel_err(awq_wgmma(x, qweight, qzeros, scales, cfg), ref)
+                assert e < 1e-2, f"{cfg}: relative error {e:.1e}"
+                timings.append((graph_us(awq_calls(lambda x, *c, cfg=cfg: awq_wgmma(x, *c, cfg)), rep=20), cfg))
+            timings.sort(key=lambda t: t[0])
+            result["wgmma_sweep"] = [[us, list(cfg)] for us, cfg in timings]
+            result["wgmma_sweep_best_us"], result["wgmma_sweep_best_config"] = timings[0][0], list(timings[0][1])
     if m <= GEMV_MAX_TOKENS:
         gemv_cfg = gemv_config(n, k, GROUP_SIZE, num_sms, m)
         result["gemv_config"] = list(gemv_cfg)
@@ -251,6 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="up to GEMV_MAX_TOKENS tokens (among --tokens), also time a grid of gemv tilings")
     parser.add_argument("--mma-sweep", action="store_true",
                         help="up to MMA_MAX_TOKENS tokens (among --tokens), also time a grid of awq_mma configurations")
+    parser.add_argument("--wgmma-sweep", action="store_true",
+                        help="above MMA_MAX_TOKENS tokens, also time a grid of awq_wgmma configurations")
     parser.add_argument("--out", default="bench/results/awq_linear.json")
     args = parser.parse_args(argv)
     return args
@@ -272,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.tokens:
             start = time.perf_counter()
             r = bench_case(k, n, m, m in args.sweep, args.gemv_sweep and m <= GEMV_MAX_TOKENS, num_sms, copy_bps,
-                           args.mma_sweep)
+                           args.mma_sweep, args.wgmma_sweep)
             r["shape"] = name
             results.append(r)
             line = (f"{name:8s} {k:5d}->{n:5d} tokens {m:5d}: bf16 {r['bf16_us']:8.1f} us"
@@ -281,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"  fused {r['fused_us']:8.1f}  dequant+mm {r['dequant_matmul_us']:8.1f}")
             if "mma_us" in r:
                 line += f"  mma {r['mma_us']:7.1f} ({r['mma_weight_bw_fraction_of_copy']:.0%})"
+            if "wgmma_us" in r:
+                line += f"  wgmma {r['wgmma_us']:7.1f} {r['wgmma_config']}"
+            if "wgmma_sweep_best_us" in r:
+                line += f"  best wgmma {r['wgmma_sweep_best_us']:.1f} {r['wgmma_sweep_best_config']}"
             if "gemv_us" in r:
                 line += f"  gemv {r['gemv_us']:7.1f} ({r['gemv_weight_bw_fraction_of_copy']:.0%})"
             if "mma_sweep_best_us" in r:

@@ -29,9 +29,30 @@ ON_HOPPER = (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") !=
 needs_hopper = pytest.mark.skipif(not ON_HOPPER or not mma.HAVE_GLUON, reason="needs a Hopper GPU and Gluon")
 
 
+def _f32(bits: np.ndarray) -> np.ndarray:
+    return np.asarray(bits, dtype=np.uint32).view(np.float32)
+
+
+def _halves_f16(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    bits = np.asarray(bits, dtype=np.uint32)
+    return (bits & 0xFFFF).astype(np.uint16).view(np.float16), (bits >> 16).astype(np.uint16).view(np.float16)
+
+
+def _pack_f16(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    lo_bits, hi_bits = (h.astype(np.float16).view(np.uint16).astype(np.uint32) for h in (lo, hi))
+    return lo_bits | (hi_bits << 16)
+
+
+def _bf16_rn(f: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits, round to nearest even (no NaNs here)."""
+    bits = np.asarray(f, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint32)
+
+
 def _run_ptx(body: str, regs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Execute the prmt.b32 / shr.u32 / lop3.b32 lines of ``body`` on uint32 arrays."""
-    regs = dict(regs)
+    """Execute the integer, fp32 and packed 16-bit float lines of ``body`` (the instructions the
+    AWQ kernels' asm uses) on uint32 arrays."""
+    regs = {k: np.asarray(v, dtype=np.uint32) for k, v in regs.items()}
 
     def value(operand: str) -> np.ndarray:
         return regs[operand] if operand in regs else np.uint32(int(operand, 0))
@@ -43,21 +64,36 @@ def _run_ptx(body: str, regs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         op, rest = line.split(None, 1)
         args = [a.strip() for a in rest.split(",")]
         if op == "prmt.b32":  # default mode: selector nibble i picks byte i of d from {b, a}
-            a, b, sel = value(args[1]), value(args[2]), int(args[3], 0)
-            source = [(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)]
-            out = np.zeros_like(a)
+            a, b, sel = value(args[1]), value(args[2]), value(args[3])
+            a, b, sel = np.broadcast_arrays(a, b, sel)
+            source = np.stack([(a >> (8 * i)) & 0xFF for i in range(4)] + [(b >> (8 * i)) & 0xFF for i in range(4)])
+            out = np.zeros(a.shape, dtype=np.uint32)
             for i in range(4):
                 s = (sel >> (4 * i)) & 0xF
-                byte = source[s & 7]
-                if s & 8:  # sign replication
-                    byte = np.where(byte & 0x80, np.uint32(0xFF), np.uint32(0))
+                byte = np.take_along_axis(source, (s & 7)[None].astype(np.int64), 0)[0]
+                byte = np.where(s & 8, np.where(byte & 0x80, np.uint32(0xFF), np.uint32(0)), byte)  # sign replication
                 out |= byte.astype(np.uint32) << np.uint32(8 * i)
             regs[args[0]] = out
         elif op == "shr.u32":
             regs[args[0]] = value(args[1]) >> np.uint32(int(args[2], 0))
+        elif op == "shl.b32":
+            regs[args[0]] = (value(args[1]) << np.uint32(int(args[2], 0))) & np.uint32(0xFFFFFFFF)
+        elif op == "and.b32":
+            regs[args[0]] = value(args[1]) & value(args[2])
+        elif op == "mov.b32":
+            regs[args[0]] = value(args[1])
         elif op == "lop3.b32":
             assert int(args[4], 0) == 0xEA, "only (a & b) | c is modelled"
             regs[args[0]] = (value(args[1]) & value(args[2])) | value(args[3])
+        elif op == "fma.rn.f32":  # exact in float64 for the values these kernels feed it
+            a, b, c = (_f32(value(r)).astype(np.float64) for r in args[1:])
+            regs[args[0]] = (a * b + c).astype(np.float32).view(np.uint32)
+        elif op == "cvt.rn.bf16x2.f32":  # d = {a -> high half, b -> low half}
+            regs[args[0]] = (_bf16_rn(_f32(value(args[1]))) << 16) | _bf16_rn(_f32(value(args[2])))
+        elif op in ("sub.rn.f16x2", "mul.rn.f16x2"):
+            (alo, ahi), (blo, bhi) = _halves_f16(value(args[1])), _halves_f16(value(args[2]))
+            fn = np.subtract if op.startswith("sub") else np.multiply
+            regs[args[0]] = _pack_f16(fn(alo, blo), fn(ahi, bhi))
         else:
             raise AssertionError(f"unmodelled instruction {op}")
     return regs

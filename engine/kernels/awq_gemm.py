@@ -613,15 +613,20 @@ def awq_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``x @ W (+ bias)`` for x [..., K]: the tensor-core kernel of awq_mma.py for up to
-    ``MMA_MAX_TOKENS`` where it runs, else the gemv for one or two tokens, the fused kernel for up
-    to ``FUSED_MAX_TOKENS``, dequantize + dense matmul above, and for output widths the TMA
-    kernels do not take (``tma_supported``)."""
+    ``MMA_MAX_TOKENS`` where it runs; on Hopper the wgmma kernel of awq_wgmma.py for the token
+    counts and weight sizes where it is the fastest (``wgmma_preferred``); else the gemv for one or
+    two tokens, the fused kernel for up to ``FUSED_MAX_TOKENS``, dequantize + dense matmul above,
+    and for output widths the TMA kernels do not take (``tma_supported``)."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     tokens, tma = x2.shape[0], tma_supported(qweight.shape[1] * 8)
-    if tokens <= _awq_mma.MMA_MAX_TOKENS and _awq_mma.mma_supported(x2, qweight, qweight.shape[0] // scales.shape[0]):
+    group_size = qweight.shape[0] // scales.shape[0]
+    if tokens <= _awq_mma.MMA_MAX_TOKENS and _awq_mma.mma_supported(x2, qweight, group_size):
         out = _awq_mma.awq_mma(x2, qweight, qzeros, scales)
+    elif (_awq_wgmma.wgmma_preferred(tokens, qweight.shape[1] * 8, qweight.shape[0])
+          and _awq_wgmma.wgmma_supported(x2, qweight, group_size)):
+        out = _awq_wgmma.awq_wgmma(x2, qweight, qzeros, scales)
     elif tma and tokens <= GEMV_MAX_TOKENS:
         out = awq_gemv(x2, qweight, qzeros, scales)
     elif tma and tokens <= FUSED_MAX_TOKENS:
@@ -633,5 +638,6 @@ def awq_linear(
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-# At the end: awq_mma.py takes its helpers from this module (the import resolves either way round).
+# At the end: the Gluon kernels take their helpers from this module (the imports resolve either way round).
 from engine.kernels import awq_mma as _awq_mma  # noqa: E402
+from engine.kernels import awq_wgmma as _awq_wgmma  # noqa: E402

@@ -270,6 +270,41 @@ if HAVE_GLUON:
                                   is_pure=False, pack=1)
 
     @gluon.jit
+    def _store_split_k(acc, out_ptr, partial_ptr, lock_ptr, lock, t0, c0, M, N, split, split_k, L: gl.constexpr,
+                       R: gl.constexpr, RL: gl.constexpr):
+        """awq_gemm.py's _store_split_k, as Gluon needs it (its zeros take a layout): the fp32 tile
+        ``acc`` (layout L) of tokens t0 .. and columns c0 .. to the output in its dtype, or with
+        split_k > 1 to the partials at ``split``, the last program of the output block to arrive
+        (counter ``lock_ptr[lock]``, reset by it) summing them in split order, R tokens at a time
+        in layout RL (4 partials in flight)."""
+        T: gl.constexpr = acc.shape[0]
+        C: gl.constexpr = acc.shape[1]
+        ot = t0 + gl.arange(0, T, layout=gl.SliceLayout(1, L))
+        oc = c0 + gl.arange(0, C, layout=gl.SliceLayout(0, L))
+        offs = ot[:, None] * N + oc[None, :]
+        ok = (ot < M)[:, None] & (oc < N)[None, :]
+        if split_k == 1:
+            gl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            gl.store(partial_ptr + split * M * N + offs, acc, mask=ok)
+            _cta_barrier()  # every warp's partials are written before the release below
+            arrived = gl.atomic_add(lock_ptr + lock, 1, sem="acq_rel", scope="gpu")
+            if arrived == split_k - 1:
+                for r in gl.static_range(0, T, R):
+                    rt = t0 + r + gl.arange(0, R, layout=gl.SliceLayout(1, RL))
+                    rc = c0 + gl.arange(0, C, layout=gl.SliceLayout(0, RL))
+                    roffs = rt[:, None] * N + rc[None, :]
+                    rok = (rt < M)[:, None] & (rc < N)[None, :]
+                    total = gl.zeros([R, C], gl.float32, layout=RL)
+                    for s0 in range(0, split_k, 4):
+                        for j in gl.static_range(4):
+                            part = gl.load(partial_ptr + gl.minimum(s0 + j, split_k - 1) * M * N + roffs, mask=rok,
+                                           other=0.0, cache_modifier=".cg")
+                            total += gl.where(s0 + j < split_k, part, 0.0)
+                    gl.store(out_ptr + roffs, total.to(out_ptr.dtype.element_ty), mask=rok)
+                gl.atomic_xchg(lock_ptr + lock, 0, sem="relaxed", scope="gpu")
+
+    @gluon.jit
     def _awq_mma_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
                         M, k_per_split, split_k,
                         N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
@@ -364,23 +399,5 @@ if HAVE_GLUON:
         OUT_L: gl.constexpr = _out_layout(W, BLOCK_T)
         out = gl.permute(acc.reshape([4, W, 2, 8, BLOCK_T]), (4, 1, 3, 0, 2)).reshape([BLOCK_T, 64 * W])
         out = gl.convert_layout(out, OUT_L, assert_trivial=True)
-        ot = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, OUT_L))
-        oc = pid_n * 64 * W + gl.arange(0, 64 * W, layout=gl.SliceLayout(0, OUT_L))
-        offs = ot[:, None] * N + oc[None, :]
-        ok = (ot < M)[:, None] & (oc < N)[None, :]
-        # awq_gemm.py's _store_split_k, as Gluon needs it (its zeros take a layout).
-        if split_k == 1:
-            gl.store(out_ptr + offs, out.to(DTYPE), mask=ok)
-        else:
-            gl.store(partial_ptr + pid_s * M * N + offs, out, mask=ok)
-            _cta_barrier()  # both warps' partials are written before the release below
-            arrived = gl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == split_k - 1:
-                total = gl.zeros([BLOCK_T, 64 * W], gl.float32, layout=OUT_L)
-                for s0 in range(0, split_k, 4):  # 4 partials in flight
-                    for j in gl.static_range(4):
-                        part = gl.load(partial_ptr + gl.minimum(s0 + j, split_k - 1) * M * N + offs, mask=ok,
-                                       other=0.0, cache_modifier=".cg")
-                        total += gl.where(s0 + j < split_k, part, 0.0)
-                gl.store(out_ptr + offs, total.to(DTYPE), mask=ok)
-                gl.atomic_xchg(lock_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+        _store_split_k(out, out_ptr, partial_ptr, lock_ptr, pid_n, 0, pid_n * 64 * W, M, N, pid_s, split_k, OUT_L,
+                       BLOCK_T, OUT_L)
