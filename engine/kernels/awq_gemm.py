@@ -2,8 +2,10 @@
 
 On Hopper GPUs, 1-16 tokens of fp16/bf16 go to the tensor-core kernel of awq_mma.py (Gluon; on an
 H200 a Llama-3.1-8B layer's linears 1.04x faster than this module's gemv at one token, 1.2x at
-two, 1.5-1.8x faster than the fused kernel at 4-16). The kernels here take the rest, and every
-shape where that one does not run (other GPUs, fp32, the interpreter): three ways to compute
+two, 1.5-1.8x faster than the fused kernel at 4-16), and the large linears of 128-1024 tokens to
+the warp-specialized wgmma kernel of awq_wgmma.py (Gluon; gate_up and down at 256 tokens 1.3-1.6x
+faster than dequantize + matmul). The kernels here take the rest, and every shape where those do
+not run (other GPUs, fp32, the interpreter): three ways to compute
 ``y = x @ W`` with ``W = (q - z) * s`` of shape [K, N]:
 
 - ``awq_gemv``: for one or two tokens, a split-K GEMV on the CUDA cores fed by the tensor memory
@@ -20,8 +22,8 @@ shape where that one does not run (other GPUs, fp32, the interpreter): three way
   whole bf16 weight (13-86 us a Llama-3.1-8B linear on an H200, 73-80% of the copy rate), which
   the matmul amortizes only at thousands of tokens (0.5-0.7x bf16 at 256, 0.8-0.9x at 2048).
 
-``awq_linear`` picks between them by token count (``MMA_MAX_TOKENS``, ``GEMV_MAX_TOKENS``, ``FUSED_MAX_TOKENS``,
-measured on an H200 with bench/bench_awq_linear.py). The two TMA-fed kernels need the packed rows
+``awq_linear`` picks between them by token count (``MMA_MAX_TOKENS``, ``wgmma_preferred``, ``GEMV_MAX_TOKENS``,
+``FUSED_MAX_TOKENS``, measured on an H200 with bench/bench_awq_linear.py). The two TMA-fed kernels need the packed rows
 (N / 2 bytes) to be a multiple of 16 bytes (``tma_supported``: N % 32 == 0, true of the models'
 projection widths); other widths take dequantize + matmul at any token count.
 """

@@ -19,6 +19,13 @@ exactly, in the order awq_dequantize rounds them (``_dequant``): bf16 as fp32
 ``(128 + q) s - (128 + z) s``, exact, then one rounding; fp16 as ``((1024 + q) - (1024 + z)) * s``
 in fp16. The columns are put back in order in the epilogue.
 
+A program is warp-specialized: a producer warp streams the packed weight and the activations
+through TMA into a ring of shared-memory stages, and two consumer warpgroups (64 columns each)
+dequantize and run their wgmmas. A warpgroup waits for its own
+wgmmas before it dequantizes the next stage: PTX forbids rewriting registers an unfinished wgmma
+reads, and with the overlap written legally (alternating register sets) ptxas serializes every
+wgmma instead (its warning C7513), so the overlap comes from the other warpgroup.
+
 Gluon kernels do not run under TRITON_INTERPRET=1: CI compiles this one for sm_90 and runs its
 dequantizing PTX through a small PTX interpreter (tests/test_awq_wgmma.py); its numerics are
 tested on the GPU against a float64 reference.
@@ -26,6 +33,7 @@ tested on the GPU against a float64 reference.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -121,13 +129,18 @@ def wgmma_preferred(m: int, n: int, k: int) -> bool:
     return WGMMA_MIN_TOKENS <= m <= WGMMA_MAX_TOKENS and n * k >= WGMMA_MIN_WEIGHTS
 
 
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    """awq_mma's conditions (Gluon, not turned off) on a compute capability 9 GPU: decided once per device."""
+    return _mma._enabled(device) and torch.cuda.get_device_capability(device)[0] == 9
+
+
 def wgmma_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
     """Whether ``awq_wgmma`` takes these activations and weight: a Hopper GPU (wgmma is sm_90's)
     with Gluon, fp16 or bf16 activations, N % 128 == 0, K % 64 == 0 and groups of a multiple of 64
     rows (or one over all of K)."""
     k, n = qweight.shape[0], qweight.shape[1] * 8
-    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _mma._enabled(x.device)
-            and torch.cuda.get_device_capability(x.device)[0] == 9
+    return (x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _hopper(x.device)
             and n % BLOCK_N == 0 and k % BLOCK_K == 0 and (group_size % BLOCK_K == 0 or group_size == k))
 
 
@@ -239,14 +252,12 @@ if _mma.HAVE_GLUON:
             return s_bits * 0x10001, (0x6400 + z) * 0x10001
 
     @gluon.jit
-    def _step(t, acc, s_next, z_next, x_smem, w_smem, ready, empty, order, scales_ptr, qzeros_ptr, cols, words,
+    def _step(t, acc, s_next, z_next, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, cols, words,
               shifts, sel, k_lo, N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
               NUM_STAGES: gl.constexpr):
         """One K tile of consumer warpgroup WG: wait for the stage, dequantize its words into the
-        A registers, take its turn at the tensor cores (``order``: the two warpgroups issue their
-        wgmmas alternately, so that one dequantizes while the other's run), wait for them, and
-        release the stage. The scale and zero operands of tile t come in as ``s_next``/``z_next``
-        and those of t + 1 go out."""
+        A registers, run the wgmmas, wait for them, and release the stage. The scale and zero
+        operands of tile t come in as ``s_next``/``z_next`` and those of t + 1 go out."""
         DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_acc_layout(BLOCK_T), k_width=2)
@@ -257,9 +268,7 @@ if _mma.HAVE_GLUON:
         slot = t % NUM_STAGES
         mbarrier.wait(ready.index(slot), (t // NUM_STAGES) & 1)
         a = _dequant(w_smem.index(2 * slot + WG).load(_words_layout(_BLOCK_K)), sel, s_arg, z_arg, DTYPE, A_L)
-        mbarrier.wait(order.index(WG), t & 1)
         pending = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-        mbarrier.arrive(order.index(1 - WG), count=1)
         # All of this step's wgmmas done before the next step rewrites the A registers (ptxas
         # serializes the wgmmas if registers they read are defined while they may run).
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[pending])
@@ -267,7 +276,7 @@ if _mma.HAVE_GLUON:
         return acc, s_next, z_next
 
     @gluon.jit
-    def _consumer(WG: gl.constexpr, x_smem, w_smem, ready, empty, order, scales_ptr, qzeros_ptr, out_ptr, partial_ptr,
+    def _consumer(WG: gl.constexpr, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr,
                   lock_ptr, M, pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N: gl.constexpr, K: gl.constexpr,
                   GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
         """Warpgroup WG: output columns 128 pid_n + 64 WG .. + 63 for the program's tokens."""
@@ -287,7 +296,7 @@ if _mma.HAVE_GLUON:
         s_next, z_next = _tile_params(scales_ptr, qzeros_ptr, k_lo, cols, words, shifts, N, GROUP, DTYPE)
         acc = gl.zeros([64, BLOCK_T], gl.float32, layout=ACC)
         for t in range(n_tiles):
-            acc, s_next, z_next = _step(t, acc, s_next, z_next, x_smem, w_smem, ready, empty, order, scales_ptr,
+            acc, s_next, z_next = _step(t, acc, s_next, z_next, x_smem, w_smem, ready, empty, scales_ptr,
                                         qzeros_ptr, cols, words, shifts, sel, k_lo, N, K, GROUP, WG, NUM_STAGES)
 
         # Rows back to column order (row bits w, h, j, b1, b0 -> column bits w, j, b0, h, b1),
@@ -300,17 +309,17 @@ if _mma.HAVE_GLUON:
                             pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
 
     @gluon.jit
-    def _consumer0(x_smem, w_smem, ready, empty, order, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
+    def _consumer0(x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
                    pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N: gl.constexpr, K: gl.constexpr,
                    GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
-        _consumer(0, x_smem, w_smem, ready, empty, order, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
+        _consumer(0, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
                   pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL)
 
     @gluon.jit
-    def _consumer1(x_smem, w_smem, ready, empty, order, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
+    def _consumer1(x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
                    pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N: gl.constexpr, K: gl.constexpr,
                    GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
-        _consumer(1, x_smem, w_smem, ready, empty, order, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
+        _consumer(1, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
                   pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL)
 
     @gluon.jit
@@ -365,15 +374,11 @@ if _mma.HAVE_GLUON:
         x_smem = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES, BLOCK_T, _BLOCK_K], x_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        order = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
-        mbarrier.init(order.index(0), count=1)
-        mbarrier.init(order.index(1), count=1)
         fence_async_shared()
-        mbarrier.arrive(order.index(0), count=1)  # warpgroup 0 goes first
-        consumer_args = (x_smem, w_smem, ready, empty, order, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
+        consumer_args = (x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
                          pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL)
         gl.warp_specialize([
             (_consumer0, consumer_args),
