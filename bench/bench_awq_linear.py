@@ -169,6 +169,18 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
     def bw_fraction(us: float) -> float:
         return weight_bytes / (us * 1e-6) / copy_bps
 
+    def sweep(name: str, fn, configs: list) -> dict:
+        """Time ``fn(x, *weights, cfg)`` for each config (checked against the reference first):
+        the sorted list and the best, under ``{name}_sweep*`` keys."""
+        timings = []
+        for cfg in configs:
+            e = rel_err(fn(x, qweight, qzeros, scales, cfg), ref)
+            assert e < 1e-2, f"{cfg}: relative error {e:.1e}"
+            timings.append((graph_us(awq_calls(lambda x, *c, cfg=cfg: fn(x, *c, cfg)), rep=20), cfg))
+        timings.sort(key=lambda t: t[0])
+        return {f"{name}_sweep": [[us, list(cfg)] for us, cfg in timings],
+                f"{name}_sweep_best_us": timings[0][0], f"{name}_sweep_best_config": list(timings[0][1])}
+
     bf16_us = graph_us([lambda d=d: F.linear(x, d) for d in dense_copies])
     auto_us = graph_us(awq_calls(awq_linear))
     dequant_us = graph_us(awq_calls(lambda x, *c: torch.matmul(x, awq_dequantize(*c, torch.bfloat16))))
@@ -186,28 +198,14 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
         result["mma_us"] = graph_us(awq_calls(lambda x, *c: awq_mma(x, *c, mma_cfg)))
         result["mma_weight_bw_fraction_of_copy"] = bw_fraction(result["mma_us"])
         if mma_sweep:
-            timings = []
-            for cfg in mma_sweep_configs(m, n, k, num_sms):
-                e = rel_err(awq_mma(x, qweight, qzeros, scales, cfg), ref)
-                assert e < 1e-2, f"{cfg}: relative error {e:.1e}"
-                timings.append((graph_us(awq_calls(lambda x, *c, cfg=cfg: awq_mma(x, *c, cfg)), rep=20), cfg))
-            timings.sort(key=lambda t: t[0])
-            result["mma_sweep"] = [[us, list(cfg)] for us, cfg in timings]
-            result["mma_sweep_best_us"], result["mma_sweep_best_config"] = timings[0][0], list(timings[0][1])
+            result |= sweep("mma", awq_mma, mma_sweep_configs(m, n, k, num_sms))
     if m > MMA_MAX_TOKENS and wgmma_supported(x, qweight, GROUP_SIZE):
         wg_cfg = wgmma_config(m, n, k, num_sms)
         result["wgmma_config"] = list(wg_cfg)
         result["wgmma_rel_err_vs_fp32"] = rel_err(awq_wgmma(x, qweight, qzeros, scales, wg_cfg), ref)
         result["wgmma_us"] = graph_us(awq_calls(lambda x, *c: awq_wgmma(x, *c, wg_cfg)))
         if wgmma_sweep:
-            timings = []
-            for cfg in wgmma_sweep_configs(m, n, k, num_sms):
-                e = rel_err(awq_wgmma(x, qweight, qzeros, scales, cfg), ref)
-                assert e < 1e-2, f"{cfg}: relative error {e:.1e}"
-                timings.append((graph_us(awq_calls(lambda x, *c, cfg=cfg: awq_wgmma(x, *c, cfg)), rep=20), cfg))
-            timings.sort(key=lambda t: t[0])
-            result["wgmma_sweep"] = [[us, list(cfg)] for us, cfg in timings]
-            result["wgmma_sweep_best_us"], result["wgmma_sweep_best_config"] = timings[0][0], list(timings[0][1])
+            result |= sweep("wgmma", awq_wgmma, wgmma_sweep_configs(m, n, k, num_sms))
     if m <= GEMV_MAX_TOKENS:
         gemv_cfg = gemv_config(n, k, GROUP_SIZE, num_sms, m)
         result["gemv_config"] = list(gemv_cfg)

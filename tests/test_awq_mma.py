@@ -133,38 +133,45 @@ def _nvdisasm() -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
 
 
-@pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
-@pytest.mark.parametrize(("block_t", "halves", "dtype"), [(8, 1, torch.bfloat16), (16, 2, torch.float16)])
-def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtype: torch.dtype) -> None:
-    """The kernel compiles for an H100/H200 with this Triton (its layout changes are all asserted
-    trivial), keeps its state in registers (no local memory) and feeds the tensor cores from its
-    unpacked registers: no shared-memory store in the main loop, 40 mma.sync a 128-row tile."""
+def sm90_sass(fn, x_desc, w_desc, consts: dict, dtype: torch.dtype, num_warps: int) -> str:
+    """Compile one of the AWQ Gluon kernels (arguments x_desc, w_desc, qzeros_ptr, scales_ptr,
+    out_ptr, partial_ptr, lock_ptr, then integers and ``consts``) for sm_90 with the installed
+    Triton; assert it uses no local memory (no register spills) and return its SASS."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    k, n = 1024, 256
-    x = torch.zeros(block_t, k, dtype=dtype)
-    x_desc, w_desc = mma._descriptors(x, torch.zeros(k, n // 8, dtype=torch.int32), block_t, 128 * halves)
-    fn = mma._awq_mma_kernel
-    consts = dict(N=n, K=k, GROUP=128, BLOCK_T=block_t, HALVES=halves, NUM_STAGES=2, USE_PDL=True)
     out_ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
     types = dict(x_desc=mangle_type(x_desc), w_desc=mangle_type(w_desc), qzeros_ptr="*i32", scales_ptr="*fp16",
                  out_ptr=out_ty, partial_ptr="*fp32", lock_ptr="*i32")
     signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in types if types[a].startswith("*")}
     kernel = triton.compile(GluonASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": mma.WARPS})
+                            options={"num_warps": num_warps})
     ptx = kernel.asm["ptx"]
     assert "ld.local" not in ptx and "st.local" not in ptx
-    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"awq_mma_{os.getpid()}_{block_t}.cubin"
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"{fn.__name__}_{os.getpid()}.cubin"
     cubin.write_bytes(kernel.asm["cubin"])
     try:
         sass = subprocess.run([str(_nvdisasm()), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
     finally:
         cubin.unlink()
     assert not re.search(r"\b(STL|LDL)\b", sass), "register spills"
+    return sass
+
+
+@pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
+@pytest.mark.parametrize(("block_t", "halves", "dtype"), [(8, 1, torch.bfloat16), (16, 2, torch.float16)])
+def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtype: torch.dtype) -> None:
+    """The kernel compiles for an H100/H200 with this Triton (its layout changes are all asserted
+    trivial), keeps its state in registers (no local memory) and feeds the tensor cores from its
+    unpacked registers: no shared-memory store in the main loop, 40 mma.sync a 128-row tile."""
+    k, n = 1024, 256
+    x = torch.zeros(block_t, k, dtype=dtype)
+    x_desc, w_desc = mma._descriptors(x, torch.zeros(k, n // 8, dtype=torch.int32), block_t, 128 * halves)
+    consts = dict(N=n, K=k, GROUP=128, BLOCK_T=block_t, HALVES=halves, NUM_STAGES=2, USE_PDL=True)
+    sass = sm90_sass(mma._awq_mma_kernel, x_desc, w_desc, consts, dtype, mma.WARPS)
     hmma = len(re.findall(r"HMMA\.16816", sass))
     per_tile = 40 * (2 if block_t == 16 else 1)  # 32 (64 columns x 8 tokens a warp) + 8 for the sums
     assert hmma == per_tile * halves, hmma
@@ -188,10 +195,16 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtyp
     ],
 )
 def test_mma_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:
+    check_kernel(awq_mma, m, k, n, group_size, config, dtype)
+
+
+def check_kernel(fn, m: int, k: int, n: int, group_size: int, config, dtype: torch.dtype) -> None:
+    """``fn(x, qweight, qzeros, scales, config)`` on random data against the float64 reference,
+    split-K counters left at zero."""
     seed = _seed()
     qweight, qzeros, scales, w64 = _random_weight(k, n, group_size, seed)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
-    _check_matmul(awq_mma(x, qweight, qzeros, scales, config), x, w64, seed)
+    _check_matmul(fn(x, qweight, qzeros, scales, config), x, w64, seed)
     assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from engine.kernels.awq_gemm import awq_linear
 from engine.kernels.awq_wgmma import WGMMA_MIN_TOKENS, WgmmaConfig, awq_wgmma, wgmma_config, wgmma_preferred
 from engine.quantization.awq import pack_int4
 from tests.test_awq_kernels import _check_matmul, _random_weight, _seed
-from tests.test_awq_mma import _bf16_rn, _nvdisasm, _run_ptx
+from tests.test_awq_mma import _bf16_rn, _run_ptx, check_kernel, sm90_sass
 
 ON_HOPPER = (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
              and torch.cuda.get_device_capability()[0] == 9)
@@ -87,32 +85,11 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, dtype: torch.dtyp
     registers and feeds the tensor cores from its dequantized registers: 4 wgmma a 64-row stage in
     each consumer warpgroup (m64 x BLOCK_T x k16, A from registers), issued as one group (ptxas
     did not serialize them), and no shared-memory store in the main loop."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
     k, n = 1024, 256
     x = torch.zeros(block_t, k, dtype=dtype)
     x_desc, w_desc = wg._descriptors(x, torch.zeros(k, n // 8, dtype=torch.int32), block_t)
-    fn = wg._awq_wgmma_kernel
     consts = dict(N=n, K=k, GROUP=128, BLOCK_T=block_t, NUM_STAGES=4, USE_PDL=True)
-    out_ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
-    types = dict(x_desc=mangle_type(x_desc), w_desc=mangle_type(w_desc), qzeros_ptr="*i32", scales_ptr="*fp16",
-                 out_ptr=out_ty, partial_ptr="*fp32", lock_ptr="*i32")
-    signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in types if types[a].startswith("*")}
-    kernel = triton.compile(GluonASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": wg.WARPS})
-    ptx = kernel.asm["ptx"]
-    assert "ld.local" not in ptx and "st.local" not in ptx
-    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"awq_wgmma_{os.getpid()}_{block_t}.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    try:
-        sass = subprocess.run([str(_nvdisasm()), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    finally:
-        cubin.unlink()
-    assert not re.search(r"\b(STL|LDL)\b", sass), "register spills"
+    sass = sm90_sass(wg._awq_wgmma_kernel, x_desc, w_desc, consts, dtype, wg.WARPS)
     kind = r"\.BF16" if dtype == torch.bfloat16 else ""  # fp16 inputs carry no suffix
     wgmma = re.findall(rf"HGMMA\.64x{block_t}x16\.F32{kind} R\d+, R\d+, gdesc", sass)  # A from registers
     assert len(wgmma) == 8, sass.count("HGMMA")  # 4 in each consumer warpgroup
@@ -138,11 +115,7 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, dtype: torch.dtyp
     ],
 )
 def test_wgmma_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:
-    seed = _seed()
-    qweight, qzeros, scales, w64 = _random_weight(k, n, group_size, seed)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
-    _check_matmul(awq_wgmma(x, qweight, qzeros, scales, config), x, w64, seed)
-    assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
+    check_kernel(awq_wgmma, m, k, n, group_size, config, dtype)
 
 
 @needs_hopper

@@ -309,20 +309,6 @@ if _mma.HAVE_GLUON:
                             pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
 
     @gluon.jit
-    def _consumer0(x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
-                   pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N: gl.constexpr, K: gl.constexpr,
-                   GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
-        _consumer(0, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
-                  pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL)
-
-    @gluon.jit
-    def _consumer1(x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
-                   pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N: gl.constexpr, K: gl.constexpr,
-                   GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
-        _consumer(1, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
-                  pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL)
-
-    @gluon.jit
     def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, t0, w0, k_lo, n_tiles, NUM_STAGES: gl.constexpr,
                   USE_PDL: gl.constexpr):
         """One warp: TMA loads of each stage (the weight's two 8-word halves and the activations)
@@ -381,8 +367,8 @@ if _mma.HAVE_GLUON:
         consumer_args = (x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
                          pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL)
         gl.warp_specialize([
-            (_consumer0, consumer_args),
-            (_consumer1, consumer_args),
+            (_consumer, (gl.constexpr(0), ) + consumer_args),
+            (_consumer, (gl.constexpr(1), ) + consumer_args),
             (_producer, (x_desc, w_desc, x_smem, w_smem, ready, empty, t0, pid_n * 16, k_lo, n_tiles, NUM_STAGES,
                          USE_PDL)),
         ], [4, 1], [232, 24])
