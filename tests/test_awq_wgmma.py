@@ -71,8 +71,8 @@ def test_config_rule_and_routing() -> None:
             assert cfg.block_t == (64 if m <= 64 else 128 if m <= 128 else 256)
             assert 1 <= cfg.split_k <= k // 256
             assert cfg.split_k == 1 or (n // 128) * -(-m // cfg.block_t) * cfg.split_k <= 132
-    assert wgmma_config(256, 4096, 14336, num_sms=132) == (256, 4, 4)  # down: 32 column blocks
-    assert wgmma_config(2048, 28672, 4096, num_sms=132) == (256, 1, 3)
+    assert wgmma_config(256, 4096, 14336, num_sms=132) == WgmmaConfig(256, 4, 4)  # down: 32 column blocks
+    assert wgmma_config(2048, 28672, 4096, num_sms=132) == WgmmaConfig(256, 1, 3)
     gate_up, down, qkv, o = (28672, 4096), (4096, 14336), (6144, 4096), (4096, 4096)
     assert [wgmma_preferred(m, *gate_up) for m in (64, 128, 512, 1024, 2048)] == [False, True, True, True, False]
     assert wgmma_preferred(256, *down) and not wgmma_preferred(256, *qkv) and not wgmma_preferred(256, *o)
@@ -88,7 +88,7 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, dtype: torch.dtyp
     k, n = 1024, 256
     x = torch.zeros(block_t, k, dtype=dtype)
     x_desc, w_desc = wg._descriptors(x, torch.zeros(k, n // 8, dtype=torch.int32), block_t)
-    consts = dict(N=n, K=k, GROUP=128, BLOCK_T=block_t, NUM_STAGES=4, USE_PDL=True)
+    consts = dict(N=n, K=k, GROUP=128, BLOCK_T=block_t, NUM_STAGES=4, USE_PDL=True, A_SMEM=0)
     sass = sm90_sass(wg._awq_wgmma_kernel, x_desc, w_desc, consts, dtype, wg.WARPS)
     kind = r"\.BF16" if dtype == torch.bfloat16 else ""  # fp16 inputs carry no suffix
     wgmma = re.findall(rf"HGMMA\.64x{block_t}x16\.F32{kind} R\d+, R\d+, gdesc", sass)  # A from registers
@@ -102,6 +102,22 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, dtype: torch.dtyp
         assert not any(re.search(r"\bSTS\b", line) for line in lines[start:end])
 
 
+@pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
+def test_shared_memory_a_variant_compiles_pipelined() -> None:
+    """``WgmmaConfig.a_smem``: the dequantized tile goes to the wgmmas through shared memory
+    (stmatrix), and a warpgroup keeps one step's wgmmas running while it dequantizes the next
+    (a wait for all but one group in the loop) without ptxas serializing them."""
+    k, n, block_t = 1024, 256, 256
+    x = torch.zeros(block_t, k, dtype=torch.bfloat16)
+    x_desc, w_desc = wg._descriptors(x, torch.zeros(k, n // 8, dtype=torch.int32), block_t)
+    consts = dict(N=n, K=k, GROUP=128, BLOCK_T=block_t, NUM_STAGES=3, USE_PDL=True, A_SMEM=1)
+    sass = sm90_sass(wg._awq_wgmma_kernel, x_desc, w_desc, consts, torch.bfloat16, wg.WARPS)
+    assert len(re.findall(rf"HGMMA\.64x{block_t}x16\.F32\.BF16 R\d+, gdesc", sass)) == 8  # A from shared memory
+    assert len(re.findall(r"HGMMA.*gsb0", sass)) == 2  # one commit group a step
+    assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", sass)) == 2  # one group left running
+    assert re.search(r"\bSTSM\b", sass)
+
+
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
@@ -112,6 +128,8 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, dtype: torch.dtyp
         (300, 1024, 256, 64, WgmmaConfig(256, 2)),  # groups of 64, two splits
         (64, 768, 128, 768, WgmmaConfig(64, 3, 3)),  # one group over all of K, uneven split, 3 stages
         (513, 512, 256, 128, WgmmaConfig(128, 4)),
+        (300, 1024, 256, 128, WgmmaConfig(256, 2, 3, True)),  # the tile through shared memory
+        (100, 768, 384, 768, WgmmaConfig(128, 1, 4, True)),
     ],
 )
 def test_wgmma_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:

@@ -110,6 +110,10 @@ class WgmmaConfig(NamedTuple):
     block_t: int  # tokens a program (the MMA's N): 64, 128 or 256
     split_k: int  # programs along K
     num_stages: int = 4
+    # The dequantized tile goes to the tensor cores through shared memory (wgmma's SS form), which
+    # lets a warpgroup keep a step's wgmmas running while it dequantizes the next: compiled
+    # unserialized for sm_90, not yet measured on a GPU, so off by default.
+    a_smem: bool = False
 
 
 def wgmma_config(m: int, n: int, k: int, num_sms: int) -> WgmmaConfig:
@@ -176,7 +180,7 @@ def awq_wgmma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     _awq_wgmma_kernel[(blocks_t, blocks_n, split_k)](
         x_desc, w_desc, qzeros, scales, out, partial, _split_k_locks(x.device, 2 * blocks_t * blocks_n),
         m, k_per_split, split_k,
-        N=n, K=k, GROUP=group_size, BLOCK_T=cfg.block_t, NUM_STAGES=cfg.num_stages,
+        N=n, K=k, GROUP=group_size, BLOCK_T=cfg.block_t, NUM_STAGES=cfg.num_stages, A_SMEM=int(cfg.a_smem),
         num_warps=WARPS, **pdl_args(x.device),
     )
     return out
@@ -252,12 +256,16 @@ if _mma.HAVE_GLUON:
             return s_bits * 0x10001, (0x6400 + z) * 0x10001
 
     @gluon.jit
-    def _step(t, acc, s_next, z_next, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, cols, words,
+    def _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, ready, empty, scales_ptr, qzeros_ptr, cols, words,
               shifts, sel, k_lo, N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
-              NUM_STAGES: gl.constexpr):
+              NUM_STAGES: gl.constexpr, A_SMEM: gl.constexpr):
         """One K tile of consumer warpgroup WG: wait for the stage, dequantize its words into the
         A registers, run the wgmmas, wait for them, and release the stage. The scale and zero
-        operands of tile t come in as ``s_next``/``z_next`` and those of t + 1 go out."""
+        operands of tile t come in as ``s_next``/``z_next`` and those of t + 1 go out.
+
+        With A_SMEM the tile is stored to slot t % 2 of ``a_smem`` and the wgmmas read it there;
+        the step waits only for the previous step's wgmmas (which frees that slot and the stage
+        before, released here) and leaves its own running."""
         DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_acc_layout(BLOCK_T), k_width=2)
@@ -268,17 +276,24 @@ if _mma.HAVE_GLUON:
         slot = t % NUM_STAGES
         mbarrier.wait(ready.index(slot), (t // NUM_STAGES) & 1)
         a = _dequant(w_smem.index(2 * slot + WG).load(_words_layout(_BLOCK_K)), sel, s_arg, z_arg, DTYPE, A_L)
-        pending = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-        # All of this step's wgmmas done before the next step rewrites the A registers (ptxas
-        # serializes the wgmmas if registers they read are defined while they may run).
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=[pending])
-        mbarrier.arrive(empty.index(slot), count=1)
+        if A_SMEM:
+            a_smem.index(t % 2).store(a)
+            fence_async_shared()
+            pending = warpgroup_mma(a_smem.index(t % 2), x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=[pending])
+            mbarrier.arrive(empty.index((t + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=t > 0)
+        else:
+            pending = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+            # All of this step's wgmmas done before the next step rewrites the A registers (ptxas
+            # serializes the wgmmas if registers they read are defined while they may run).
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[pending])
+            mbarrier.arrive(empty.index(slot), count=1)
         return acc, s_next, z_next
 
     @gluon.jit
     def _consumer(WG: gl.constexpr, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr,
                   lock_ptr, M, pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N: gl.constexpr, K: gl.constexpr,
-                  GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
+                  GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr, A_SMEM: gl.constexpr = 0):
         """Warpgroup WG: output columns 128 pid_n + 64 WG .. + 63 for the program's tokens."""
         DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
@@ -295,9 +310,26 @@ if _mma.HAVE_GLUON:
         sel = _per_row(b | ((4 + b) << 8), _BLOCK_K)
         s_next, z_next = _tile_params(scales_ptr, qzeros_ptr, k_lo, cols, words, shifts, N, GROUP, DTYPE)
         acc = gl.zeros([64, BLOCK_T], gl.float32, layout=ACC)
-        for t in range(n_tiles):
-            acc, s_next, z_next = _step(t, acc, s_next, z_next, x_smem, w_smem, ready, empty, scales_ptr,
-                                        qzeros_ptr, cols, words, shifts, sel, k_lo, N, K, GROUP, WG, NUM_STAGES)
+        if A_SMEM:
+            a_smem = gl.allocate_shared_memory(DTYPE, [2, 64, _BLOCK_K],
+                                               gl.NVMMASharedLayout.get_default_for([64, _BLOCK_K], DTYPE))
+            # A loop that always runs (n_tiles >= 1): with a zero-trip exit LLVM copies the
+            # accumulator ahead of the final wait, and ptxas then serializes every wgmma.
+            t = 0
+            more = True
+            while more:
+                acc, s_next, z_next = _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, ready, empty, scales_ptr,
+                                            qzeros_ptr, cols, words, shifts, sel, k_lo, N, K, GROUP, WG, NUM_STAGES,
+                                            A_SMEM)
+                t += 1
+                more = t < n_tiles
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+            mbarrier.arrive(empty.index((n_tiles - 1) % NUM_STAGES), count=1)
+        else:
+            for t in range(n_tiles):
+                acc, s_next, z_next = _step(t, acc, s_next, z_next, x_smem, w_smem, w_smem, ready, empty,
+                                            scales_ptr, qzeros_ptr, cols, words, shifts, sel, k_lo, N, K, GROUP, WG,
+                                            NUM_STAGES, A_SMEM)
 
         # Rows back to column order (row bits w, h, j, b1, b0 -> column bits w, j, b0, h, b1),
         # transposed to [tokens, columns].
@@ -307,6 +339,13 @@ if _mma.HAVE_GLUON:
         out = gl.convert_layout(out, OUT_L)
         _mma._store_split_k(out, out_ptr, partial_ptr, lock_ptr, 2 * (pid_t * (N // 128) + pid_n) + WG, t0,
                             pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
+
+    @gluon.jit
+    def _consumer_a_smem(WG: gl.constexpr, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr,
+                         partial_ptr, lock_ptr, M, pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N: gl.constexpr,
+                         K: gl.constexpr, GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
+        _consumer(WG, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M, pid_t,
+                  pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL, 1)
 
     @gluon.jit
     def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, t0, w0, k_lo, n_tiles, NUM_STAGES: gl.constexpr,
@@ -332,7 +371,7 @@ if _mma.HAVE_GLUON:
     def _awq_wgmma_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
                           M, k_per_split, split_k,
                           N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
-                          NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False):
+                          NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False, A_SMEM: gl.constexpr = 0):
         """Grid ``(cdiv(M, BLOCK_T), N / 128, split_k)``, warp-specialized: two consumer
         warpgroups (the default partition and a 4-warp worker) and a 1-warp TMA producer.
         Program (t, p, s) owns tokens BLOCK_T t .. (rows past M are read as 0 and not stored),
@@ -366,9 +405,15 @@ if _mma.HAVE_GLUON:
         fence_async_shared()
         consumer_args = (x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
                          pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL)
-        gl.warp_specialize([
-            (_consumer, (gl.constexpr(0), ) + consumer_args),
-            (_consumer, (gl.constexpr(1), ) + consumer_args),
-            (_producer, (x_desc, w_desc, x_smem, w_smem, ready, empty, t0, pid_n * 16, k_lo, n_tiles, NUM_STAGES,
-                         USE_PDL)),
-        ], [4, 1], [232, 24])
+        producer_args = (x_desc, w_desc, x_smem, w_smem, ready, empty, t0, pid_n * 16, k_lo, n_tiles, NUM_STAGES,
+                         USE_PDL)
+        # (warp_specialize passes bool constants to its partitions as runtime values, so the
+        # variant is chosen by function, not by argument.)
+        if A_SMEM:
+            gl.warp_specialize([(_consumer_a_smem, (gl.constexpr(0), ) + consumer_args),
+                                (_consumer_a_smem, (gl.constexpr(1), ) + consumer_args),
+                                (_producer, producer_args)], [4, 1], [232, 24])
+        else:
+            gl.warp_specialize([(_consumer, (gl.constexpr(0), ) + consumer_args),
+                                (_consumer, (gl.constexpr(1), ) + consumer_args),
+                                (_producer, producer_args)], [4, 1], [232, 24])
