@@ -24,7 +24,9 @@ through TMA into a ring of shared-memory stages, and two consumer warpgroups (64
 dequantize and run their wgmmas. A warpgroup waits for its own
 wgmmas before it dequantizes the next stage: PTX forbids rewriting registers an unfinished wgmma
 reads, and with the overlap written legally (alternating register sets) ptxas serializes every
-wgmma instead (its warning C7513), so the overlap comes from the other warpgroup.
+wgmma instead (its warning C7513), so the overlap comes from the other warpgroup. The opt-in
+``a_smem`` variant stores the tile to shared memory for the wgmmas (their SS form), which lets a
+warpgroup keep one step's wgmmas running while it dequantizes the next; it is not yet measured.
 
 Gluon kernels do not run under TRITON_INTERPRET=1: CI compiles this one for sm_90 and runs its
 dequantizing PTX through a small PTX interpreter (tests/test_awq_wgmma.py); its numerics are
