@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ import engine.kernels.awq_mma as mma
 from engine.kernels.awq_gemm import awq_linear
 from engine.kernels.awq_mma import MMA_MAX_TOKENS, MmaConfig, awq_mma, mma_config
 from engine.quantization.awq import pack_int4
+from tests.sm90_compile import sm90_sass
 from tests.test_awq_kernels import _check_matmul, _random_weight, _seed
 
 ON_HOPPER = (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
@@ -127,36 +126,12 @@ def test_config_rule() -> None:
     assert mma_config(1, 4096, 4096, num_sms=132) == (1, 16, 2)  # 32 column blocks fill 132 SMs
 
 
-def _nvdisasm() -> Path:
-    import triton
-
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-
-
-def sm90_sass(fn, x_desc, w_desc, consts: dict, dtype: torch.dtype, num_warps: int) -> str:
-    """Compile one of the AWQ Gluon kernels (arguments x_desc, w_desc, qzeros_ptr, scales_ptr,
-    out_ptr, partial_ptr, lock_ptr, then integers and ``consts``) for sm_90 with the installed
-    Triton; assert it uses no local memory (no register spills) and return its SASS."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    out_ty = "*bf16" if dtype == torch.bfloat16 else "*fp16"
-    types = dict(x_desc=mangle_type(x_desc), w_desc=mangle_type(w_desc), qzeros_ptr="*i32", scales_ptr="*fp16",
-                 out_ptr=out_ty, partial_ptr="*fp32", lock_ptr="*i32")
-    signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in types if types[a].startswith("*")}
-    kernel = triton.compile(GluonASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                            options={"num_warps": num_warps})
-    ptx = kernel.asm["ptx"]
+def compiled_sass(module: str, kernel: str, block_t: int, descriptor_args: list, consts: dict,
+                  dtype: torch.dtype, num_warps: int) -> str:
+    """SASS of one of the AWQ Gluon kernels compiled for sm_90 with the installed Triton (in a
+    process of its own, tests/sm90_compile.py), asserted free of local memory (register spills)."""
+    ptx, sass = sm90_sass(module, kernel, block_t, descriptor_args, consts, dtype, num_warps)
     assert "ld.local" not in ptx and "st.local" not in ptx
-    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"{fn.__name__}_{os.getpid()}.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    try:
-        sass = subprocess.run([str(_nvdisasm()), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    finally:
-        cubin.unlink()
     assert not re.search(r"\b(STL|LDL)\b", sass), "register spills"
     return sass
 
@@ -167,11 +142,9 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtyp
     """The kernel compiles for an H100/H200 with this Triton (its layout changes are all asserted
     trivial), keeps its state in registers (no local memory) and feeds the tensor cores from its
     unpacked registers: no shared-memory store in the main loop, 40 mma.sync a 128-row tile."""
-    k, n = 1024, 256
-    x = torch.zeros(block_t, k, dtype=dtype)
-    x_desc, w_desc = mma._descriptors(x, torch.zeros(k, n // 8, dtype=torch.int32), block_t, 128 * halves)
-    consts = dict(N=n, K=k, GROUP=128, BLOCK_T=block_t, HALVES=halves, NUM_STAGES=2, USE_PDL=True)
-    sass = sm90_sass(mma._awq_mma_kernel, x_desc, w_desc, consts, dtype, mma.WARPS)
+    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, HALVES=halves, NUM_STAGES=2, USE_PDL=True)
+    sass = compiled_sass("engine.kernels.awq_mma", "_awq_mma_kernel", block_t, [128 * halves], consts, dtype,
+                         mma.WARPS)
     hmma = len(re.findall(r"HMMA\.16816", sass))
     per_tile = 40 * (2 if block_t == 16 else 1)  # 32 (64 columns x 8 tokens a warp) + 8 for the sums
     assert hmma == per_tile * halves, hmma

@@ -22,7 +22,7 @@ from engine.kernels.awq_gemm import awq_linear
 from engine.kernels.awq_wgmma import WGMMA_MIN_TOKENS, WgmmaConfig, awq_wgmma, wgmma_config, wgmma_preferred
 from engine.quantization.awq import pack_int4
 from tests.test_awq_kernels import _check_matmul, _random_weight, _seed
-from tests.test_awq_mma import _bf16_rn, _run_ptx, check_kernel, sm90_sass
+from tests.test_awq_mma import _bf16_rn, _run_ptx, check_kernel, compiled_sass
 
 ON_HOPPER = (torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
              and torch.cuda.get_device_capability()[0] == 9)
@@ -85,11 +85,8 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, dtype: torch.dtyp
     registers and feeds the tensor cores from its dequantized registers: 4 wgmma a 64-row stage in
     each consumer warpgroup (m64 x BLOCK_T x k16, A from registers), issued as one group (ptxas
     did not serialize them), and no shared-memory store in the main loop."""
-    k, n = 1024, 256
-    x = torch.zeros(block_t, k, dtype=dtype)
-    x_desc, w_desc = wg._descriptors(x, torch.zeros(k, n // 8, dtype=torch.int32), block_t)
-    consts = dict(N=n, K=k, GROUP=128, BLOCK_T=block_t, NUM_STAGES=4, USE_PDL=True, A_SMEM=0)
-    sass = sm90_sass(wg._awq_wgmma_kernel, x_desc, w_desc, consts, dtype, wg.WARPS)
+    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, NUM_STAGES=4, USE_PDL=True, A_SMEM=0)
+    sass = compiled_sass("engine.kernels.awq_wgmma", "_awq_wgmma_kernel", block_t, [], consts, dtype, wg.WARPS)
     kind = r"\.BF16" if dtype == torch.bfloat16 else ""  # fp16 inputs carry no suffix
     wgmma = re.findall(rf"HGMMA\.64x{block_t}x16\.F32{kind} R\d+, R\d+, gdesc", sass)  # A from registers
     assert len(wgmma) == 8, sass.count("HGMMA")  # 4 in each consumer warpgroup
@@ -107,11 +104,10 @@ def test_shared_memory_a_variant_compiles_pipelined() -> None:
     """``WgmmaConfig.a_smem``: the dequantized tile goes to the wgmmas through shared memory
     (stmatrix), and a warpgroup keeps one step's wgmmas running while it dequantizes the next
     (a wait for all but one group in the loop) without ptxas serializing them."""
-    k, n, block_t = 1024, 256, 256
-    x = torch.zeros(block_t, k, dtype=torch.bfloat16)
-    x_desc, w_desc = wg._descriptors(x, torch.zeros(k, n // 8, dtype=torch.int32), block_t)
-    consts = dict(N=n, K=k, GROUP=128, BLOCK_T=block_t, NUM_STAGES=3, USE_PDL=True, A_SMEM=1)
-    sass = sm90_sass(wg._awq_wgmma_kernel, x_desc, w_desc, consts, torch.bfloat16, wg.WARPS)
+    block_t = 256
+    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, NUM_STAGES=3, USE_PDL=True, A_SMEM=1)
+    sass = compiled_sass("engine.kernels.awq_wgmma", "_awq_wgmma_kernel", block_t, [], consts, torch.bfloat16,
+                         wg.WARPS)
     assert len(re.findall(rf"HGMMA\.64x{block_t}x16\.F32\.BF16 R\d+, gdesc", sass)) == 8  # A from shared memory
     assert len(re.findall(r"HGMMA.*gsb0", sass)) == 2  # one commit group a step
     assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", sass)) == 2  # one group left running
