@@ -309,16 +309,11 @@ def main(argv: list[str] | None = None) -> int:
                 line += f"  mma {r['mma_us']:7.1f} ({r['mma_weight_bw_fraction_of_copy']:.0%})"
             if "wgmma_us" in r:
                 line += f"  wgmma {r['wgmma_us']:7.1f} {r['wgmma_config']}"
-            if "wgmma_sweep_best_us" in r:
-                line += f"  best wgmma {r['wgmma_sweep_best_us']:.1f} {r['wgmma_sweep_best_config']}"
             if "gemv_us" in r:
                 line += f"  gemv {r['gemv_us']:7.1f} ({r['gemv_weight_bw_fraction_of_copy']:.0%})"
-            if "mma_sweep_best_us" in r:
-                line += f"  best mma {r['mma_sweep_best_us']:.1f} {r['mma_sweep_best_config']}"
-            if "sweep_best_us" in r:
-                line += f"  best {r['sweep_best_us']:.1f} {r['sweep_best_config']}"
-            if "gemv_sweep_best_us" in r:
-                line += f"  best gemv {r['gemv_sweep_best_us']:.1f} {r['gemv_sweep_best_config']}"
+            for kind in ("wgmma_", "mma_", "", "gemv_"):  # each sweep's best, where one ran
+                if f"{kind}sweep_best_us" in r:
+                    line += f"  best {kind.rstrip('_')} {r[f'{kind}sweep_best_us']:.1f} {r[f'{kind}sweep_best_config']}"
             elapsed = time.perf_counter() - start
             print(line + f"  err {r['rel_err_vs_fp32']:.1e}  [{elapsed:.0f}s]", flush=True)
     if args.gemv_sweep:
