@@ -3,9 +3,9 @@
 From a few hundred tokens a linear is bound by the tensor cores, not by the weight bytes, and
 the path before this kernel (dequantize the whole weight to 16-bit floats, then a dense
 ``torch.matmul``) paid a full write and read of the dense weight on top of the GEMM. Here the
-packed weight is dequantized in registers into the A operand of ``wgmma`` (Hopper's warpgroup
-MMA, whose A operand may come from registers; B, the activations, is read from shared memory),
-so the weight crosses memory once, in 4 bits.
+packed weight is dequantized in registers, laid out as the A operand fragments of ``wgmma``
+(Hopper's warpgroup MMA), and stored to shared memory next to B, the activations, so the weight
+crosses global memory once, in 4 bits.
 
 The product is computed transposed, ``out^T [N, M] = W^T [N, K] x^T [K, M]``: output columns on
 the MMA's 64-row M side (a warpgroup each 64 of a program's 128), tokens on its N side (64-256 a
@@ -21,12 +21,12 @@ in fp16. The columns are put back in order in the epilogue.
 
 A program is warp-specialized: a producer warp streams the packed weight and the activations
 through TMA into a ring of shared-memory stages, and two consumer warpgroups (64 columns each)
-dequantize and run their wgmmas. A warpgroup waits for its own
-wgmmas before it dequantizes the next stage: PTX forbids rewriting registers an unfinished wgmma
-reads, and with the overlap written legally (alternating register sets) ptxas serializes every
-wgmma instead (its warning C7513), so the overlap comes from the other warpgroup. The opt-in
-``a_smem`` variant stores the tile to shared memory for the wgmmas (their SS form), which lets a
-warpgroup keep one step's wgmmas running while it dequantizes the next; it is not yet measured.
+dequantize and run their wgmmas. A warpgroup stores its dequantized tile to shared memory
+(stmatrix) and its wgmmas read it there (their SS form), so it can dequantize the next stage
+while its own wgmmas run. Feeding them from registers (their RS form) does not allow that: PTX
+forbids rewriting registers an unfinished wgmma reads, and with the overlap written legally
+(alternating register sets) ptxas serializes every wgmma (its warning C7513); measured on an
+H200, that form was 3-8% slower at 128-512 tokens (bench/results/awq_linear_s17_sweep*.json).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: CI compiles this one for sm_90 and runs its
 dequantizing PTX through a small PTX interpreter (tests/test_awq_wgmma.py); its numerics are
@@ -46,12 +46,13 @@ from engine.kernels.awq_gemm import _check_shapes, _num_sms, _split_k_locks, _tm
 from engine.kernels.pdl import pdl_args
 
 # awq_linear runs this kernel for WGMMA_MIN_TOKENS to WGMMA_MAX_TOKENS tokens on weights of at
-# least WGMMA_MIN_WEIGHTS entries. On an H200 (bench/results/awq_linear_s16_ws_order_sweep.json,
+# least WGMMA_MIN_WEIGHTS entries. On an H200 (bench/results/awq_linear_s17_sweep*.json,
 # Llama-3.1-8B shapes) it beats both other paths on gate_up (117M weights) and down (59M) from 128
-# to 512 tokens: at 256 tokens 112.5 and 68.5 us against 177.2 and 93.3 for dequantize + matmul;
-# at 64 tokens the fused kernel is faster (55.3 against 72.7 us on gate_up); at 2048 tokens and on
-# qkv and o (25M and 17M weights) dequantize + matmul is as fast or faster (gate_up 738 against
-# 797 us at 2048; o 26.7 against 33.1 at 256).
+# to 1024 tokens: at 256 tokens 108.7 and 66.2 us against 175.2 and 93.3 for dequantize + matmul,
+# at 1024 gate_up 384 against 435; at 64 tokens the fused kernel is faster (session 16: 55.3
+# against 72.7 us on gate_up); at 2048 tokens dequantize + matmul is (gate_up 766 against 818), and
+# on qkv and o (25M and 17M weights) neither wins by more than 10% either way (o at 256 tokens
+# 31.2 against 27.1, qkv at 512 52.3 against 56.0).
 WGMMA_MIN_TOKENS = 128
 WGMMA_MAX_TOKENS = 1024
 WGMMA_MIN_WEIGHTS = 1 << 25
@@ -112,21 +113,18 @@ class WgmmaConfig(NamedTuple):
     block_t: int  # tokens a program (the MMA's N): 64, 128 or 256
     split_k: int  # programs along K
     num_stages: int = 4
-    # The dequantized tile goes to the tensor cores through shared memory (wgmma's SS form), which
-    # lets a warpgroup keep a step's wgmmas running while it dequantizes the next: compiled
-    # unserialized for sm_90, not yet measured on a GPU, so off by default.
-    a_smem: bool = False
 
 
 def wgmma_config(m: int, n: int, k: int, num_sms: int) -> WgmmaConfig:
-    """The tiling, from ``bench/bench_awq_linear.py --wgmma-sweep`` on an H200: programs of 256
-    tokens above 128 (64 or 128 below), split-K up to about one program per SM (down at 256
-    tokens: 4 splits, 68.5 us, against 81.5 with 128-token programs and 2), 3 stages for
-    unsplit 256-token programs (1-2% faster than 4), else 4."""
+    """The tiling, from ``bench/bench_awq_linear.py --wgmma-sweep`` on an H200
+    (bench/results/awq_linear_s17_sweep*.json): programs of 256 tokens above 128 (64 or 128
+    below), split-K up to about one program per SM (down at 256 tokens: 4 splits, 66.2 us, against
+    81.1 with 128-token programs and 2), 5 stages for 256-token programs and 6 for smaller ones
+    (the most that fit in shared memory; 4: 1-6% slower)."""
     block_t = 64 if m <= 64 else 128 if m <= 128 else 256
     programs = (n // BLOCK_N) * triton.cdiv(m, block_t)
     split_k = max(1, min(k // (4 * BLOCK_K), num_sms // programs))
-    return WgmmaConfig(block_t, split_k, 3 if block_t == 256 and split_k == 1 else 4)
+    return WgmmaConfig(block_t, split_k, 5 if block_t == 256 else 6)
 
 
 def wgmma_preferred(m: int, n: int, k: int) -> bool:
@@ -172,7 +170,7 @@ def awq_wgmma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     assert k_x == k, f"x has {k_x} features, the weight {k}"
     assert wgmma_supported(x, qweight, group_size), "awq_wgmma does not take this device, dtype or shape"
     cfg = WgmmaConfig(*config) if config else wgmma_config(m, n, k, _num_sms(x.device))
-    assert cfg.block_t in (64, 128, 256)
+    assert cfg.block_t in (64, 128, 256) and cfg.num_stages >= 2  # a stage is released a step after its wgmmas
     k_per_split = triton.cdiv(k // BLOCK_K, cfg.split_k) * BLOCK_K
     split_k = triton.cdiv(k, k_per_split)
     blocks_t, blocks_n = triton.cdiv(m, cfg.block_t), n // BLOCK_N
@@ -182,7 +180,7 @@ def awq_wgmma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     _awq_wgmma_kernel[(blocks_t, blocks_n, split_k)](
         x_desc, w_desc, qzeros, scales, out, partial, _split_k_locks(x.device, 2 * blocks_t * blocks_n),
         m, k_per_split, split_k,
-        N=n, K=k, GROUP=group_size, BLOCK_T=cfg.block_t, NUM_STAGES=cfg.num_stages, A_SMEM=int(cfg.a_smem),
+        N=n, K=k, GROUP=group_size, BLOCK_T=cfg.block_t, NUM_STAGES=cfg.num_stages,
         num_warps=WARPS, **pdl_args(x.device),
     )
     return out
@@ -234,7 +232,7 @@ if _mma.HAVE_GLUON:
         w = gl.permute(words, (1, 0)).reshape([4, 2, _BLOCK_K])
         w = gl.convert_layout(w, gl.SliceLayout(1, gl.SliceLayout(3, L5)), assert_trivial=True)
         w5 = gl.expand_dims(gl.expand_dims(w, 1), 3).broadcast_to([4, 2, 2, 4, _BLOCK_K])
-        # Not pure: the asm stays ahead of the wgmma.fence, as ptxas needs to keep the wgmmas async.
+        # Not pure: the compiler keeps the asm where it is written, after the stage's wait.
         if DTYPE == gl.bfloat16:
             q = gl.inline_asm_elementwise(_DEQUANT_BF16, _DEQUANT_CONSTRAINTS, [w5, sel, s_arg, z_arg],
                                           dtype=gl.bfloat16, is_pure=False, pack=8)
@@ -244,12 +242,15 @@ if _mma.HAVE_GLUON:
         return gl.convert_layout(q.reshape([64, _BLOCK_K]), A_L, assert_trivial=True)
 
     @gluon.jit
-    def _tile_params(scales_ptr, qzeros_ptr, k0, cols, words, shifts, N: gl.constexpr, GROUP: gl.constexpr,
-                     DTYPE: gl.constexpr):
-        """The asm's scale and zero-point operands of each row for the K tile at k0 (one group)."""
+    def _tile_loads(scales_ptr, qzeros_ptr, k0, cols, words, N: gl.constexpr, GROUP: gl.constexpr):
+        """The scale and the packed zero-point word of each row for the K tile at k0 (one group)."""
         g = k0 // GROUP
-        s = gl.load(scales_ptr + g * N + cols)
-        z = (gl.load(qzeros_ptr + g * (N // 8) + words) >> shifts) & 0xF
+        return gl.load(scales_ptr + g * N + cols), gl.load(qzeros_ptr + g * (N // 8) + words)
+
+    @gluon.jit
+    def _tile_args(s, z_words, shifts, DTYPE: gl.constexpr):
+        """The asm's scale and zero-point operands of each row from ``_tile_loads``' values."""
+        z = (z_words >> shifts) & 0xF
         if DTYPE == gl.bfloat16:
             sf = s.to(gl.float32)
             return sf.to(gl.int32, bitcast=True), (-(z.to(gl.float32) + 128.0) * sf).to(gl.int32, bitcast=True)
@@ -258,44 +259,39 @@ if _mma.HAVE_GLUON:
             return s_bits * 0x10001, (0x6400 + z) * 0x10001
 
     @gluon.jit
-    def _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, ready, empty, scales_ptr, qzeros_ptr, cols, words,
-              shifts, sel, k_lo, N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
-              NUM_STAGES: gl.constexpr, A_SMEM: gl.constexpr):
-        """One K tile of consumer warpgroup WG: wait for the stage, dequantize its words into the
-        A registers, run the wgmmas, wait for them, and release the stage. The scale and zero
-        operands of tile t come in as ``s_next``/``z_next`` and those of t + 1 go out.
-
-        With A_SMEM the tile is stored to slot t % 2 of ``a_smem`` and the wgmmas read it there;
-        the step waits only for the previous step's wgmmas (which frees that slot and the stage
-        before, released here) and leaves its own running."""
+    def _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, ready, empty, scales_ptr, qzeros_ptr,
+              cols, words, shifts, sel, k_lo, N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
+              NUM_STAGES: gl.constexpr):
+        """One K tile of consumer warpgroup WG: wait for the stage, dequantize its words, store
+        the tile to slot t % 2 of ``a_smem``, issue the wgmmas on it, then wait for the previous
+        step's wgmmas only (which frees that slot and the stage before, released here) and leave
+        this step's running. The scales and zero-point words of tile t come in as
+        ``s_next``/``z_next`` (loaded a step ahead) and those of t + 1 go out."""
         DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_acc_layout(BLOCK_T), k_width=2)
-        s_arg = _per_row(s_next, _BLOCK_K)
-        z_arg = _per_row(z_next, _BLOCK_K)
-        k_ahead = gl.minimum(k_lo + (t + 1) * _BLOCK_K, K - _BLOCK_K)  # in bounds; unused after the last
-        s_next, z_next = _tile_params(scales_ptr, qzeros_ptr, k_ahead, cols, words, shifts, N, GROUP, DTYPE)
+        s_arg, z_arg = _tile_args(s_next, z_next, shifts, DTYPE)
         slot = t % NUM_STAGES
         mbarrier.wait(ready.index(slot), (t // NUM_STAGES) & 1)
-        a = _dequant(w_smem.index(2 * slot + WG).load(_words_layout(_BLOCK_K)), sel, s_arg, z_arg, DTYPE, A_L)
-        if A_SMEM:
-            a_smem.index(t % 2).store(a)
-            fence_async_shared()
-            pending = warpgroup_mma(a_smem.index(t % 2), x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=[pending])
-            mbarrier.arrive(empty.index((t + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=t > 0)
-        else:
-            pending = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-            # All of this step's wgmmas done before the next step rewrites the A registers (ptxas
-            # serializes the wgmmas if registers they read are defined while they may run).
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=[pending])
-            mbarrier.arrive(empty.index(slot), count=1)
+        a = _dequant(w_smem.index(2 * slot + WG).load(_words_layout(_BLOCK_K)), sel, _per_row(s_arg, _BLOCK_K),
+                     _per_row(z_arg, _BLOCK_K), DTYPE, A_L)
+        a_smem.index(t % 2).store(a)
+        fence_async_shared()
+        pending = warpgroup_mma(a_smem.index(t % 2), x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+        # The next tile's scales and zero points load after the fence (a MEMBAR, which waits for
+        # every load issued before it) and are first used a step later. (Two steps ahead was 5-8%
+        # slower: the next step's fence then waits for them, between its dequantization and its
+        # wgmmas, where the stall in front of the stage's wait overlaps this step's wgmmas.)
+        k_ahead = gl.minimum(k_lo + (t + 1) * _BLOCK_K, K - _BLOCK_K)  # in bounds; unused after the last
+        s_next, z_next = _tile_loads(scales_ptr, qzeros_ptr, k_ahead, cols, words, N, GROUP)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=[pending])
+        mbarrier.arrive(empty.index((t + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=t > 0)
         return acc, s_next, z_next
 
     @gluon.jit
     def _consumer(WG: gl.constexpr, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr,
                   lock_ptr, M, pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N: gl.constexpr, K: gl.constexpr,
-                  GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr, A_SMEM: gl.constexpr = 0):
+                  GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
         """Warpgroup WG: output columns 128 pid_n + 64 WG .. + 63 for the program's tokens."""
         DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
@@ -310,28 +306,21 @@ if _mma.HAVE_GLUON:
         cols = 8 * words + 4 * (b % 2) + 2 * h + b // 2
         shifts = 4 * (2 * b + h)
         sel = _per_row(b | ((4 + b) << 8), _BLOCK_K)
-        s_next, z_next = _tile_params(scales_ptr, qzeros_ptr, k_lo, cols, words, shifts, N, GROUP, DTYPE)
+        s_next, z_next = _tile_loads(scales_ptr, qzeros_ptr, k_lo, cols, words, N, GROUP)
         acc = gl.zeros([64, BLOCK_T], gl.float32, layout=ACC)
-        if A_SMEM:
-            a_smem = gl.allocate_shared_memory(DTYPE, [2, 64, _BLOCK_K],
-                                               gl.NVMMASharedLayout.get_default_for([64, _BLOCK_K], DTYPE))
-            # A loop that always runs (n_tiles >= 1): with a zero-trip exit LLVM copies the
-            # accumulator ahead of the final wait, and ptxas then serializes every wgmma.
-            t = 0
-            more = True
-            while more:
-                acc, s_next, z_next = _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, ready, empty, scales_ptr,
-                                            qzeros_ptr, cols, words, shifts, sel, k_lo, N, K, GROUP, WG, NUM_STAGES,
-                                            A_SMEM)
-                t += 1
-                more = t < n_tiles
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-            mbarrier.arrive(empty.index((n_tiles - 1) % NUM_STAGES), count=1)
-        else:
-            for t in range(n_tiles):
-                acc, s_next, z_next = _step(t, acc, s_next, z_next, x_smem, w_smem, w_smem, ready, empty,
-                                            scales_ptr, qzeros_ptr, cols, words, shifts, sel, k_lo, N, K, GROUP, WG,
-                                            NUM_STAGES, A_SMEM)
+        a_smem = gl.allocate_shared_memory(DTYPE, [2, 64, _BLOCK_K],
+                                           gl.NVMMASharedLayout.get_default_for([64, _BLOCK_K], DTYPE))
+        # A loop that always runs (n_tiles >= 1): with a zero-trip exit LLVM copies the accumulator
+        # ahead of the final wait, and ptxas then serializes every wgmma (C7514/C7515).
+        t = 0
+        more = True
+        while more:
+            acc, s_next, z_next = _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, ready, empty, scales_ptr,
+                                        qzeros_ptr, cols, words, shifts, sel, k_lo, N, K, GROUP, WG, NUM_STAGES)
+            t += 1
+            more = t < n_tiles
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+        mbarrier.arrive(empty.index((n_tiles - 1) % NUM_STAGES), count=1)
 
         # Rows back to column order (row bits w, h, j, b1, b0 -> column bits w, j, b0, h, b1),
         # transposed to [tokens, columns].
@@ -341,13 +330,6 @@ if _mma.HAVE_GLUON:
         out = gl.convert_layout(out, OUT_L)
         _mma._store_split_k(out, out_ptr, partial_ptr, lock_ptr, 2 * (pid_t * (N // 128) + pid_n) + WG, t0,
                             pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
-
-    @gluon.jit
-    def _consumer_a_smem(WG: gl.constexpr, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr,
-                         partial_ptr, lock_ptr, M, pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N: gl.constexpr,
-                         K: gl.constexpr, GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
-        _consumer(WG, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M, pid_t,
-                  pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL, 1)
 
     @gluon.jit
     def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, t0, w0, k_lo, n_tiles, NUM_STAGES: gl.constexpr,
@@ -373,7 +355,7 @@ if _mma.HAVE_GLUON:
     def _awq_wgmma_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
                           M, k_per_split, split_k,
                           N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
-                          NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False, A_SMEM: gl.constexpr = 0):
+                          NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False):
         """Grid ``(cdiv(M, BLOCK_T), N / 128, split_k)``, warp-specialized: two consumer
         warpgroups (the default partition and a 4-warp worker) and a 1-warp TMA producer.
         Program (t, p, s) owns tokens BLOCK_T t .. (rows past M are read as 0 and not stored),
@@ -385,8 +367,9 @@ if _mma.HAVE_GLUON:
         [BLOCK_T, 64], filled by the producer (``ready``) and released by both warpgroups
         (``empty``, two arrivals); no CTA-wide barrier in the loop, so one warpgroup dequantizes
         while the other's wgmmas run. A consumer step (``_step``) dequantizes its 64 columns of the
-        stage into A registers and issues 4 wgmma.m64nBLOCK_Tk16; the scale and zero point of the
-        next stage's rows load a step ahead into registers.
+        stage into a 2-slot shared-memory A tile and issues 4 wgmma.m64nBLOCK_Tk16 on it, leaving
+        them running through the next step's dequantization; the scale and zero point of the next
+        stage's rows load a step ahead into registers.
 
         With split_k > 1 each warpgroup stores fp32 partials and the last to arrive for its
         [BLOCK_T, 64] block (counter ``lock_ptr``, reset by it) sums them in order: deterministic."""
@@ -409,13 +392,6 @@ if _mma.HAVE_GLUON:
                          pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL)
         producer_args = (x_desc, w_desc, x_smem, w_smem, ready, empty, t0, pid_n * 16, k_lo, n_tiles, NUM_STAGES,
                          USE_PDL)
-        # (warp_specialize passes bool constants to its partitions as runtime values, so the
-        # variant is chosen by function, not by argument.)
-        if A_SMEM:
-            gl.warp_specialize([(_consumer_a_smem, (gl.constexpr(0), ) + consumer_args),
-                                (_consumer_a_smem, (gl.constexpr(1), ) + consumer_args),
-                                (_producer, producer_args)], [4, 1], [232, 24])
-        else:
-            gl.warp_specialize([(_consumer, (gl.constexpr(0), ) + consumer_args),
-                                (_consumer, (gl.constexpr(1), ) + consumer_args),
-                                (_producer, producer_args)], [4, 1], [232, 24])
+        gl.warp_specialize([(_consumer, (gl.constexpr(0), ) + consumer_args),
+                            (_consumer, (gl.constexpr(1), ) + consumer_args),
+                            (_producer, producer_args)], [4, 1], [232, 24])
