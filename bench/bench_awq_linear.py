@@ -181,8 +181,15 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
         return {f"{name}_sweep": [[us, list(cfg)] for us, cfg in timings],
                 f"{name}_sweep_best_us": timings[0][0], f"{name}_sweep_best_config": list(timings[0][1])}
 
-    bf16_us = graph_us([lambda d=d: F.linear(x, d) for d in dense_copies])
-    auto_us = graph_us(awq_calls(awq_linear))
+    # The headline pair is timed twice, alternating, and each keeps its faster run: on the H200 a
+    # kernel timed right after the bf16 GEMMs read up to 8% slower than the same kernel timed
+    # alternately with itself (bench/results/awq_linear_s17.json against the interleaved check in
+    # docs/benchmarks.md).
+    bf16_runs, auto_runs = [], []
+    for _ in range(2):
+        bf16_runs.append(graph_us([lambda d=d: F.linear(x, d) for d in dense_copies]))
+        auto_runs.append(graph_us(awq_calls(awq_linear)))
+    bf16_us, auto_us = min(bf16_runs), min(auto_runs)
     dequant_us = graph_us(awq_calls(lambda x, *c: torch.matmul(x, awq_dequantize(*c, torch.bfloat16))))
     default_cfg = gemm_config(m, n, k, GROUP_SIZE, num_sms)
     fused_us = graph_us(awq_calls(lambda x, *c: awq_gemm(x, *c, default_cfg)))
