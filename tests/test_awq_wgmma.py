@@ -80,14 +80,18 @@ def test_config_rule_and_routing() -> None:
 
 
 @pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
-@pytest.mark.parametrize(("block_t", "dtype"), [(256, torch.bfloat16), (128, torch.float16)])
-def test_kernel_compiles_for_sm90_pipelined(block_t: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("block_t", "dtype", "params_tma"),
+                         [(256, torch.bfloat16, False), (128, torch.float16, False), (256, torch.bfloat16, True),
+                          (128, torch.float16, True)])
+def test_kernel_compiles_for_sm90_pipelined(block_t: int, dtype: torch.dtype, params_tma: bool) -> None:
     """The warp-specialized kernel compiles for an H100/H200 with this Triton, keeps its state in
     registers (no spills), stores each dequantized tile to shared memory (stmatrix) for 4 wgmmas
     a 64-row stage in each consumer warpgroup (m64 x BLOCK_T x k16, both operands from shared
     memory), issued as one group and left running through the next step: a wait for all but one
-    group in the loop, so ptxas did not serialize them."""
-    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, NUM_STAGES=4, USE_PDL=True)
+    group in the loop, so ptxas did not serialize them. With ``params_tma`` the scales and zero
+    points come with each stage's TMA loads (5 a stage), and a consumer step loads nothing from
+    global memory (its layout changes for them are asserted register renamings)."""
+    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, NUM_STAGES=4, USE_PDL=True, PARAMS_TMA=int(params_tma))
     sass = compiled_sass("engine.kernels.awq_wgmma", "_awq_wgmma_kernel", block_t, [], consts, dtype, wg.WARPS)
     kind = r"\.BF16" if dtype == torch.bfloat16 else ""  # fp16 inputs carry no suffix
     wgmma = re.findall(rf"HGMMA\.64x{block_t}x16\.F32{kind} R\d+, gdesc", sass)  # A from shared memory
@@ -95,6 +99,11 @@ def test_kernel_compiles_for_sm90_pipelined(block_t: int, dtype: torch.dtype) ->
     assert len(re.findall(r"HGMMA.*gsb0", sass)) == 2  # one commit group a step
     assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", sass)) == 2  # one group left running
     assert re.search(r"\bSTSM\b", sass)
+    assert len(re.findall(r"\bUTMALDG\b", sass)) == (5 if params_tma else 3)
+    lines = sass.splitlines()
+    for end in (i for i, line in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in line):
+        start = max(i for i in range(end) if "TRYWAIT" in lines[i])  # the wait for the stage
+        assert any(re.search(r"\bLDG\b", line) for line in lines[start:end]) != params_tma
 
 
 @needs_hopper
@@ -109,6 +118,10 @@ def test_kernel_compiles_for_sm90_pipelined(block_t: int, dtype: torch.dtype) ->
         (513, 512, 256, 128, WgmmaConfig(128, 4)),
         (300, 1024, 256, 128, WgmmaConfig(256, 2, 3)),
         (100, 768, 384, 768, WgmmaConfig(128, 1, 2)),  # 2 stages
+        # scales and zero points through TMA with each stage
+        (17, 512, 256, 128, WgmmaConfig(64, 1, 6, True)),
+        (300, 1024, 256, 64, WgmmaConfig(256, 2, 3, True)),
+        (100, 768, 384, 768, WgmmaConfig(128, 3, 2, True)),
     ],
 )
 def test_wgmma_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:
@@ -124,8 +137,9 @@ def test_wgmma_weights_equal_awq_dequantize() -> None:
     qweight, qzeros, scales, _ = _random_weight(k, n, 128, seed)
     for dtype in (torch.bfloat16, torch.float16):
         eye = torch.eye(k, device="cuda", dtype=dtype)
-        got = awq_wgmma(eye, qweight, qzeros, scales, WgmmaConfig(128, 1))
-        assert torch.equal(got, awq_kernels.awq_dequantize(qweight, qzeros, scales, dtype)), dtype
+        for params_tma in (False, True):
+            got = awq_wgmma(eye, qweight, qzeros, scales, WgmmaConfig(128, 1, 4, params_tma))
+            assert torch.equal(got, awq_kernels.awq_dequantize(qweight, qzeros, scales, dtype)), (dtype, params_tma)
 
 
 @needs_hopper

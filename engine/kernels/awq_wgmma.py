@@ -27,6 +27,9 @@ while its own wgmmas run. Feeding them from registers (their RS form) does not a
 forbids rewriting registers an unfinished wgmma reads, and with the overlap written legally
 (alternating register sets) ptxas serializes every wgmma (its warning C7513); measured on an
 H200, that form was 3-8% slower at 128-512 tokens (bench/results/awq_linear_s17_sweep*.json).
+The opt-in ``params_tma`` variant brings each stage's scales and zero points with its TMA loads
+instead of the consumers' global loads (which an ncu profile showed stalling every step); it is
+compiled for sm_90 in CI and not yet run on a GPU, so it is off by default.
 
 Gluon kernels do not run under TRITON_INTERPRET=1: CI compiles this one for sm_90 and runs its
 dequantizing PTX through a small PTX interpreter (tests/test_awq_wgmma.py); its numerics are
@@ -113,6 +116,9 @@ class WgmmaConfig(NamedTuple):
     block_t: int  # tokens a program (the MMA's N): 64, 128 or 256
     split_k: int  # programs along K
     num_stages: int = 4
+    # Each stage's scales and zero-point words come through TMA with its weight tile instead of
+    # the consumers' global loads a step ahead: compiled for sm_90, not yet run on a GPU, so off.
+    params_tma: bool = False
 
 
 def wgmma_config(m: int, n: int, k: int, num_sms: int) -> WgmmaConfig:
@@ -160,6 +166,16 @@ def _descriptors(x: torch.Tensor, qweight: torch.Tensor, block_t: int):
     return x_desc, w_desc
 
 
+def _param_descriptors(scales: torch.Tensor, qzeros: torch.Tensor):
+    """TMA descriptors of a program's scales [1, 128] and zero-point words [1, 16] of one group
+    (unswizzled: the consumers read them in their own layout)."""
+    s_desc = GluonTensorDescriptor.from_tensor(
+        scales, [1, BLOCK_N], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2))
+    z_desc = GluonTensorDescriptor.from_tensor(
+        qzeros, [1, BLOCK_N // 8], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
+    return s_desc, z_desc
+
+
 def awq_wgmma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
               config: WgmmaConfig | None = None) -> torch.Tensor:
     """``x`` [M, K] (fp16 or bf16) times the AWQ weight -> [M, N] in x's dtype, dequantized into
@@ -175,12 +191,13 @@ def awq_wgmma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     split_k = triton.cdiv(k, k_per_split)
     blocks_t, blocks_n = triton.cdiv(m, cfg.block_t), n // BLOCK_N
     x_desc, w_desc = _descriptors(x, qweight, cfg.block_t)
+    s_desc, z_desc = _param_descriptors(scales, qzeros) if cfg.params_tma else (None, None)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     _awq_wgmma_kernel[(blocks_t, blocks_n, split_k)](
-        x_desc, w_desc, qzeros, scales, out, partial, _split_k_locks(x.device, 2 * blocks_t * blocks_n),
+        x_desc, w_desc, s_desc, z_desc, qzeros, scales, out, partial, _split_k_locks(x.device, 2 * blocks_t * blocks_n),
         m, k_per_split, split_k,
-        N=n, K=k, GROUP=group_size, BLOCK_T=cfg.block_t, NUM_STAGES=cfg.num_stages,
+        N=n, K=k, GROUP=group_size, BLOCK_T=cfg.block_t, NUM_STAGES=cfg.num_stages, PARAMS_TMA=int(cfg.params_tma),
         num_warps=WARPS, **pdl_args(x.device),
     )
     return out
@@ -241,6 +258,43 @@ if _mma.HAVE_GLUON:
                                           dtype=gl.float16, is_pure=False, pack=8)
         return gl.convert_layout(q.reshape([64, _BLOCK_K]), A_L, assert_trivial=True)
 
+    @constexpr_function
+    def _param_layout(rank):
+        """The layout in which a warpgroup reads its 64 columns' scales from a stage ([1, 64],
+        rank 2) or their 8 zero-point words ([1, 8, 8], rank 3: word, column in the word): column
+        c = 8 i + cw goes to the threads that hold accumulator row r (see ``_consumer``), whose bits
+        are c0 = r1 (lane bit 3), c1 = r3 (the register), c2 = r0 (lane bit 2), c3 = r2 (lane bit 4),
+        c4 = r4 and c5 = r5 (the warps); lane bits 0-1 repeat."""
+        if rank == 2:
+            return gl.DistributedLinearLayout(
+                reg_bases=[[0, 2]], lane_bases=[[0, 0], [0, 0], [0, 4], [0, 1], [0, 8]],
+                warp_bases=[[0, 16], [0, 32]], block_bases=[], shape=[1, 64])
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 2]], lane_bases=[[0, 0, 0], [0, 0, 0], [0, 0, 4], [0, 0, 1], [0, 1, 0]],
+            warp_bases=[[0, 2, 0], [0, 4, 0]], block_bases=[], shape=[1, 8, 8])
+
+    @gluon.jit
+    def _columns_to_rows(v, ROW_L: gl.constexpr):
+        """[1, 64] in ``_param_layout(2)``, indexed by column -> [64] indexed by accumulator row,
+        in ROW_L (a register renaming, asserted)."""
+        rows = gl.permute(v.reshape([2, 2, 2, 2, 2, 2]), (0, 1, 4, 2, 5, 3)).reshape([64])
+        return gl.convert_layout(rows, ROW_L, assert_trivial=True)
+
+    @gluon.jit
+    def _stage_params(s_tile, z_tile, DTYPE: gl.constexpr, ROW_L: gl.constexpr):
+        """The asm's scale and zero-point operands of each accumulator row (layout ROW_L) from a
+        stage's scales [1, 64] and zero-point words [1, 8] of the warpgroup's columns in shared
+        memory (``params_tma``)."""
+        L2: gl.constexpr = _param_layout(2)
+        L3: gl.constexpr = _param_layout(3)
+        scales = s_tile.load(L2)
+        z_words = gl.expand_dims(z_tile.load(gl.SliceLayout(2, L3)), 2).broadcast_to([1, 8, 8]).reshape([1, 64])
+        z_words = gl.convert_layout(z_words, L2, assert_trivial=True)
+        cw = gl.arange(0, 64, layout=gl.SliceLayout(0, L2)) % 8
+        shifts = 4 * (cw // 2 + 4 * (cw % 2))  # AWQ packs columns 0, 2, 4, 6, 1, 3, 5, 7
+        s_arg, z_arg = _tile_args(scales, z_words, shifts[None, :], DTYPE)
+        return _columns_to_rows(s_arg, ROW_L), _columns_to_rows(z_arg, ROW_L)
+
     @gluon.jit
     def _tile_loads(scales_ptr, qzeros_ptr, k0, cols, words, N: gl.constexpr, GROUP: gl.constexpr):
         """The scale and the packed zero-point word of each row for the K tile at k0 (one group)."""
@@ -249,7 +303,8 @@ if _mma.HAVE_GLUON:
 
     @gluon.jit
     def _tile_args(s, z_words, shifts, DTYPE: gl.constexpr):
-        """The asm's scale and zero-point operands of each row from ``_tile_loads``' values."""
+        """The asm's scale and zero-point operands from scales and their packed zero-point words
+        (``_tile_loads``' or a stage's), elementwise."""
         z = (z_words >> shifts) & 0xF
         if DTYPE == gl.bfloat16:
             sf = s.to(gl.float32)
@@ -259,20 +314,26 @@ if _mma.HAVE_GLUON:
             return s_bits * 0x10001, (0x6400 + z) * 0x10001
 
     @gluon.jit
-    def _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, ready, empty, scales_ptr, qzeros_ptr,
+    def _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty, scales_ptr, qzeros_ptr,
               cols, words, shifts, sel, k_lo, N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
-              NUM_STAGES: gl.constexpr):
+              NUM_STAGES: gl.constexpr, PARAMS_TMA: gl.constexpr):
         """One K tile of consumer warpgroup WG: wait for the stage, dequantize its words, store
         the tile to slot t % 2 of ``a_smem``, issue the wgmmas on it, then wait for the previous
         step's wgmmas only (which frees that slot and the stage before, released here) and leave
         this step's running. The scales and zero-point words of tile t come in as
-        ``s_next``/``z_next`` (loaded a step ahead) and those of t + 1 go out."""
+        ``s_next``/``z_next`` (loaded a step ahead) and those of t + 1 go out; with PARAMS_TMA they
+        come with the stage instead (``s_smem``/``z_smem``) and ``s_next``/``z_next`` pass through."""
         DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_acc_layout(BLOCK_T), k_width=2)
-        s_arg, z_arg = _tile_args(s_next, z_next, shifts, DTYPE)
+        if not PARAMS_TMA:
+            s_arg, z_arg = _tile_args(s_next, z_next, shifts, DTYPE)
         slot = t % NUM_STAGES
         mbarrier.wait(ready.index(slot), (t // NUM_STAGES) & 1)
+        if PARAMS_TMA:
+            s_arg, z_arg = _stage_params(s_smem.index(slot).slice(64 * WG, 64, dim=1),
+                                         z_smem.index(slot).slice(8 * WG, 8, dim=1), DTYPE,
+                                         gl.SliceLayout(1, _acc_layout(BLOCK_T)))
         a = _dequant(w_smem.index(2 * slot + WG).load(_words_layout(_BLOCK_K)), sel, _per_row(s_arg, _BLOCK_K),
                      _per_row(z_arg, _BLOCK_K), DTYPE, A_L)
         a_smem.index(t % 2).store(a)
@@ -282,16 +343,18 @@ if _mma.HAVE_GLUON:
         # every load issued before it) and are first used a step later. (Two steps ahead was 5-8%
         # slower: the next step's fence then waits for them, between its dequantization and its
         # wgmmas, where the stall in front of the stage's wait overlaps this step's wgmmas.)
-        k_ahead = gl.minimum(k_lo + (t + 1) * _BLOCK_K, K - _BLOCK_K)  # in bounds; unused after the last
-        s_next, z_next = _tile_loads(scales_ptr, qzeros_ptr, k_ahead, cols, words, N, GROUP)
+        if not PARAMS_TMA:
+            k_ahead = gl.minimum(k_lo + (t + 1) * _BLOCK_K, K - _BLOCK_K)  # in bounds; unused after the last
+            s_next, z_next = _tile_loads(scales_ptr, qzeros_ptr, k_ahead, cols, words, N, GROUP)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=[pending])
         mbarrier.arrive(empty.index((t + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=t > 0)
         return acc, s_next, z_next
 
     @gluon.jit
-    def _consumer(WG: gl.constexpr, x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr,
-                  lock_ptr, M, pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N: gl.constexpr, K: gl.constexpr,
-                  GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
+    def _consumer(WG: gl.constexpr, PARAMS_TMA: gl.constexpr, x_smem, w_smem, s_smem, z_smem, ready, empty,
+                  scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M, pid_t, pid_n, pid_s, t0, k_lo, n_tiles,
+                  split_k, N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  USE_PDL: gl.constexpr):
         """Warpgroup WG: output columns 128 pid_n + 64 WG .. + 63 for the program's tokens."""
         DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
@@ -306,7 +369,10 @@ if _mma.HAVE_GLUON:
         cols = 8 * words + 4 * (b % 2) + 2 * h + b // 2
         shifts = 4 * (2 * b + h)
         sel = _per_row(b | ((4 + b) << 8), _BLOCK_K)
-        s_next, z_next = _tile_loads(scales_ptr, qzeros_ptr, k_lo, cols, words, N, GROUP)
+        if PARAMS_TMA:
+            s_next, z_next = 0, 0  # unused: the stages bring them
+        else:
+            s_next, z_next = _tile_loads(scales_ptr, qzeros_ptr, k_lo, cols, words, N, GROUP)
         acc = gl.zeros([64, BLOCK_T], gl.float32, layout=ACC)
         a_smem = gl.allocate_shared_memory(DTYPE, [2, 64, _BLOCK_K],
                                            gl.NVMMASharedLayout.get_default_for([64, _BLOCK_K], DTYPE))
@@ -315,8 +381,9 @@ if _mma.HAVE_GLUON:
         t = 0
         more = True
         while more:
-            acc, s_next, z_next = _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, ready, empty, scales_ptr,
-                                        qzeros_ptr, cols, words, shifts, sel, k_lo, N, K, GROUP, WG, NUM_STAGES)
+            acc, s_next, z_next = _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty,
+                                        scales_ptr, qzeros_ptr, cols, words, shifts, sel, k_lo, N, K, GROUP, WG,
+                                        NUM_STAGES, PARAMS_TMA)
             t += 1
             more = t < n_tiles
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
@@ -332,12 +399,13 @@ if _mma.HAVE_GLUON:
                             pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
 
     @gluon.jit
-    def _producer(x_desc, w_desc, x_smem, w_smem, ready, empty, t0, w0, k_lo, n_tiles, NUM_STAGES: gl.constexpr,
-                  USE_PDL: gl.constexpr):
-        """One warp: TMA loads of each stage (the weight's two 8-word halves and the activations)
-        once both warpgroups have released the slot."""
+    def _producer(PARAMS_TMA: gl.constexpr, x_desc, w_desc, s_desc, z_desc, x_smem, w_smem, s_smem, z_smem, ready,
+                  empty, t0, w0, k_lo, n_tiles, GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
+        """One warp: TMA loads of each stage (the weight's two 8-word halves and the activations,
+        with PARAMS_TMA also the group's 128 scales and 16 zero-point words) once both warpgroups
+        have released the slot."""
         BLOCK_T: gl.constexpr = x_smem.shape[1]
-        STAGE_BYTES: gl.constexpr = _BLOCK_K * 16 * 4 + BLOCK_T * _BLOCK_K * 2
+        STAGE_BYTES: gl.constexpr = _BLOCK_K * 16 * 4 + BLOCK_T * _BLOCK_K * 2 + PARAMS_TMA * (128 * 2 + 16 * 4)
         if USE_PDL:
             _mma._pdl_wait()
         for t in range(n_tiles):
@@ -348,14 +416,17 @@ if _mma.HAVE_GLUON:
             _mma._tma_load(w_desc, [k, w0], ready.index(slot), w_smem.index(2 * slot))
             _mma._tma_load(w_desc, [k, w0 + 8], ready.index(slot), w_smem.index(2 * slot + 1))
             _mma._tma_load(x_desc, [t0, k], ready.index(slot), x_smem.index(slot))
+            if PARAMS_TMA:
+                _mma._tma_load(s_desc, [k // GROUP, 8 * w0], ready.index(slot), s_smem.index(slot))
+                _mma._tma_load(z_desc, [k // GROUP, w0], ready.index(slot), z_smem.index(slot))
 
     # M and split_k stay runtime values even when 1: Triton 3.6 fails to lower this warp-specialized
     # kernel with split_k a constant.
     @gluon.jit(do_not_specialize=["M", "split_k"])
-    def _awq_wgmma_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
+    def _awq_wgmma_kernel(x_desc, w_desc, s_desc, z_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
                           M, k_per_split, split_k,
                           N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
-                          NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False):
+                          NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False, PARAMS_TMA: gl.constexpr = 0):
         """Grid ``(cdiv(M, BLOCK_T), N / 128, split_k)``, warp-specialized: two consumer
         warpgroups (the default partition and a 4-warp worker) and a 1-warp TMA producer.
         Program (t, p, s) owns tokens BLOCK_T t .. (rows past M are read as 0 and not stored),
@@ -369,7 +440,8 @@ if _mma.HAVE_GLUON:
         while the other's wgmmas run. A consumer step (``_step``) dequantizes its 64 columns of the
         stage into a 2-slot shared-memory A tile and issues 4 wgmma.m64nBLOCK_Tk16 on it, leaving
         them running through the next step's dequantization; the scale and zero point of the next
-        stage's rows load a step ahead into registers.
+        stage's rows load a step ahead into registers (with PARAMS_TMA: come with the stage, from
+        ``s_desc``/``z_desc``, which are otherwise None).
 
         With split_k > 1 each warpgroup stores fp32 partials and the last to arrive for its
         [BLOCK_T, 64] block (counter ``lock_ptr``, reset by it) sums them in order: deterministic."""
@@ -384,14 +456,22 @@ if _mma.HAVE_GLUON:
         x_smem = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES, BLOCK_T, _BLOCK_K], x_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+        if PARAMS_TMA:
+            s_smem = gl.allocate_shared_memory(s_desc.dtype, [NUM_STAGES, 1, 128], s_desc.layout)
+            z_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, 1, 16], z_desc.layout)
+            s_src, z_src = s_desc, z_desc
+        else:  # unused stand-ins (None cannot be passed to a partition)
+            s_smem, z_smem, s_src, z_src = w_smem, w_smem, w_desc, w_desc
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
         fence_async_shared()
-        consumer_args = (x_smem, w_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M,
-                         pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL)
-        producer_args = (x_desc, w_desc, x_smem, w_smem, ready, empty, t0, pid_n * 16, k_lo, n_tiles, NUM_STAGES,
-                         USE_PDL)
-        gl.warp_specialize([(_consumer, (gl.constexpr(0), ) + consumer_args),
-                            (_consumer, (gl.constexpr(1), ) + consumer_args),
-                            (_producer, producer_args)], [4, 1], [232, 24])
+        # (Constants reach the partitions as runtime values, except those in a tuple literal of
+        # constants, as WG and PARAMS_TMA are; a tuple held in a variable loses them too.)
+        consumer_args = (x_smem, w_smem, s_smem, z_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr,
+                         lock_ptr, M, pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL)
+        producer_args = (x_desc, w_desc, s_src, z_src, x_smem, w_smem, s_smem, z_smem, ready, empty, t0, pid_n * 16,
+                         k_lo, n_tiles, GROUP, NUM_STAGES, USE_PDL)
+        gl.warp_specialize([(_consumer, (gl.constexpr(0), gl.constexpr(PARAMS_TMA.value)) + consumer_args),
+                            (_consumer, (gl.constexpr(1), gl.constexpr(PARAMS_TMA.value)) + consumer_args),
+                            (_producer, (gl.constexpr(PARAMS_TMA.value), ) + producer_args)], [4, 1], [232, 24])
