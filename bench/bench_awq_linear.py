@@ -117,11 +117,14 @@ def mma_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[MmaConfig]:
 
 def wgmma_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[WgmmaConfig]:
     """awq_wgmma configurations to time: the default first, then 64-256 tokens a program (not
-    more than twice the tokens), split-K 1, 2 or 4, 3-5 stages (up to 6 with fewer than 256 tokens),
-    the scales and zero points loaded by the consumers or with each stage's TMA (``params_tma``)."""
+    more than twice the tokens, nor fewer than half of them up to 512: smaller programs never came
+    close in awq_linear_s17_sweep*.json), split-K 1, 2 or 4, 3-5 stages (up to 6 with fewer than 256 tokens),
+    the scales and zero points loaded by the consumers or with each stage's TMA (``params_tma``),
+    and stream-K in place of split-K."""
     configs = [wgmma_config(m, n, k, num_sms)]
-    configs += [WgmmaConfig(bt, s, st, p) for bt in (64, 128, 256) if bt < 2 * m or bt == 64
-                for s in (1, 2, 4) for st in (3, 4, 5, 6) if st < 6 or bt < 256 for p in (False, True)]
+    configs += [WgmmaConfig(bt, s, st, p, sk) for bt in (64, 128, 256) if bt < 2 * m and 2 * bt >= min(m, 512)
+                for s, sk in ((1, False), (2, False), (4, False), (1, True))
+                for st in (3, 4, 5, 6) if st < 6 or bt < 256 for p in (False, True)]
     return list(dict.fromkeys(configs))
 
 

@@ -80,18 +80,21 @@ def test_config_rule_and_routing() -> None:
 
 
 @pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
-@pytest.mark.parametrize(("block_t", "dtype", "params_tma"),
-                         [(256, torch.bfloat16, False), (128, torch.float16, False), (256, torch.bfloat16, True),
-                          (128, torch.float16, True)])
-def test_kernel_compiles_for_sm90_pipelined(block_t: int, dtype: torch.dtype, params_tma: bool) -> None:
+@pytest.mark.parametrize(("block_t", "dtype", "params_tma", "stream_k"),
+                         [(256, torch.bfloat16, False, False), (128, torch.float16, False, False),
+                          (256, torch.bfloat16, True, False), (128, torch.float16, True, False),
+                          (256, torch.bfloat16, False, True), (128, torch.float16, True, True)])
+def test_kernel_compiles_for_sm90_pipelined(block_t: int, dtype: torch.dtype, params_tma: bool, stream_k: bool) -> None:
     """The warp-specialized kernel compiles for an H100/H200 with this Triton, keeps its state in
     registers (no spills), stores each dequantized tile to shared memory (stmatrix) for 4 wgmmas
     a 64-row stage in each consumer warpgroup (m64 x BLOCK_T x k16, both operands from shared
     memory), issued as one group and left running through the next step: a wait for all but one
     group in the loop, so ptxas did not serialize them. With ``params_tma`` the scales and zero
     points come with each stage's TMA loads (5 a stage), and a consumer step loads nothing from
-    global memory (its layout changes for them are asserted register renamings)."""
-    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, NUM_STAGES=4, USE_PDL=True, PARAMS_TMA=int(params_tma))
+    global memory (its layout changes for them are asserted register renamings). Stream-K runs
+    the same step in a loop over a program's tiles."""
+    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, NUM_STAGES=4, USE_PDL=True, PARAMS_TMA=int(params_tma),
+                  STREAM_K=int(stream_k))
     sass = compiled_sass("engine.kernels.awq_wgmma", "_awq_wgmma_kernel", block_t, [], consts, dtype, wg.WARPS)
     kind = r"\.BF16" if dtype == torch.bfloat16 else ""  # fp16 inputs carry no suffix
     wgmma = re.findall(rf"HGMMA\.64x{block_t}x16\.F32{kind} R\d+, gdesc", sass)  # A from shared memory
@@ -122,6 +125,10 @@ def test_kernel_compiles_for_sm90_pipelined(block_t: int, dtype: torch.dtype, pa
         (17, 512, 256, 128, WgmmaConfig(64, 1, 6, True)),
         (300, 1024, 256, 64, WgmmaConfig(256, 2, 3, True)),
         (100, 768, 384, 768, WgmmaConfig(128, 3, 2, True)),
+        # stream-K: tiles cut between programs (up to K / 64 of them a tile), whole tiles, both
+        (300, 1024, 256, 128, WgmmaConfig(256, 1, 5, False, True)),
+        (2000, 512, 2048, 64, WgmmaConfig(256, 1, 5, False, True)),
+        (700, 768, 640, 768, WgmmaConfig(128, 1, 6, True, True)),
     ],
 )
 def test_wgmma_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:
@@ -167,12 +174,13 @@ def test_wgmma_in_a_cuda_graph_and_through_awq_linear(monkeypatch: pytest.Monkey
         _check_matmul(awq_linear(x, qweight, qzeros, scales), x, w64, seed)
     assert called == [WGMMA_MIN_TOKENS, 700]
     x = torch.randn(200, 1024, device="cuda", dtype=torch.bfloat16)
-    eager = awq_wgmma(x, qweight, qzeros, scales, WgmmaConfig(128, 4))
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = awq_wgmma(x, qweight, qzeros, scales, WgmmaConfig(128, 4))
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager)
-    assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
+    for config in (WgmmaConfig(128, 4), WgmmaConfig(128, 1, 4, False, True)):  # split-K, stream-K
+        eager = awq_wgmma(x, qweight, qzeros, scales, config)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = awq_wgmma(x, qweight, qzeros, scales, config)
+        for _ in range(3):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager), config
+        assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()

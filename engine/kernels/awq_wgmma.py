@@ -27,9 +27,11 @@ while its own wgmmas run. Feeding them from registers (their RS form) does not a
 forbids rewriting registers an unfinished wgmma reads, and with the overlap written legally
 (alternating register sets) ptxas serializes every wgmma (its warning C7513); measured on an
 H200, that form was 3-8% slower at 128-512 tokens (bench/results/awq_linear_s17_sweep*.json).
-The opt-in ``params_tma`` variant brings each stage's scales and zero points with its TMA loads
-instead of the consumers' global loads (which an ncu profile showed stalling every step); it is
-compiled for sm_90 in CI and not yet run on a GPU, so it is off by default.
+Two opt-in variants are compiled for sm_90 in CI and not yet run on a GPU, so off by default:
+``params_tma`` brings each stage's scales and zero points with its TMA loads instead of the
+consumers' global loads (which an ncu profile showed stalling every step), and ``stream_k`` runs
+one program an SM over equal runs of all tiles' K steps instead of a grid of tiles (gate_up at
+256 tokens is 1.70 waves of 256-token tiles on an H200).
 
 Gluon kernels do not run under TRITON_INTERPRET=1: CI compiles this one for sm_90 and runs its
 dequantizing PTX through a small PTX interpreter (tests/test_awq_wgmma.py); its numerics are
@@ -119,6 +121,10 @@ class WgmmaConfig(NamedTuple):
     # Each stage's scales and zero-point words come through TMA with its weight tile instead of
     # the consumers' global loads a step ahead: compiled for sm_90, not yet run on a GPU, so off.
     params_tma: bool = False
+    # Stream-K: one program an SM, each a run of the K steps of all tiles, so no SM idles in a last
+    # partial wave (gate_up at 256 tokens is 1.70 waves); split_k is then unused. Compiled for
+    # sm_90, not yet run on a GPU, so off.
+    stream_k: bool = False
 
 
 def wgmma_config(m: int, n: int, k: int, num_sms: int) -> WgmmaConfig:
@@ -187,17 +193,25 @@ def awq_wgmma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     assert wgmma_supported(x, qweight, group_size), "awq_wgmma does not take this device, dtype or shape"
     cfg = WgmmaConfig(*config) if config else wgmma_config(m, n, k, _num_sms(x.device))
     assert cfg.block_t in (64, 128, 256) and cfg.num_stages >= 2  # a stage is released a step after its wgmmas
-    k_per_split = triton.cdiv(k // BLOCK_K, cfg.split_k) * BLOCK_K
-    split_k = triton.cdiv(k, k_per_split)
     blocks_t, blocks_n = triton.cdiv(m, cfg.block_t), n // BLOCK_N
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if cfg.stream_k:
+        split_k = min(_num_sms(x.device), blocks_t * blocks_n * (k // BLOCK_K))  # programs
+        k_per_split = 0  # unused
+        grid = (split_k, 1, 1)
+        partial = torch.empty((split_k, 2, cfg.block_t, BLOCK_N), dtype=torch.float32, device=x.device)
+    else:
+        k_per_split = triton.cdiv(k // BLOCK_K, cfg.split_k) * BLOCK_K
+        split_k = triton.cdiv(k, k_per_split)
+        grid = (blocks_t, blocks_n, split_k)
+        partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     x_desc, w_desc = _descriptors(x, qweight, cfg.block_t)
     s_desc, z_desc = _param_descriptors(scales, qzeros) if cfg.params_tma else (None, None)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    _awq_wgmma_kernel[(blocks_t, blocks_n, split_k)](
+    _awq_wgmma_kernel[grid](
         x_desc, w_desc, s_desc, z_desc, qzeros, scales, out, partial, _split_k_locks(x.device, 2 * blocks_t * blocks_n),
         m, k_per_split, split_k,
         N=n, K=k, GROUP=group_size, BLOCK_T=cfg.block_t, NUM_STAGES=cfg.num_stages, PARAMS_TMA=int(cfg.params_tma),
+        STREAM_K=int(cfg.stream_k),
         num_warps=WARPS, **pdl_args(x.device),
     )
     return out
@@ -314,15 +328,17 @@ if _mma.HAVE_GLUON:
             return s_bits * 0x10001, (0x6400 + z) * 0x10001
 
     @gluon.jit
-    def _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty, scales_ptr, qzeros_ptr,
-              cols, words, shifts, sel, k_lo, N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, WG: gl.constexpr,
-              NUM_STAGES: gl.constexpr, PARAMS_TMA: gl.constexpr):
+    def _step(t, t_first, k_base, acc, s_next, z_next, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty,
+              scales_ptr, qzeros_ptr, cols, words, shifts, sel, N: gl.constexpr, K: gl.constexpr,
+              GROUP: gl.constexpr, WG: gl.constexpr, NUM_STAGES: gl.constexpr, PARAMS_TMA: gl.constexpr):
         """One K tile of consumer warpgroup WG: wait for the stage, dequantize its words, store
         the tile to slot t % 2 of ``a_smem``, issue the wgmmas on it, then wait for the previous
         step's wgmmas only (which frees that slot and the stage before, released here) and leave
         this step's running. The scales and zero-point words of tile t come in as
         ``s_next``/``z_next`` (loaded a step ahead) and those of t + 1 go out; with PARAMS_TMA they
-        come with the stage instead (``s_smem``/``z_smem``) and ``s_next``/``z_next`` pass through."""
+        come with the stage instead (``s_smem``/``z_smem``) and ``s_next``/``z_next`` pass through.
+        t counts the program's steps (ring slots and phases); its tile's first step is t_first and
+        step t's K rows start at k_base + 64 t."""
         DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_acc_layout(BLOCK_T), k_width=2)
@@ -344,23 +360,21 @@ if _mma.HAVE_GLUON:
         # slower: the next step's fence then waits for them, between its dequantization and its
         # wgmmas, where the stall in front of the stage's wait overlaps this step's wgmmas.)
         if not PARAMS_TMA:
-            k_ahead = gl.minimum(k_lo + (t + 1) * _BLOCK_K, K - _BLOCK_K)  # in bounds; unused after the last
+            k_ahead = gl.minimum(k_base + (t + 1) * _BLOCK_K, K - _BLOCK_K)  # in bounds; unused after the last
             s_next, z_next = _tile_loads(scales_ptr, qzeros_ptr, k_ahead, cols, words, N, GROUP)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=[pending])
-        mbarrier.arrive(empty.index((t + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=t > 0)
+        mbarrier.arrive(empty.index((t + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=t > t_first)
         return acc, s_next, z_next
 
     @gluon.jit
-    def _consumer(WG: gl.constexpr, PARAMS_TMA: gl.constexpr, x_smem, w_smem, s_smem, z_smem, ready, empty,
-                  scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M, pid_t, pid_n, pid_s, t0, k_lo, n_tiles,
-                  split_k, N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  USE_PDL: gl.constexpr):
-        """Warpgroup WG: output columns 128 pid_n + 64 WG .. + 63 for the program's tokens."""
-        DTYPE: gl.constexpr = x_smem.dtype
+    def _consumer_tile(WG: gl.constexpr, PARAMS_TMA: gl.constexpr, t, n, k_lo, pid_n, x_smem, w_smem, a_smem, s_smem,
+                       z_smem, ready, empty, scales_ptr, qzeros_ptr, N: gl.constexpr, K: gl.constexpr,
+                       GROUP: gl.constexpr, NUM_STAGES: gl.constexpr):
+        """Warpgroup WG's n steps (n >= 1; the program's steps t ..) over K rows k_lo .. of output
+        columns 128 pid_n + 64 WG .. + 63: returns the next step and the fp32 tile [tokens, 64
+        columns] in column order."""
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         ACC: gl.constexpr = _acc_layout(BLOCK_T)
-        if USE_PDL:
-            _mma._pdl_wait()  # before this program's first store
         # Row r of the A tile: warp r // 16, nibble h = (r // 8) % 2 of byte b = r % 4 of the
         # warp's word j = (r // 4) % 2; that nibble is column 4 (b % 2) + 2 h + b // 2 of the word.
         rows = gl.arange(0, 64, layout=gl.SliceLayout(1, ACC))
@@ -374,51 +388,156 @@ if _mma.HAVE_GLUON:
         else:
             s_next, z_next = _tile_loads(scales_ptr, qzeros_ptr, k_lo, cols, words, N, GROUP)
         acc = gl.zeros([64, BLOCK_T], gl.float32, layout=ACC)
-        a_smem = gl.allocate_shared_memory(DTYPE, [2, 64, _BLOCK_K],
-                                           gl.NVMMASharedLayout.get_default_for([64, _BLOCK_K], DTYPE))
-        # A loop that always runs (n_tiles >= 1): with a zero-trip exit LLVM copies the accumulator
-        # ahead of the final wait, and ptxas then serializes every wgmma (C7514/C7515).
-        t = 0
+        k_base = k_lo - t * _BLOCK_K
+        step = t  # (an assigned name, so a loop may carry it)
+        # A loop that always runs (n >= 1): with a zero-trip exit LLVM copies the accumulator ahead
+        # of the final wait, and ptxas then serializes every wgmma (C7514/C7515).
         more = True
         while more:
-            acc, s_next, z_next = _step(t, acc, s_next, z_next, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty,
-                                        scales_ptr, qzeros_ptr, cols, words, shifts, sel, k_lo, N, K, GROUP, WG,
-                                        NUM_STAGES, PARAMS_TMA)
-            t += 1
-            more = t < n_tiles
+            acc, s_next, z_next = _step(step, t, k_base, acc, s_next, z_next, x_smem, w_smem, a_smem, s_smem, z_smem,
+                                        ready, empty, scales_ptr, qzeros_ptr, cols, words, shifts, sel, N, K, GROUP,
+                                        WG, NUM_STAGES, PARAMS_TMA)
+            step += 1
+            more = step < t + n
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-        mbarrier.arrive(empty.index((n_tiles - 1) % NUM_STAGES), count=1)
+        mbarrier.arrive(empty.index((step - 1) % NUM_STAGES), count=1)
 
         # Rows back to column order (row bits w, h, j, b1, b0 -> column bits w, j, b0, h, b1),
         # transposed to [tokens, columns].
         out = gl.permute(acc.reshape([4, 2, 2, 2, 2, BLOCK_T]), (5, 0, 2, 4, 1, 3)).reshape([BLOCK_T, 64])
-        OUT_L: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8],
-                                               warps_per_cta=[4, 1], order=[1, 0])
-        out = gl.convert_layout(out, OUT_L)
-        _mma._store_split_k(out, out_ptr, partial_ptr, lock_ptr, 2 * (pid_t * (N // 128) + pid_n) + WG, t0,
-                            pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
+        return step, gl.convert_layout(out, _out_layout())
+
+    @constexpr_function
+    def _out_layout():
+        """A warpgroup's output tile [tokens, 64 columns]: 8 consecutive columns a thread."""
+        return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
 
     @gluon.jit
-    def _producer(PARAMS_TMA: gl.constexpr, x_desc, w_desc, s_desc, z_desc, x_smem, w_smem, s_smem, z_smem, ready,
-                  empty, t0, w0, k_lo, n_tiles, GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
-        """One warp: TMA loads of each stage (the weight's two 8-word halves and the activations,
-        with PARAMS_TMA also the group's 128 scales and 16 zero-point words) once both warpgroups
-        have released the slot."""
+    def _store_stream_k(out, out_ptr, partial_ptr, lock_ptr, lock, t0, c0, M, N, split, count, mine, first,
+                        stride, L: gl.constexpr, R: gl.constexpr):
+        """A stream-K segment's fp32 tile ``out`` (layout L; tokens t0 .., columns c0 .. of a
+        128-column tile): stored in the output dtype when the segment covers all of K (count == 1),
+        else written to its partial (offset ``mine`` of ``partial_ptr``: [programs, 2, tokens, 128]
+        fp32) and, by the last of the tile's ``count`` programs to arrive (counter
+        ``lock_ptr[lock]``, reset by it), summed in program order - the first program's partial at
+        offset ``first``, the others' ``stride`` apart - R tokens at a time: deterministic."""
+        T: gl.constexpr = out.shape[0]
+        C: gl.constexpr = out.shape[1]
+        lt = gl.arange(0, T, layout=gl.SliceLayout(1, L))
+        lc = c0 % 128 + gl.arange(0, C, layout=gl.SliceLayout(0, L))
+        ot = t0 + lt
+        ok = (ot < M)[:, None]
+        if count == 1:
+            gl.store(out_ptr + ot[:, None] * N + (c0 + gl.arange(0, C, layout=gl.SliceLayout(0, L)))[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            gl.store(partial_ptr + mine + lt[:, None] * 128 + lc[None, :], out)
+            _mma._cta_barrier()  # every warp's partial is written before the release below
+            arrived = gl.atomic_add(lock_ptr + lock, 1, sem="acq_rel", scope="gpu")
+            if arrived == count - 1:
+                for r in gl.static_range(0, T, R):
+                    rt = r + gl.arange(0, R, layout=gl.SliceLayout(1, L))
+                    offs = rt[:, None] * 128 + lc[None, :]
+                    total = gl.zeros([R, C], gl.float32, layout=L)
+                    for s0 in range(0, count, 4):
+                        for j in gl.static_range(4):
+                            s = gl.minimum(s0 + j, count - 1)
+                            base = gl.where(s == 0, first, first - first % stride + s * stride)
+                            part = gl.load(partial_ptr + base + offs, cache_modifier=".cg")
+                            total += gl.where(s0 + j < count, part, 0.0)
+                    rows_ok = ((t0 + rt) < M)[:, None]
+                    gl.store(out_ptr + (t0 + rt)[:, None] * N + (c0 - c0 % 128 + lc)[None, :],
+                             total.to(out_ptr.dtype.element_ty), mask=rows_ok)
+                gl.atomic_xchg(lock_ptr + lock, 0, sem="relaxed", scope="gpu")
+
+    @gluon.jit
+    def _consumer(WG: gl.constexpr, PARAMS_TMA: gl.constexpr, STREAM_K: gl.constexpr, x_smem, w_smem, s_smem, z_smem,
+                  ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M, pid_t, pid_n, pid_s, k_lo,
+                  n_tiles, split_k, u0, u1, units, blocks_t, N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr,
+                  NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
+        """Warpgroup WG: output columns 128 p + 64 WG .. + 63 of each tile (t, p) of the program:
+        one (split-K), or the tiles of K steps u0 .. u1 - 1 of all tiles' steps (stream-K)."""
+        DTYPE: gl.constexpr = x_smem.dtype
+        BLOCK_T: gl.constexpr = x_smem.shape[1]
+        OUT_L: gl.constexpr = _out_layout()
+        if USE_PDL:
+            _mma._pdl_wait()  # before this program's first store
+        a_smem = gl.allocate_shared_memory(DTYPE, [2, 64, _BLOCK_K],
+                                           gl.NVMMASharedLayout.get_default_for([64, _BLOCK_K], DTYPE))
+        if STREAM_K:
+            S = K // _BLOCK_K  # steps a tile
+            TILE: gl.constexpr = BLOCK_T * 128  # fp32 entries of a partial
+            t = 0
+            u = u0
+            while u < u1:
+                tile = u // S
+                end = gl.minimum(u1, (tile + 1) * S)
+                pn = tile // blocks_t
+                t, out = _consumer_tile(WG, PARAMS_TMA, t, end - u, (u - tile * S) * _BLOCK_K, pn, x_smem, w_smem,
+                                        a_smem, s_smem, z_smem, ready, empty, scales_ptr, qzeros_ptr, N, K, GROUP,
+                                        NUM_STAGES)
+                # The programs that share this tile: those whose step ranges meet it (program g
+                # starts at g * units // programs; split_k holds the program count).
+                g0 = ((tile * S + 1) * split_k - 1) // units
+                g1 = ((tile + 1) * S * split_k - 1) // units
+                # A program's first segment writes its partial to slot 0, its last to slot 1.
+                g0_slot = (g0 * units // split_k != tile * S).to(gl.int32)
+                _store_stream_k(out, out_ptr, partial_ptr, lock_ptr, 2 * tile + WG, (tile % blocks_t) * BLOCK_T,
+                                pn * 128 + 64 * WG, M, N, pid_s - g0, g1 - g0 + 1,
+                                (2 * pid_s + (u != u0).to(gl.int32)) * TILE, (2 * g0 + g0_slot) * TILE, 2 * TILE,
+                                OUT_L, 32)
+                u = end
+        else:
+            _, out = _consumer_tile(WG, PARAMS_TMA, 0, n_tiles, k_lo, pid_n, x_smem, w_smem, a_smem, s_smem, z_smem,
+                                    ready, empty, scales_ptr, qzeros_ptr, N, K, GROUP, NUM_STAGES)
+            _mma._store_split_k(out, out_ptr, partial_ptr, lock_ptr, 2 * (pid_t * (N // 128) + pid_n) + WG,
+                                pid_t * BLOCK_T, pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
+
+    @gluon.jit
+    def _produce_tile(PARAMS_TMA: gl.constexpr, t, n, t0, w0, k_lo, x_desc, w_desc, s_desc, z_desc, x_smem, w_smem,
+                      s_smem, z_smem, ready, empty, GROUP, NUM_STAGES: gl.constexpr):
+        """The TMA loads of one tile's n stages (the program's steps t ..; K rows k_lo ..): the
+        weight's two 8-word halves and the activations, with PARAMS_TMA also the group's 128
+        scales and 16 zero-point words, each once both warpgroups have released the slot.
+        Returns the next step."""
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         STAGE_BYTES: gl.constexpr = _BLOCK_K * 16 * 4 + BLOCK_T * _BLOCK_K * 2 + PARAMS_TMA * (128 * 2 + 16 * 4)
-        if USE_PDL:
-            _mma._pdl_wait()
-        for t in range(n_tiles):
-            slot = t % NUM_STAGES
-            mbarrier.wait(empty.index(slot), ((t // NUM_STAGES) & 1) ^ 1, pred=t >= NUM_STAGES)
+        for i in range(n):
+            tt = t + i
+            slot = tt % NUM_STAGES
+            mbarrier.wait(empty.index(slot), ((tt // NUM_STAGES) & 1) ^ 1, pred=tt >= NUM_STAGES)
             mbarrier.expect(ready.index(slot), STAGE_BYTES)
-            k = k_lo + t * _BLOCK_K
+            k = k_lo + i * _BLOCK_K
             _mma._tma_load(w_desc, [k, w0], ready.index(slot), w_smem.index(2 * slot))
             _mma._tma_load(w_desc, [k, w0 + 8], ready.index(slot), w_smem.index(2 * slot + 1))
             _mma._tma_load(x_desc, [t0, k], ready.index(slot), x_smem.index(slot))
             if PARAMS_TMA:
                 _mma._tma_load(s_desc, [k // GROUP, 8 * w0], ready.index(slot), s_smem.index(slot))
                 _mma._tma_load(z_desc, [k // GROUP, w0], ready.index(slot), z_smem.index(slot))
+        return t + n
+
+    @gluon.jit
+    def _producer(PARAMS_TMA: gl.constexpr, STREAM_K: gl.constexpr, x_desc, w_desc, s_desc, z_desc, x_smem, w_smem,
+                  s_smem, z_smem, ready, empty, pid_t, pid_n, k_lo, n_tiles, u0, u1, blocks_t, K, GROUP,
+                  NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
+        """One warp: the stages of the program's tile (split-K) or tiles (stream-K, as ``_consumer``)."""
+        BLOCK_T: gl.constexpr = x_smem.shape[1]
+        if USE_PDL:
+            _mma._pdl_wait()
+        if STREAM_K:
+            S = K // _BLOCK_K
+            t = 0
+            u = u0
+            while u < u1:
+                tile = u // S
+                end = gl.minimum(u1, (tile + 1) * S)
+                t = _produce_tile(PARAMS_TMA, t, end - u, (tile % blocks_t) * BLOCK_T, (tile // blocks_t) * 16,
+                                  (u - tile * S) * _BLOCK_K, x_desc, w_desc, s_desc, z_desc, x_smem, w_smem, s_smem,
+                                  z_smem, ready, empty, GROUP, NUM_STAGES)
+                u = end
+        else:
+            _produce_tile(PARAMS_TMA, 0, n_tiles, pid_t * BLOCK_T, pid_n * 16, k_lo, x_desc, w_desc, s_desc, z_desc,
+                          x_smem, w_smem, s_smem, z_smem, ready, empty, GROUP, NUM_STAGES)
 
     # M and split_k stay runtime values even when 1: Triton 3.6 fails to lower this warp-specialized
     # kernel with split_k a constant.
@@ -426,7 +545,8 @@ if _mma.HAVE_GLUON:
     def _awq_wgmma_kernel(x_desc, w_desc, s_desc, z_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
                           M, k_per_split, split_k,
                           N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
-                          NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False, PARAMS_TMA: gl.constexpr = 0):
+                          NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False, PARAMS_TMA: gl.constexpr = 0,
+                          STREAM_K: gl.constexpr = 0):
         """Grid ``(cdiv(M, BLOCK_T), N / 128, split_k)``, warp-specialized: two consumer
         warpgroups (the default partition and a 4-warp worker) and a 1-warp TMA producer.
         Program (t, p, s) owns tokens BLOCK_T t .. (rows past M are read as 0 and not stored),
@@ -444,13 +564,26 @@ if _mma.HAVE_GLUON:
         ``s_desc``/``z_desc``, which are otherwise None).
 
         With split_k > 1 each warpgroup stores fp32 partials and the last to arrive for its
-        [BLOCK_T, 64] block (counter ``lock_ptr``, reset by it) sums them in order: deterministic."""
-        pid_t = gl.program_id(0)
-        pid_n = gl.program_id(1)
-        pid_s = gl.program_id(2)
-        t0 = pid_t * BLOCK_T
-        k_lo = pid_s * k_per_split
-        n_tiles = (gl.minimum(k_lo + k_per_split, K) - k_lo) // _BLOCK_K
+        [BLOCK_T, 64] block (counter ``lock_ptr``, reset by it) sums them in order: deterministic.
+
+        STREAM_K: grid ``(split_k,)``, one program an SM. The K steps of all tiles (token block
+        fastest, then column block, then K) are cut into split_k equal runs, one a program, so no
+        SM waits for a last partial wave; a tile cut between programs is summed by the last of
+        them to finish (``_store_stream_k``), from partials [split_k, 2, BLOCK_T, 128]."""
+        if STREAM_K:
+            pid_t, pid_n, k_lo, n_tiles = 0, 0, 0, 0  # unused
+            pid_s = gl.program_id(0)
+            blocks_t = gl.cdiv(M, BLOCK_T)
+            units = blocks_t * (N // 128) * (K // _BLOCK_K)
+            u0 = pid_s * units // split_k
+            u1 = (pid_s + 1) * units // split_k
+        else:
+            pid_t = gl.program_id(0)
+            pid_n = gl.program_id(1)
+            pid_s = gl.program_id(2)
+            k_lo = pid_s * k_per_split
+            n_tiles = (gl.minimum(k_lo + k_per_split, K) - k_lo) // _BLOCK_K
+            blocks_t, units, u0, u1 = 0, 0, 0, 0  # unused
 
         w_smem = gl.allocate_shared_memory(gl.int32, [2 * NUM_STAGES, _BLOCK_K, 8], w_desc.layout)
         x_smem = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES, BLOCK_T, _BLOCK_K], x_desc.layout)
@@ -467,11 +600,16 @@ if _mma.HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)
         fence_async_shared()
         # (Constants reach the partitions as runtime values, except those in a tuple literal of
-        # constants, as WG and PARAMS_TMA are; a tuple held in a variable loses them too.)
+        # constants, as WG, PARAMS_TMA and STREAM_K are; a tuple held in a variable loses them too.)
         consumer_args = (x_smem, w_smem, s_smem, z_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr,
-                         lock_ptr, M, pid_t, pid_n, pid_s, t0, k_lo, n_tiles, split_k, N, K, GROUP, NUM_STAGES, USE_PDL)
-        producer_args = (x_desc, w_desc, s_src, z_src, x_smem, w_smem, s_smem, z_smem, ready, empty, t0, pid_n * 16,
-                         k_lo, n_tiles, GROUP, NUM_STAGES, USE_PDL)
-        gl.warp_specialize([(_consumer, (gl.constexpr(0), gl.constexpr(PARAMS_TMA.value)) + consumer_args),
-                            (_consumer, (gl.constexpr(1), gl.constexpr(PARAMS_TMA.value)) + consumer_args),
-                            (_producer, (gl.constexpr(PARAMS_TMA.value), ) + producer_args)], [4, 1], [232, 24])
+                         lock_ptr, M, pid_t, pid_n, pid_s, k_lo, n_tiles, split_k, u0, u1, units, blocks_t, N, K,
+                         GROUP, NUM_STAGES, USE_PDL)
+        producer_args = (x_desc, w_desc, s_src, z_src, x_smem, w_smem, s_smem, z_smem, ready, empty, pid_t, pid_n,
+                         k_lo, n_tiles, u0, u1, blocks_t, K, GROUP, NUM_STAGES, USE_PDL)
+        gl.warp_specialize(
+            [(_consumer, (gl.constexpr(0), gl.constexpr(PARAMS_TMA.value), gl.constexpr(STREAM_K.value))
+              + consumer_args),
+             (_consumer, (gl.constexpr(1), gl.constexpr(PARAMS_TMA.value), gl.constexpr(STREAM_K.value))
+              + consumer_args),
+             (_producer, (gl.constexpr(PARAMS_TMA.value), gl.constexpr(STREAM_K.value)) + producer_args)],
+            [4, 1], [232, 24])
