@@ -128,6 +128,15 @@ def wgmma_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[WgmmaConfi
     return list(dict.fromkeys(configs))
 
 
+def variant_bests(timings: list) -> dict:
+    """The fastest [us, config] of each awq_wgmma variant (params_tma x stream_k) in a sweep's
+    sorted [us, config] list."""
+    bests = {}
+    for us, cfg in timings:
+        bests.setdefault(f"params_tma={cfg[3]} stream_k={cfg[4]}", [us, cfg])
+    return bests
+
+
 def graph_us(calls: list, rep: int = 50) -> float:
     """Microseconds per call of ``calls`` replayed back to back from one CUDA graph: no launch
     overhead (decode runs from CUDA graphs too), and every call reads its own weights, so with
@@ -217,6 +226,7 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
         result["wgmma_us"] = graph_us(awq_calls(lambda x, *c: awq_wgmma(x, *c, wg_cfg)))
         if wgmma_sweep:
             result |= sweep("wgmma", awq_wgmma, wgmma_sweep_configs(m, n, k, num_sms))
+            result["wgmma_sweep_variant_best"] = variant_bests(result["wgmma_sweep"])
     if m <= GEMV_MAX_TOKENS:
         gemv_cfg = gemv_config(n, k, GROUP_SIZE, num_sms, m)
         result["gemv_config"] = list(gemv_cfg)
@@ -324,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             for kind in ("wgmma_", "mma_", "", "gemv_"):  # each sweep's best, where one ran
                 if f"{kind}sweep_best_us" in r:
                     line += f"  best {kind.rstrip('_')} {r[f'{kind}sweep_best_us']:.1f} {r[f'{kind}sweep_best_config']}"
+            if "wgmma_sweep_variant_best" in r:
+                bests = r["wgmma_sweep_variant_best"].items()
+                line += "  by variant: " + ", ".join(f"{v} {us:.1f}" for v, (us, _) in bests)
             elapsed = time.perf_counter() - start
             print(line + f"  err {r['rel_err_vs_fp32']:.1e}  [{elapsed:.0f}s]", flush=True)
     if args.gemv_sweep:
