@@ -195,7 +195,7 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
                 f"{name}_sweep_best_us": timings[0][0], f"{name}_sweep_best_config": list(timings[0][1])}
 
     # The headline pair is timed twice, alternating, and each keeps its faster run: on the H200 a
-    # kernel timed right after the bf16 GEMMs read up to 8% slower than the same kernel timed
+    # kernel timed right after the bf16 GEMMs read up to 10% slower than the same kernel timed
     # alternately with itself (bench/results/awq_linear_s17.json against the interleaved check in
     # docs/benchmarks.md).
     bf16_runs, auto_runs = [], []
