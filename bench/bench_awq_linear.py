@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench as triton_do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -118,23 +119,12 @@ def mma_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[MmaConfig]:
 def wgmma_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[WgmmaConfig]:
     """awq_wgmma configurations to time: the default first, then 64-256 tokens a program (not
     more than twice the tokens, nor fewer than half of them up to 512: smaller programs never came
-    close in awq_linear_s17_sweep*.json), split-K 1, 2 or 4, 3-5 stages (up to 6 with fewer than 256 tokens),
-    the scales and zero points loaded by the consumers or with each stage's TMA (``params_tma``),
-    and stream-K in place of split-K."""
+    close in awq_linear_s17_sweep*.json), split-K 1, 2 or 4, the default's stages and one fewer
+    (fewer never came close in awq_linear_s17_sweep_stages.json)."""
     configs = [wgmma_config(m, n, k, num_sms)]
-    configs += [WgmmaConfig(bt, s, st, p, sk) for bt in (64, 128, 256) if bt < 2 * m and 2 * bt >= min(m, 512)
-                for s, sk in ((1, False), (2, False), (4, False), (1, True))
-                for st in (3, 4, 5, 6) if st < 6 or bt < 256 for p in (False, True)]
+    configs += [WgmmaConfig(bt, s, st) for bt in (64, 128, 256) if bt < 2 * m and 2 * bt >= min(m, 512)
+                for s in (1, 2, 4) for st in ((4, 5) if bt == 256 else (5, 6))]
     return list(dict.fromkeys(configs))
-
-
-def variant_bests(timings: list) -> dict:
-    """The fastest [us, config] of each awq_wgmma variant (params_tma x stream_k) in a sweep's
-    sorted [us, config] list."""
-    bests = {}
-    for us, cfg in timings:
-        bests.setdefault(f"params_tma={cfg[3]} stream_k={cfg[4]}", [us, cfg])
-    return bests
 
 
 def graph_us(calls: list, rep: int = 50) -> float:
@@ -187,7 +177,11 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
         the sorted list and the best, under ``{name}_sweep*`` keys."""
         timings = []
         for cfg in configs:
-            e = rel_err(fn(x, qweight, qzeros, scales, cfg), ref)
+            try:
+                e = rel_err(fn(x, qweight, qzeros, scales, cfg), ref)
+            except OutOfResources as exc:  # too many stages for shared memory
+                print(f"  {name} {cfg}: {exc}")
+                continue
             assert e < 1e-2, f"{cfg}: relative error {e:.1e}"
             timings.append((graph_us(awq_calls(lambda x, *c, cfg=cfg: fn(x, *c, cfg)), rep=20), cfg))
         timings.sort(key=lambda t: t[0])
@@ -226,7 +220,6 @@ def bench_case(k: int, n: int, m: int, sweep: bool, gemv_sweep: bool, num_sms: i
         result["wgmma_us"] = graph_us(awq_calls(lambda x, *c: awq_wgmma(x, *c, wg_cfg)))
         if wgmma_sweep:
             result |= sweep("wgmma", awq_wgmma, wgmma_sweep_configs(m, n, k, num_sms))
-            result["wgmma_sweep_variant_best"] = variant_bests(result["wgmma_sweep"])
     if m <= GEMV_MAX_TOKENS:
         gemv_cfg = gemv_config(n, k, GROUP_SIZE, num_sms, m)
         result["gemv_config"] = list(gemv_cfg)
@@ -334,9 +327,6 @@ def main(argv: list[str] | None = None) -> int:
             for kind in ("wgmma_", "mma_", "", "gemv_"):  # each sweep's best, where one ran
                 if f"{kind}sweep_best_us" in r:
                     line += f"  best {kind.rstrip('_')} {r[f'{kind}sweep_best_us']:.1f} {r[f'{kind}sweep_best_config']}"
-            if "wgmma_sweep_variant_best" in r:
-                bests = r["wgmma_sweep_variant_best"].items()
-                line += "  by variant: " + ", ".join(f"{v} {us:.1f}" for v, (us, _) in bests)
             elapsed = time.perf_counter() - start
             print(line + f"  err {r['rel_err_vs_fp32']:.1e}  [{elapsed:.0f}s]", flush=True)
     if args.gemv_sweep:

@@ -40,16 +40,14 @@ def compile_sass(module: str, kernel: str, block_t: int, descriptor_args: list, 
     out_ty = "*bf16" if torch_dtype == torch.bfloat16 else "*fp16"
     types = dict(x_desc=mangle_type(x_desc), w_desc=mangle_type(w_desc), qzeros_ptr="*i32", scales_ptr="*fp16",
                  out_ptr=out_ty, partial_ptr="*fp32", lock_ptr="*i32")
-    if "s_desc" in fn.arg_names:  # awq_wgmma's scale and zero-point descriptors, None unless PARAMS_TMA
-        if consts.get("PARAMS_TMA"):
-            groups = k // consts["GROUP"]
-            s_desc, z_desc = mod._param_descriptors(torch.zeros(groups, n, dtype=torch.float16),
-                                                    torch.zeros(groups, n // 8, dtype=torch.int32))
-            types |= dict(s_desc=mangle_type(s_desc), z_desc=mangle_type(z_desc))
-        else:
-            consts = {**consts, "s_desc": None, "z_desc": None}
+    if "s_desc" in fn.arg_names:  # awq_wgmma's scale and zero-point descriptors
+        groups = k // consts["GROUP"]
+        s_desc, z_desc = mod._param_descriptors(torch.zeros(groups, n, dtype=torch.float16),
+                                                torch.zeros(groups, n // 8, dtype=torch.int32))
+        types |= dict(s_desc=mangle_type(s_desc), z_desc=mangle_type(z_desc))
     signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in types if types[a].startswith("*")}
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in types
+             if a in fn.arg_names and types[a].startswith("*")}
     compiled = triton.compile(GluonASTSource(fn, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": num_warps})
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"

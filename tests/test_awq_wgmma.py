@@ -80,21 +80,16 @@ def test_config_rule_and_routing() -> None:
 
 
 @pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
-@pytest.mark.parametrize(("block_t", "dtype", "params_tma", "stream_k"),
-                         [(256, torch.bfloat16, False, False), (128, torch.float16, False, False),
-                          (256, torch.bfloat16, True, False), (128, torch.float16, True, False),
-                          (256, torch.bfloat16, False, True), (128, torch.float16, True, True)])
-def test_kernel_compiles_for_sm90_pipelined(block_t: int, dtype: torch.dtype, params_tma: bool, stream_k: bool) -> None:
+@pytest.mark.parametrize(("block_t", "dtype"), [(256, torch.bfloat16), (128, torch.float16)])
+def test_kernel_compiles_for_sm90_pipelined(block_t: int, dtype: torch.dtype) -> None:
     """The warp-specialized kernel compiles for an H100/H200 with this Triton, keeps its state in
     registers (no spills), stores each dequantized tile to shared memory (stmatrix) for 4 wgmmas
     a 64-row stage in each consumer warpgroup (m64 x BLOCK_T x k16, both operands from shared
     memory), issued as one group and left running through the next step: a wait for all but one
-    group in the loop, so ptxas did not serialize them. With ``params_tma`` the scales and zero
-    points come with each stage's TMA loads (5 a stage), and a consumer step loads nothing from
-    global memory (its layout changes for them are asserted register renamings). Stream-K runs
-    the same step in a loop over a program's tiles."""
-    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, NUM_STAGES=4, USE_PDL=True, PARAMS_TMA=int(params_tma),
-                  STREAM_K=int(stream_k))
+    group in the loop, so ptxas did not serialize them. The scales and zero points come with each
+    stage's TMA loads (5 a stage), and a consumer step loads nothing from global memory (the
+    layout changes for them are asserted register renamings)."""
+    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, NUM_STAGES=4, USE_PDL=True)
     sass = compiled_sass("engine.kernels.awq_wgmma", "_awq_wgmma_kernel", block_t, [], consts, dtype, wg.WARPS)
     kind = r"\.BF16" if dtype == torch.bfloat16 else ""  # fp16 inputs carry no suffix
     wgmma = re.findall(rf"HGMMA\.64x{block_t}x16\.F32{kind} R\d+, gdesc", sass)  # A from shared memory
@@ -102,11 +97,11 @@ def test_kernel_compiles_for_sm90_pipelined(block_t: int, dtype: torch.dtype, pa
     assert len(re.findall(r"HGMMA.*gsb0", sass)) == 2  # one commit group a step
     assert len(re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, 0x1", sass)) == 2  # one group left running
     assert re.search(r"\bSTSM\b", sass)
-    assert len(re.findall(r"\bUTMALDG\b", sass)) == (5 if params_tma else 3)
+    assert len(re.findall(r"\bUTMALDG\b", sass)) == 5
     lines = sass.splitlines()
     for end in (i for i, line in enumerate(lines) if "WARPGROUP.DEPBAR.LE gsb0, 0x1" in line):
         start = max(i for i in range(end) if "TRYWAIT" in lines[i])  # the wait for the stage
-        assert any(re.search(r"\bLDG\b", line) for line in lines[start:end]) != params_tma
+        assert not any(re.search(r"\bLDG\b", line) for line in lines[start:end])
 
 
 @needs_hopper
@@ -121,14 +116,10 @@ def test_kernel_compiles_for_sm90_pipelined(block_t: int, dtype: torch.dtype, pa
         (513, 512, 256, 128, WgmmaConfig(128, 4)),
         (300, 1024, 256, 128, WgmmaConfig(256, 2, 3)),
         (100, 768, 384, 768, WgmmaConfig(128, 1, 2)),  # 2 stages
-        # scales and zero points through TMA with each stage
-        (17, 512, 256, 128, WgmmaConfig(64, 1, 6, True)),
-        (300, 1024, 256, 64, WgmmaConfig(256, 2, 3, True)),
-        (100, 768, 384, 768, WgmmaConfig(128, 3, 2, True)),
-        # stream-K: tiles cut between programs (up to K / 64 of them a tile), whole tiles, both
-        (300, 1024, 256, 128, WgmmaConfig(256, 1, 5, False, True)),
-        (2000, 512, 2048, 64, WgmmaConfig(256, 1, 5, False, True)),
-        (700, 768, 640, 768, WgmmaConfig(128, 1, 6, True, True)),
+        (17, 512, 256, 128, WgmmaConfig(64, 1, 6)),
+        (100, 768, 384, 768, WgmmaConfig(128, 3, 2)),
+        (2000, 512, 2048, 64, WgmmaConfig(256, 1, 5)),
+        (700, 768, 640, 768, WgmmaConfig(128, 2, 6)),
     ],
 )
 def test_wgmma_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:
@@ -144,9 +135,8 @@ def test_wgmma_weights_equal_awq_dequantize() -> None:
     qweight, qzeros, scales, _ = _random_weight(k, n, 128, seed)
     for dtype in (torch.bfloat16, torch.float16):
         eye = torch.eye(k, device="cuda", dtype=dtype)
-        for params_tma in (False, True):
-            got = awq_wgmma(eye, qweight, qzeros, scales, WgmmaConfig(128, 1, 4, params_tma))
-            assert torch.equal(got, awq_kernels.awq_dequantize(qweight, qzeros, scales, dtype)), (dtype, params_tma)
+        got = awq_wgmma(eye, qweight, qzeros, scales, WgmmaConfig(128, 1, 4))
+        assert torch.equal(got, awq_kernels.awq_dequantize(qweight, qzeros, scales, dtype)), dtype
 
 
 @needs_hopper
@@ -174,7 +164,7 @@ def test_wgmma_in_a_cuda_graph_and_through_awq_linear(monkeypatch: pytest.Monkey
         _check_matmul(awq_linear(x, qweight, qzeros, scales), x, w64, seed)
     assert called == [WGMMA_MIN_TOKENS, 700]
     x = torch.randn(200, 1024, device="cuda", dtype=torch.bfloat16)
-    for config in (WgmmaConfig(128, 4), WgmmaConfig(128, 1, 4, False, True)):  # split-K, stream-K
+    for config in (WgmmaConfig(128, 4), WgmmaConfig(256, 1, 5)):
         eager = awq_wgmma(x, qweight, qzeros, scales, config)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

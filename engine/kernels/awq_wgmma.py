@@ -19,19 +19,18 @@ exactly, in the order awq_dequantize rounds them (``_dequant``): bf16 as fp32
 ``(128 + q) s - (128 + z) s``, exact, then one rounding; fp16 as ``((1024 + q) - (1024 + z)) * s``
 in fp16. The columns are put back in order in the epilogue.
 
-A program is warp-specialized: a producer warp streams the packed weight and the activations
-through TMA into a ring of shared-memory stages, and two consumer warpgroups (64 columns each)
-dequantize and run their wgmmas. A warpgroup stores its dequantized tile to shared memory
+A program is warp-specialized: a producer warp streams the packed weight, its scales and zero
+points, and the activations through TMA into a ring of shared-memory stages, and two consumer
+warpgroups (64 columns each) dequantize and run their wgmmas. A warpgroup stores its dequantized tile to shared memory
 (stmatrix) and its wgmmas read it there (their SS form), so it can dequantize the next stage
 while its own wgmmas run. Feeding them from registers (their RS form) does not allow that: PTX
 forbids rewriting registers an unfinished wgmma reads, and with the overlap written legally
 (alternating register sets) ptxas serializes every wgmma (its warning C7513); measured on an
 H200, that form was 3-8% slower at 128-512 tokens (bench/results/awq_linear_s17_sweep*.json).
-Two opt-in variants are compiled for sm_90 in CI and not yet run on a GPU, so off by default:
-``params_tma`` brings each stage's scales and zero points with its TMA loads instead of the
-consumers' global loads (which an ncu profile showed stalling every step), and ``stream_k`` runs
-one program an SM over equal runs of all tiles' K steps instead of a grid of tiles (gate_up at
-256 tokens is 1.70 waves of 256-token tiles on an H200).
+A stream-K form (one program an SM over equal runs of all tiles' K steps, cut tiles summed
+from fp32 partials, against gate_up's 1.70 waves at 256 tokens) was built and measured 1.5-1.9x
+slower than this grid of tiles at 256-1024 tokens (bench/results/awq_linear_s18_sweep.json), and
+removed.
 
 Gluon kernels do not run under TRITON_INTERPRET=1: CI compiles this one for sm_90 and runs its
 dequantizing PTX through a small PTX interpreter (tests/test_awq_wgmma.py); its numerics are
@@ -63,6 +62,7 @@ WGMMA_MAX_TOKENS = 1024
 WGMMA_MIN_WEIGHTS = 1 << 25
 BLOCK_N = 128  # output columns a program: 64 a warpgroup
 BLOCK_K = 64  # K rows a pipeline stage
+Z_WORDS = 32  # a stage's zero-point box: 128 bytes, the alignment of a TMA destination
 WARPS = 4  # the default partition (one consumer warpgroup); another warpgroup and a producer warp join it
 
 if _mma.HAVE_GLUON:
@@ -118,13 +118,6 @@ class WgmmaConfig(NamedTuple):
     block_t: int  # tokens a program (the MMA's N): 64, 128 or 256
     split_k: int  # programs along K
     num_stages: int = 4
-    # Each stage's scales and zero-point words come through TMA with its weight tile instead of
-    # the consumers' global loads a step ahead: compiled for sm_90, not yet run on a GPU, so off.
-    params_tma: bool = False
-    # Stream-K: one program an SM, each a run of the K steps of all tiles, so no SM idles in a last
-    # partial wave (gate_up at 256 tokens is 1.70 waves); split_k is then unused. Compiled for
-    # sm_90, not yet run on a GPU, so off.
-    stream_k: bool = False
 
 
 def wgmma_config(m: int, n: int, k: int, num_sms: int) -> WgmmaConfig:
@@ -173,12 +166,14 @@ def _descriptors(x: torch.Tensor, qweight: torch.Tensor, block_t: int):
 
 
 def _param_descriptors(scales: torch.Tensor, qzeros: torch.Tensor):
-    """TMA descriptors of a program's scales [1, 128] and zero-point words [1, 16] of one group
-    (unswizzled: the consumers read them in their own layout)."""
+    """TMA descriptors of a program's scales [1, 128] and zero-point words of one group
+    (unswizzled: the consumers read them in their own layout). The zero-point box is 32 words,
+    of which the program uses the first 16: a TMA destination must be 128-byte aligned, and each
+    stage's box starts where the last one ends."""
     s_desc = GluonTensorDescriptor.from_tensor(
         scales, [1, BLOCK_N], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2))
     z_desc = GluonTensorDescriptor.from_tensor(
-        qzeros, [1, BLOCK_N // 8], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
+        qzeros, [1, Z_WORDS], gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
     return s_desc, z_desc
 
 
@@ -195,23 +190,15 @@ def awq_wgmma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     assert cfg.block_t in (64, 128, 256) and cfg.num_stages >= 2  # a stage is released a step after its wgmmas
     blocks_t, blocks_n = triton.cdiv(m, cfg.block_t), n // BLOCK_N
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if cfg.stream_k:
-        split_k = min(_num_sms(x.device), blocks_t * blocks_n * (k // BLOCK_K))  # programs
-        k_per_split = 0  # unused
-        grid = (split_k, 1, 1)
-        partial = torch.empty((split_k, 2, cfg.block_t, BLOCK_N), dtype=torch.float32, device=x.device)
-    else:
-        k_per_split = triton.cdiv(k // BLOCK_K, cfg.split_k) * BLOCK_K
-        split_k = triton.cdiv(k, k_per_split)
-        grid = (blocks_t, blocks_n, split_k)
-        partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    k_per_split = triton.cdiv(k // BLOCK_K, cfg.split_k) * BLOCK_K
+    split_k = triton.cdiv(k, k_per_split)
+    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     x_desc, w_desc = _descriptors(x, qweight, cfg.block_t)
-    s_desc, z_desc = _param_descriptors(scales, qzeros) if cfg.params_tma else (None, None)
-    _awq_wgmma_kernel[grid](
-        x_desc, w_desc, s_desc, z_desc, qzeros, scales, out, partial, _split_k_locks(x.device, 2 * blocks_t * blocks_n),
+    s_desc, z_desc = _param_descriptors(scales, qzeros)
+    _awq_wgmma_kernel[(blocks_t, blocks_n, split_k)](
+        x_desc, w_desc, s_desc, z_desc, out, partial, _split_k_locks(x.device, 2 * blocks_t * blocks_n),
         m, k_per_split, split_k,
-        N=n, K=k, GROUP=group_size, BLOCK_T=cfg.block_t, NUM_STAGES=cfg.num_stages, PARAMS_TMA=int(cfg.params_tma),
-        STREAM_K=int(cfg.stream_k),
+        N=n, K=k, GROUP=group_size, BLOCK_T=cfg.block_t, NUM_STAGES=cfg.num_stages,
         num_warps=WARPS, **pdl_args(x.device),
     )
     return out
@@ -222,6 +209,7 @@ if _mma.HAVE_GLUON:
     _DEQUANT_FP16 = gl.constexpr(DEQUANT_FP16_PTX)
     _DEQUANT_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 4 + ["r"] * 32))
     _BLOCK_K = gl.constexpr(BLOCK_K)
+    _Z_WORDS = gl.constexpr(Z_WORDS)
 
     @constexpr_function
     def _acc_layout(block_t):
@@ -298,7 +286,7 @@ if _mma.HAVE_GLUON:
     def _stage_params(s_tile, z_tile, DTYPE: gl.constexpr, ROW_L: gl.constexpr):
         """The asm's scale and zero-point operands of each accumulator row (layout ROW_L) from a
         stage's scales [1, 64] and zero-point words [1, 8] of the warpgroup's columns in shared
-        memory (``params_tma``)."""
+        memory."""
         L2: gl.constexpr = _param_layout(2)
         L3: gl.constexpr = _param_layout(3)
         scales = s_tile.load(L2)
@@ -310,15 +298,9 @@ if _mma.HAVE_GLUON:
         return _columns_to_rows(s_arg, ROW_L), _columns_to_rows(z_arg, ROW_L)
 
     @gluon.jit
-    def _tile_loads(scales_ptr, qzeros_ptr, k0, cols, words, N: gl.constexpr, GROUP: gl.constexpr):
-        """The scale and the packed zero-point word of each row for the K tile at k0 (one group)."""
-        g = k0 // GROUP
-        return gl.load(scales_ptr + g * N + cols), gl.load(qzeros_ptr + g * (N // 8) + words)
-
-    @gluon.jit
     def _tile_args(s, z_words, shifts, DTYPE: gl.constexpr):
-        """The asm's scale and zero-point operands from scales and their packed zero-point words
-        (``_tile_loads``' or a stage's), elementwise."""
+        """The asm's scale and zero-point operands from scales and their packed zero-point words,
+        elementwise."""
         z = (z_words >> shifts) & 0xF
         if DTYPE == gl.bfloat16:
             sf = s.to(gl.float32)
@@ -328,84 +310,57 @@ if _mma.HAVE_GLUON:
             return s_bits * 0x10001, (0x6400 + z) * 0x10001
 
     @gluon.jit
-    def _step(t, t_first, k_base, acc, s_next, z_next, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty,
-              scales_ptr, qzeros_ptr, cols, words, shifts, sel, N: gl.constexpr, K: gl.constexpr,
-              GROUP: gl.constexpr, WG: gl.constexpr, NUM_STAGES: gl.constexpr, PARAMS_TMA: gl.constexpr):
-        """One K tile of consumer warpgroup WG: wait for the stage, dequantize its words, store
-        the tile to slot t % 2 of ``a_smem``, issue the wgmmas on it, then wait for the previous
-        step's wgmmas only (which frees that slot and the stage before, released here) and leave
-        this step's running. The scales and zero-point words of tile t come in as
-        ``s_next``/``z_next`` (loaded a step ahead) and those of t + 1 go out; with PARAMS_TMA they
-        come with the stage instead (``s_smem``/``z_smem``) and ``s_next``/``z_next`` pass through.
-        t counts the program's steps (ring slots and phases); its tile's first step is t_first and
-        step t's K rows start at k_base + 64 t."""
+    def _step(t, acc, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty, sel, WG: gl.constexpr,
+              NUM_STAGES: gl.constexpr):
+        """One K tile of consumer warpgroup WG: wait for the stage, dequantize its words with the
+        scales and zero points that came with it, store the tile to slot t % 2 of ``a_smem``,
+        issue the wgmmas on it, then wait for the previous step's wgmmas only (which frees that
+        slot and the stage before, released here) and leave this step's running. t counts the
+        program's steps (ring slots and phases)."""
         DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_acc_layout(BLOCK_T), k_width=2)
-        if not PARAMS_TMA:
-            s_arg, z_arg = _tile_args(s_next, z_next, shifts, DTYPE)
         slot = t % NUM_STAGES
         mbarrier.wait(ready.index(slot), (t // NUM_STAGES) & 1)
-        if PARAMS_TMA:
-            s_arg, z_arg = _stage_params(s_smem.index(slot).slice(64 * WG, 64, dim=1),
-                                         z_smem.index(slot).slice(8 * WG, 8, dim=1), DTYPE,
-                                         gl.SliceLayout(1, _acc_layout(BLOCK_T)))
+        s_arg, z_arg = _stage_params(s_smem.index(slot).slice(64 * WG, 64, dim=1),
+                                     z_smem.index(slot).slice(8 * WG, 8, dim=1), DTYPE,
+                                     gl.SliceLayout(1, _acc_layout(BLOCK_T)))
         a = _dequant(w_smem.index(2 * slot + WG).load(_words_layout(_BLOCK_K)), sel, _per_row(s_arg, _BLOCK_K),
                      _per_row(z_arg, _BLOCK_K), DTYPE, A_L)
         a_smem.index(t % 2).store(a)
         fence_async_shared()
         pending = warpgroup_mma(a_smem.index(t % 2), x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-        # The next tile's scales and zero points load after the fence (a MEMBAR, which waits for
-        # every load issued before it) and are first used a step later. (Two steps ahead was 5-8%
-        # slower: the next step's fence then waits for them, between its dequantization and its
-        # wgmmas, where the stall in front of the stage's wait overlaps this step's wgmmas.)
-        if not PARAMS_TMA:
-            k_ahead = gl.minimum(k_base + (t + 1) * _BLOCK_K, K - _BLOCK_K)  # in bounds; unused after the last
-            s_next, z_next = _tile_loads(scales_ptr, qzeros_ptr, k_ahead, cols, words, N, GROUP)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=[pending])
-        mbarrier.arrive(empty.index((t + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=t > t_first)
-        return acc, s_next, z_next
+        mbarrier.arrive(empty.index((t + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=t > 0)
+        return acc
 
     @gluon.jit
-    def _consumer_tile(WG: gl.constexpr, PARAMS_TMA: gl.constexpr, t, n, k_lo, pid_n, x_smem, w_smem, a_smem, s_smem,
-                       z_smem, ready, empty, scales_ptr, qzeros_ptr, N: gl.constexpr, K: gl.constexpr,
-                       GROUP: gl.constexpr, NUM_STAGES: gl.constexpr):
-        """Warpgroup WG's n steps (n >= 1; the program's steps t ..) over K rows k_lo .. of output
-        columns 128 pid_n + 64 WG .. + 63: returns the next step and the fp32 tile [tokens, 64
+    def _consumer_tile(WG: gl.constexpr, n, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty,
+                       NUM_STAGES: gl.constexpr):
+        """Warpgroup WG's n steps (n >= 1) over its program's K rows: the fp32 tile [tokens, 64
         columns] in column order."""
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         ACC: gl.constexpr = _acc_layout(BLOCK_T)
         # Row r of the A tile: warp r // 16, nibble h = (r // 8) % 2 of byte b = r % 4 of the
-        # warp's word j = (r // 4) % 2; that nibble is column 4 (b % 2) + 2 h + b // 2 of the word.
-        rows = gl.arange(0, 64, layout=gl.SliceLayout(1, ACC))
-        h, b = (rows // 8) % 2, rows % 4
-        words = pid_n * 16 + 8 * WG + 2 * (rows // 16) + (rows // 4) % 2
-        cols = 8 * words + 4 * (b % 2) + 2 * h + b // 2
-        shifts = 4 * (2 * b + h)
+        # warp's word j = (r // 4) % 2 (see the module docstring).
+        b = gl.arange(0, 64, layout=gl.SliceLayout(1, ACC)) % 4
         sel = _per_row(b | ((4 + b) << 8), _BLOCK_K)
-        if PARAMS_TMA:
-            s_next, z_next = 0, 0  # unused: the stages bring them
-        else:
-            s_next, z_next = _tile_loads(scales_ptr, qzeros_ptr, k_lo, cols, words, N, GROUP)
         acc = gl.zeros([64, BLOCK_T], gl.float32, layout=ACC)
-        k_base = k_lo - t * _BLOCK_K
-        step = t  # (an assigned name, so a loop may carry it)
+        step = 0  # (an assigned name, so a loop may carry it)
         # A loop that always runs (n >= 1): with a zero-trip exit LLVM copies the accumulator ahead
         # of the final wait, and ptxas then serializes every wgmma (C7514/C7515).
         more = True
         while more:
-            acc, s_next, z_next = _step(step, t, k_base, acc, s_next, z_next, x_smem, w_smem, a_smem, s_smem, z_smem,
-                                        ready, empty, scales_ptr, qzeros_ptr, cols, words, shifts, sel, N, K, GROUP,
-                                        WG, NUM_STAGES, PARAMS_TMA)
+            acc = _step(step, acc, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty, sel, WG, NUM_STAGES)
             step += 1
-            more = step < t + n
+            more = step < n
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
         mbarrier.arrive(empty.index((step - 1) % NUM_STAGES), count=1)
 
         # Rows back to column order (row bits w, h, j, b1, b0 -> column bits w, j, b0, h, b1),
         # transposed to [tokens, columns].
         out = gl.permute(acc.reshape([4, 2, 2, 2, 2, BLOCK_T]), (5, 0, 2, 4, 1, 3)).reshape([BLOCK_T, 64])
-        return step, gl.convert_layout(out, _out_layout())
+        return gl.convert_layout(out, _out_layout())
 
     @constexpr_function
     def _out_layout():
@@ -413,50 +368,10 @@ if _mma.HAVE_GLUON:
         return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
 
     @gluon.jit
-    def _store_stream_k(out, out_ptr, partial_ptr, lock_ptr, lock, t0, c0, M, N, split, count, mine, first,
-                        stride, L: gl.constexpr, R: gl.constexpr):
-        """A stream-K segment's fp32 tile ``out`` (layout L; tokens t0 .., columns c0 .. of a
-        128-column tile): stored in the output dtype when the segment covers all of K (count == 1),
-        else written to its partial (offset ``mine`` of ``partial_ptr``: [programs, 2, tokens, 128]
-        fp32) and, by the last of the tile's ``count`` programs to arrive (counter
-        ``lock_ptr[lock]``, reset by it), summed in program order - the first program's partial at
-        offset ``first``, the others' ``stride`` apart - R tokens at a time: deterministic."""
-        T: gl.constexpr = out.shape[0]
-        C: gl.constexpr = out.shape[1]
-        lt = gl.arange(0, T, layout=gl.SliceLayout(1, L))
-        lc = c0 % 128 + gl.arange(0, C, layout=gl.SliceLayout(0, L))
-        ot = t0 + lt
-        ok = (ot < M)[:, None]
-        if count == 1:
-            gl.store(out_ptr + ot[:, None] * N + (c0 + gl.arange(0, C, layout=gl.SliceLayout(0, L)))[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=ok)
-        else:
-            gl.store(partial_ptr + mine + lt[:, None] * 128 + lc[None, :], out)
-            _mma._cta_barrier()  # every warp's partial is written before the release below
-            arrived = gl.atomic_add(lock_ptr + lock, 1, sem="acq_rel", scope="gpu")
-            if arrived == count - 1:
-                for r in gl.static_range(0, T, R):
-                    rt = r + gl.arange(0, R, layout=gl.SliceLayout(1, L))
-                    offs = rt[:, None] * 128 + lc[None, :]
-                    total = gl.zeros([R, C], gl.float32, layout=L)
-                    for s0 in range(0, count, 4):
-                        for j in gl.static_range(4):
-                            s = gl.minimum(s0 + j, count - 1)
-                            base = gl.where(s == 0, first, first - first % stride + s * stride)
-                            part = gl.load(partial_ptr + base + offs, cache_modifier=".cg")
-                            total += gl.where(s0 + j < count, part, 0.0)
-                    rows_ok = ((t0 + rt) < M)[:, None]
-                    gl.store(out_ptr + (t0 + rt)[:, None] * N + (c0 - c0 % 128 + lc)[None, :],
-                             total.to(out_ptr.dtype.element_ty), mask=rows_ok)
-                gl.atomic_xchg(lock_ptr + lock, 0, sem="relaxed", scope="gpu")
-
-    @gluon.jit
-    def _consumer(WG: gl.constexpr, PARAMS_TMA: gl.constexpr, STREAM_K: gl.constexpr, x_smem, w_smem, s_smem, z_smem,
-                  ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr, lock_ptr, M, pid_t, pid_n, pid_s, k_lo,
-                  n_tiles, split_k, u0, u1, units, blocks_t, N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr,
-                  NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
-        """Warpgroup WG: output columns 128 p + 64 WG .. + 63 of each tile (t, p) of the program:
-        one (split-K), or the tiles of K steps u0 .. u1 - 1 of all tiles' steps (stream-K)."""
+    def _consumer(WG: gl.constexpr, x_smem, w_smem, s_smem, z_smem, ready, empty, out_ptr, partial_ptr, lock_ptr, M,
+                  pid_t, pid_n, pid_s, n_tiles, split_k, N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  USE_PDL: gl.constexpr):
+        """Warpgroup WG: output columns 128 pid_n + 64 WG .. + 63 of the program's tile."""
         DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         OUT_L: gl.constexpr = _out_layout()
@@ -464,89 +379,38 @@ if _mma.HAVE_GLUON:
             _mma._pdl_wait()  # before this program's first store
         a_smem = gl.allocate_shared_memory(DTYPE, [2, 64, _BLOCK_K],
                                            gl.NVMMASharedLayout.get_default_for([64, _BLOCK_K], DTYPE))
-        if STREAM_K:
-            S = K // _BLOCK_K  # steps a tile
-            TILE: gl.constexpr = BLOCK_T * 128  # fp32 entries of a partial
-            t = 0
-            u = u0
-            while u < u1:
-                tile = u // S
-                end = gl.minimum(u1, (tile + 1) * S)
-                pn = tile // blocks_t
-                t, out = _consumer_tile(WG, PARAMS_TMA, t, end - u, (u - tile * S) * _BLOCK_K, pn, x_smem, w_smem,
-                                        a_smem, s_smem, z_smem, ready, empty, scales_ptr, qzeros_ptr, N, K, GROUP,
-                                        NUM_STAGES)
-                # The programs that share this tile: those whose step ranges meet it (program g
-                # starts at g * units // programs; split_k holds the program count).
-                g0 = ((tile * S + 1) * split_k - 1) // units
-                g1 = ((tile + 1) * S * split_k - 1) // units
-                # A program's first segment writes its partial to slot 0, its last to slot 1.
-                g0_slot = (g0 * units // split_k != tile * S).to(gl.int32)
-                _store_stream_k(out, out_ptr, partial_ptr, lock_ptr, 2 * tile + WG, (tile % blocks_t) * BLOCK_T,
-                                pn * 128 + 64 * WG, M, N, pid_s - g0, g1 - g0 + 1,
-                                (2 * pid_s + (u != u0).to(gl.int32)) * TILE, (2 * g0 + g0_slot) * TILE, 2 * TILE,
-                                OUT_L, 32)
-                u = end
-        else:
-            _, out = _consumer_tile(WG, PARAMS_TMA, 0, n_tiles, k_lo, pid_n, x_smem, w_smem, a_smem, s_smem, z_smem,
-                                    ready, empty, scales_ptr, qzeros_ptr, N, K, GROUP, NUM_STAGES)
-            _mma._store_split_k(out, out_ptr, partial_ptr, lock_ptr, 2 * (pid_t * (N // 128) + pid_n) + WG,
-                                pid_t * BLOCK_T, pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
+        out = _consumer_tile(WG, n_tiles, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty, NUM_STAGES)
+        _mma._store_split_k(out, out_ptr, partial_ptr, lock_ptr, 2 * (pid_t * (N // 128) + pid_n) + WG,
+                            pid_t * BLOCK_T, pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
 
     @gluon.jit
-    def _produce_tile(PARAMS_TMA: gl.constexpr, t, n, t0, w0, k_lo, x_desc, w_desc, s_desc, z_desc, x_smem, w_smem,
-                      s_smem, z_smem, ready, empty, GROUP, NUM_STAGES: gl.constexpr):
-        """The TMA loads of one tile's n stages (the program's steps t ..; K rows k_lo ..): the
-        weight's two 8-word halves and the activations, with PARAMS_TMA also the group's 128
-        scales and 16 zero-point words, each once both warpgroups have released the slot.
-        Returns the next step."""
+    def _producer(x_desc, w_desc, s_desc, z_desc, x_smem, w_smem, s_smem, z_smem, ready, empty, pid_t, pid_n, k_lo,
+                  n_tiles, GROUP, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
+        """One warp: the TMA loads of the program's n_tiles stages (K rows k_lo ..): the weight's
+        two 8-word halves, the activations, and the group's 128 scales and 32 zero-point words
+        (16 used), each once both warpgroups have released the slot."""
         BLOCK_T: gl.constexpr = x_smem.shape[1]
-        STAGE_BYTES: gl.constexpr = _BLOCK_K * 16 * 4 + BLOCK_T * _BLOCK_K * 2 + PARAMS_TMA * (128 * 2 + 16 * 4)
-        for i in range(n):
-            tt = t + i
-            slot = tt % NUM_STAGES
-            mbarrier.wait(empty.index(slot), ((tt // NUM_STAGES) & 1) ^ 1, pred=tt >= NUM_STAGES)
+        STAGE_BYTES: gl.constexpr = _BLOCK_K * 16 * 4 + BLOCK_T * _BLOCK_K * 2 + 128 * 2 + _Z_WORDS * 4
+        if USE_PDL:
+            _mma._pdl_wait()
+        t0, w0 = pid_t * BLOCK_T, pid_n * 16
+        for t in range(n_tiles):
+            slot = t % NUM_STAGES
+            mbarrier.wait(empty.index(slot), ((t // NUM_STAGES) & 1) ^ 1, pred=t >= NUM_STAGES)
             mbarrier.expect(ready.index(slot), STAGE_BYTES)
-            k = k_lo + i * _BLOCK_K
+            k = k_lo + t * _BLOCK_K
             _mma._tma_load(w_desc, [k, w0], ready.index(slot), w_smem.index(2 * slot))
             _mma._tma_load(w_desc, [k, w0 + 8], ready.index(slot), w_smem.index(2 * slot + 1))
             _mma._tma_load(x_desc, [t0, k], ready.index(slot), x_smem.index(slot))
-            if PARAMS_TMA:
-                _mma._tma_load(s_desc, [k // GROUP, 8 * w0], ready.index(slot), s_smem.index(slot))
-                _mma._tma_load(z_desc, [k // GROUP, w0], ready.index(slot), z_smem.index(slot))
-        return t + n
-
-    @gluon.jit
-    def _producer(PARAMS_TMA: gl.constexpr, STREAM_K: gl.constexpr, x_desc, w_desc, s_desc, z_desc, x_smem, w_smem,
-                  s_smem, z_smem, ready, empty, pid_t, pid_n, k_lo, n_tiles, u0, u1, blocks_t, K, GROUP,
-                  NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr):
-        """One warp: the stages of the program's tile (split-K) or tiles (stream-K, as ``_consumer``)."""
-        BLOCK_T: gl.constexpr = x_smem.shape[1]
-        if USE_PDL:
-            _mma._pdl_wait()
-        if STREAM_K:
-            S = K // _BLOCK_K
-            t = 0
-            u = u0
-            while u < u1:
-                tile = u // S
-                end = gl.minimum(u1, (tile + 1) * S)
-                t = _produce_tile(PARAMS_TMA, t, end - u, (tile % blocks_t) * BLOCK_T, (tile // blocks_t) * 16,
-                                  (u - tile * S) * _BLOCK_K, x_desc, w_desc, s_desc, z_desc, x_smem, w_smem, s_smem,
-                                  z_smem, ready, empty, GROUP, NUM_STAGES)
-                u = end
-        else:
-            _produce_tile(PARAMS_TMA, 0, n_tiles, pid_t * BLOCK_T, pid_n * 16, k_lo, x_desc, w_desc, s_desc, z_desc,
-                          x_smem, w_smem, s_smem, z_smem, ready, empty, GROUP, NUM_STAGES)
+            _mma._tma_load(s_desc, [k // GROUP, 8 * w0], ready.index(slot), s_smem.index(slot))
+            _mma._tma_load(z_desc, [k // GROUP, w0], ready.index(slot), z_smem.index(slot))
 
     # M and split_k stay runtime values even when 1: Triton 3.6 fails to lower this warp-specialized
     # kernel with split_k a constant.
     @gluon.jit(do_not_specialize=["M", "split_k"])
-    def _awq_wgmma_kernel(x_desc, w_desc, s_desc, z_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
-                          M, k_per_split, split_k,
+    def _awq_wgmma_kernel(x_desc, w_desc, s_desc, z_desc, out_ptr, partial_ptr, lock_ptr, M, k_per_split, split_k,
                           N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
-                          NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False, PARAMS_TMA: gl.constexpr = 0,
-                          STREAM_K: gl.constexpr = 0):
+                          NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False):
         """Grid ``(cdiv(M, BLOCK_T), N / 128, split_k)``, warp-specialized: two consumer
         warpgroups (the default partition and a 4-warp worker) and a 1-warp TMA producer.
         Program (t, p, s) owns tokens BLOCK_T t .. (rows past M are read as 0 and not stored),
@@ -554,62 +418,41 @@ if _mma.HAVE_GLUON:
         s * k_per_split ..; K % 64 == 0 and a 64-row tile lies in one group. Token blocks vary
         fastest, so the programs that share a weight block run together and it is read once.
 
-        Pipeline: NUM_STAGES slots, each the packed weight [64, 2 x 8 words] and the activations
-        [BLOCK_T, 64], filled by the producer (``ready``) and released by both warpgroups
-        (``empty``, two arrivals); no CTA-wide barrier in the loop, so one warpgroup dequantizes
-        while the other's wgmmas run. A consumer step (``_step``) dequantizes its 64 columns of the
-        stage into a 2-slot shared-memory A tile and issues 4 wgmma.m64nBLOCK_Tk16 on it, leaving
-        them running through the next step's dequantization; the scale and zero point of the next
-        stage's rows load a step ahead into registers (with PARAMS_TMA: come with the stage, from
-        ``s_desc``/``z_desc``, which are otherwise None).
+        Pipeline: NUM_STAGES slots, each the packed weight [64, 2 x 8 words], the activations
+        [BLOCK_T, 64] and the group's scales [1, 128] and zero-point words, filled by the producer
+        (``ready``) and released by both warpgroups (``empty``, two arrivals); no CTA-wide barrier
+        in the loop, so one warpgroup dequantizes while the other's wgmmas run. A consumer step
+        (``_step``) dequantizes its 64 columns of the stage into a 2-slot shared-memory A tile and
+        issues 4 wgmma.m64nBLOCK_Tk16 on it, leaving them running through the next step's
+        dequantization. No global load in a step: loading the scales and zero points from global
+        memory a step ahead instead was 4-9% slower on an H200 (the fence before the wgmmas, a
+        MEMBAR, waits for them; bench/results/awq_linear_s18_sweep.json).
 
         With split_k > 1 each warpgroup stores fp32 partials and the last to arrive for its
-        [BLOCK_T, 64] block (counter ``lock_ptr``, reset by it) sums them in order: deterministic.
-
-        STREAM_K: grid ``(split_k,)``, one program an SM. The K steps of all tiles (token block
-        fastest, then column block, then K) are cut into split_k equal runs, one a program, so no
-        SM waits for a last partial wave; a tile cut between programs is summed by the last of
-        them to finish (``_store_stream_k``), from partials [split_k, 2, BLOCK_T, 128]."""
-        if STREAM_K:
-            pid_t, pid_n, k_lo, n_tiles = 0, 0, 0, 0  # unused
-            pid_s = gl.program_id(0)
-            blocks_t = gl.cdiv(M, BLOCK_T)
-            units = blocks_t * (N // 128) * (K // _BLOCK_K)
-            u0 = pid_s * units // split_k
-            u1 = (pid_s + 1) * units // split_k
-        else:
-            pid_t = gl.program_id(0)
-            pid_n = gl.program_id(1)
-            pid_s = gl.program_id(2)
-            k_lo = pid_s * k_per_split
-            n_tiles = (gl.minimum(k_lo + k_per_split, K) - k_lo) // _BLOCK_K
-            blocks_t, units, u0, u1 = 0, 0, 0, 0  # unused
+        [BLOCK_T, 64] block (counter ``lock_ptr``, reset by it) sums them in order: deterministic."""
+        pid_t = gl.program_id(0)
+        pid_n = gl.program_id(1)
+        pid_s = gl.program_id(2)
+        k_lo = pid_s * k_per_split
+        n_tiles = (gl.minimum(k_lo + k_per_split, K) - k_lo) // _BLOCK_K
 
         w_smem = gl.allocate_shared_memory(gl.int32, [2 * NUM_STAGES, _BLOCK_K, 8], w_desc.layout)
         x_smem = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES, BLOCK_T, _BLOCK_K], x_desc.layout)
+        s_smem = gl.allocate_shared_memory(s_desc.dtype, [NUM_STAGES, 1, 128], s_desc.layout)
+        z_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, 1, _Z_WORDS], z_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        if PARAMS_TMA:
-            s_smem = gl.allocate_shared_memory(s_desc.dtype, [NUM_STAGES, 1, 128], s_desc.layout)
-            z_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, 1, 16], z_desc.layout)
-            s_src, z_src = s_desc, z_desc
-        else:  # unused stand-ins (None cannot be passed to a partition)
-            s_smem, z_smem, s_src, z_src = w_smem, w_smem, w_desc, w_desc
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)
         fence_async_shared()
         # (Constants reach the partitions as runtime values, except those in a tuple literal of
-        # constants, as WG, PARAMS_TMA and STREAM_K are; a tuple held in a variable loses them too.)
-        consumer_args = (x_smem, w_smem, s_smem, z_smem, ready, empty, scales_ptr, qzeros_ptr, out_ptr, partial_ptr,
-                         lock_ptr, M, pid_t, pid_n, pid_s, k_lo, n_tiles, split_k, u0, u1, units, blocks_t, N, K,
-                         GROUP, NUM_STAGES, USE_PDL)
-        producer_args = (x_desc, w_desc, s_src, z_src, x_smem, w_smem, s_smem, z_smem, ready, empty, pid_t, pid_n,
-                         k_lo, n_tiles, u0, u1, blocks_t, K, GROUP, NUM_STAGES, USE_PDL)
+        # constants, as WG is; a tuple held in a variable loses them too.)
+        consumer_args = (x_smem, w_smem, s_smem, z_smem, ready, empty, out_ptr, partial_ptr, lock_ptr, M, pid_t,
+                         pid_n, pid_s, n_tiles, split_k, N, NUM_STAGES, USE_PDL)
         gl.warp_specialize(
-            [(_consumer, (gl.constexpr(0), gl.constexpr(PARAMS_TMA.value), gl.constexpr(STREAM_K.value))
-              + consumer_args),
-             (_consumer, (gl.constexpr(1), gl.constexpr(PARAMS_TMA.value), gl.constexpr(STREAM_K.value))
-              + consumer_args),
-             (_producer, (gl.constexpr(PARAMS_TMA.value), gl.constexpr(STREAM_K.value)) + producer_args)],
+            [(_consumer, (gl.constexpr(0),) + consumer_args),
+             (_consumer, (gl.constexpr(1),) + consumer_args),
+             (_producer, (x_desc, w_desc, s_desc, z_desc, x_smem, w_smem, s_smem, z_smem, ready, empty, pid_t, pid_n,
+                          k_lo, n_tiles, GROUP, NUM_STAGES, USE_PDL))],
             [4, 1], [232, 24])
