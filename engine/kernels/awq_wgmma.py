@@ -4,8 +4,8 @@ From a few hundred tokens a linear is bound by the tensor cores, not by the weig
 the path before this kernel (dequantize the whole weight to 16-bit floats, then a dense
 ``torch.matmul``) paid a full write and read of the dense weight on top of the GEMM. Here the
 packed weight is dequantized in registers, laid out as the A operand fragments of ``wgmma``
-(Hopper's warpgroup MMA), and stored to shared memory next to B, the activations, so the weight
-crosses global memory once, in 4 bits.
+(Hopper's warpgroup MMA), which reads them there and B, the activations, from shared memory, so
+the weight crosses global memory once, in 4 bits.
 
 The product is computed transposed, ``out^T [N, M] = W^T [N, K] x^T [K, M]``: output columns on
 the MMA's 64-row M side (a warpgroup each 64 of a program's 128), tokens on its N side (64-256 a
@@ -21,15 +21,19 @@ in fp16. The columns are put back in order in the epilogue.
 
 A program is warp-specialized: a producer warp streams the packed weight, its scales and zero
 points, and the activations through TMA into a ring of shared-memory stages, and two consumer
-warpgroups (64 columns each) dequantize and run their wgmmas. A warpgroup stores its dequantized tile to shared memory
-(stmatrix) and its wgmmas read it there (their SS form), so it can dequantize the next stage
-while its own wgmmas run. Feeding them from registers (their RS form) does not allow that: PTX
-forbids rewriting registers an unfinished wgmma reads, and with the overlap written legally
-(alternating register sets) ptxas serializes every wgmma (its warning C7513); measured on an
-H200, that form was 3-8% slower at 128-512 tokens (bench/results/awq_linear_s17_sweep*.json).
-A stream-K form (one program an SM over equal runs of all tiles' K steps, cut tiles summed
-from fp32 partials, against gate_up's 1.70 waves at 256 tokens) was built and measured 1.5-1.9x
-slower than this grid of tiles at 256-1024 tokens (bench/results/awq_linear_s18_sweep.json), and
+warpgroups (64 columns each) dequantize and run their wgmmas, the A operand in registers (their
+RS form). PTX forbids redefining registers an unfinished wgmma reads, so a warpgroup waits for
+its wgmmas before it dequantizes the next stage; the two warpgroups alternate, one dequantizing
+while the other's wgmmas run. Storing the dequantized tile to shared memory for the wgmmas to
+read there (their SS form) lets a warpgroup overlap its own wgmmas too, but the tile then
+crosses shared memory twice more, and shared memory is what binds this kernel: ncu of that form
+at 512 tokens on gate_up read the L1/shared-memory pipe busy 74% of the cycles, with the SMs
+active 81% of them (the tensor pipe 62%; bench/results/ncu_awq_wgmma_gate_up_512_s18*.txt).
+Once the scales and zero points came through TMA, the SS form was 1.5-5% slower at 256-1024
+tokens on an H200 (bench/results/awq_linear_s18_sweep_a_regs.json; it had been 3-8% faster
+while they were global loads in the step). A stream-K form (one program an SM over equal runs of all tiles' K
+steps, cut tiles summed from fp32 partials, against gate_up's 1.70 waves at 256 tokens) was
+built and measured 1.5-1.9x slower than this grid of tiles (awq_linear_s18_sweep.json), and
 removed.
 
 Gluon kernels do not run under TRITON_INTERPRET=1: CI compiles this one for sm_90 and runs its
@@ -50,13 +54,14 @@ from engine.kernels.awq_gemm import _check_shapes, _num_sms, _split_k_locks, _tm
 from engine.kernels.pdl import pdl_args
 
 # awq_linear runs this kernel for WGMMA_MIN_TOKENS to WGMMA_MAX_TOKENS tokens on weights of at
-# least WGMMA_MIN_WEIGHTS entries. On an H200 (bench/results/awq_linear_s17_sweep*.json,
-# Llama-3.1-8B shapes) it beats both other paths on gate_up (117M weights) and down (59M) from 128
-# to 1024 tokens: at 256 tokens 108.7 and 66.2 us against 175.2 and 93.3 for dequantize + matmul,
-# at 1024 gate_up 384 against 435; at 64 tokens the fused kernel is faster (session 16: 55.3
-# against 72.7 us on gate_up); at 2048 tokens dequantize + matmul is (gate_up 766 against 818), and
-# on qkv and o (25M and 17M weights) neither wins by more than 10% either way (o at 256 tokens
-# 31.2 against 27.1, qkv at 512 52.3 against 56.0).
+# least WGMMA_MIN_WEIGHTS entries. On an H200 (bench/results/awq_linear_s18b.json, Llama-3.1-8B
+# shapes) it beats both other paths on gate_up (117M weights) and down (59M) from 128 to 1024
+# tokens: at 256 tokens 101.4 and 64.3 us against 178.4 and 93.1 for dequantize + matmul, at 1024
+# gate_up 382.5 against 409.8; at 64 tokens the fused kernel is about as fast (gate_up 55.3
+# against 57.5 us); at 2048 tokens dequantize + matmul is faster on gate_up (790.5 against 823.4).
+# On qkv and o (25M and 17M weights) it wins at some sizes and loses at others (qkv at 512 tokens
+# 49.0 against 54.6, at 256 48.9 against 41.0; o at 1024 49.6 against 60.2, at 512 49.4 against
+# 37.6), so they keep the other paths.
 WGMMA_MIN_TOKENS = 128
 WGMMA_MAX_TOKENS = 1024
 WGMMA_MIN_WEIGHTS = 1 << 25
@@ -122,10 +127,11 @@ class WgmmaConfig(NamedTuple):
 
 def wgmma_config(m: int, n: int, k: int, num_sms: int) -> WgmmaConfig:
     """The tiling, from ``bench/bench_awq_linear.py --wgmma-sweep`` on an H200
-    (bench/results/awq_linear_s17_sweep*.json): programs of 256 tokens above 128 (64 or 128
-    below), split-K up to about one program per SM (down at 256 tokens: 4 splits, 66.2 us, against
-    81.1 with 128-token programs and 2), 5 stages for 256-token programs and 6 for smaller ones
-    (the most that fit in shared memory; 4: 1-6% slower)."""
+    (bench/results/awq_linear_s17_sweep*.json, awq_linear_s18_sweep*.json): programs of 256 tokens
+    above 128 (64 or 128 below), split-K up to about one program per SM (down at 256 tokens: 4
+    splits, 64.1 us, against 70.2 with 128-token programs and 2), 5 stages for 256-token programs
+    (the most that fit in shared memory; 4 were 1-6% slower in session 17) and 6 for smaller ones (7: no
+    faster)."""
     block_t = 64 if m <= 64 else 128 if m <= 128 else 256
     programs = (n // BLOCK_N) * triton.cdiv(m, block_t)
     split_k = max(1, min(k // (4 * BLOCK_K), num_sms // programs))
@@ -310,13 +316,12 @@ if _mma.HAVE_GLUON:
             return s_bits * 0x10001, (0x6400 + z) * 0x10001
 
     @gluon.jit
-    def _step(t, acc, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty, sel, WG: gl.constexpr,
+    def _step(t, acc, x_smem, w_smem, s_smem, z_smem, ready, empty, sel, WG: gl.constexpr,
               NUM_STAGES: gl.constexpr):
         """One K tile of consumer warpgroup WG: wait for the stage, dequantize its words with the
-        scales and zero points that came with it, store the tile to slot t % 2 of ``a_smem``,
-        issue the wgmmas on it, then wait for the previous step's wgmmas only (which frees that
-        slot and the stage before, released here) and leave this step's running. t counts the
-        program's steps (ring slots and phases)."""
+        scales and zero points that came with it into the A registers, run the wgmmas on them,
+        wait for them (PTX forbids redefining registers an unfinished wgmma reads) and release
+        the stage. t counts the program's steps (ring slots and phases)."""
         DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_acc_layout(BLOCK_T), k_width=2)
@@ -327,16 +332,13 @@ if _mma.HAVE_GLUON:
                                      gl.SliceLayout(1, _acc_layout(BLOCK_T)))
         a = _dequant(w_smem.index(2 * slot + WG).load(_words_layout(_BLOCK_K)), sel, _per_row(s_arg, _BLOCK_K),
                      _per_row(z_arg, _BLOCK_K), DTYPE, A_L)
-        a_smem.index(t % 2).store(a)
-        fence_async_shared()
-        pending = warpgroup_mma(a_smem.index(t % 2), x_smem.index(slot).permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=[pending])
-        mbarrier.arrive(empty.index((t + NUM_STAGES - 1) % NUM_STAGES), count=1, pred=t > 0)
+        pending = warpgroup_mma(a, x_smem.index(slot).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[pending])
+        mbarrier.arrive(empty.index(slot), count=1)
         return acc
 
     @gluon.jit
-    def _consumer_tile(WG: gl.constexpr, n, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty,
-                       NUM_STAGES: gl.constexpr):
+    def _consumer_tile(WG: gl.constexpr, n, x_smem, w_smem, s_smem, z_smem, ready, empty, NUM_STAGES: gl.constexpr):
         """Warpgroup WG's n steps (n >= 1) over its program's K rows: the fp32 tile [tokens, 64
         columns] in column order."""
         BLOCK_T: gl.constexpr = x_smem.shape[1]
@@ -351,11 +353,9 @@ if _mma.HAVE_GLUON:
         # of the final wait, and ptxas then serializes every wgmma (C7514/C7515).
         more = True
         while more:
-            acc = _step(step, acc, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty, sel, WG, NUM_STAGES)
+            acc = _step(step, acc, x_smem, w_smem, s_smem, z_smem, ready, empty, sel, WG, NUM_STAGES)
             step += 1
             more = step < n
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
-        mbarrier.arrive(empty.index((step - 1) % NUM_STAGES), count=1)
 
         # Rows back to column order (row bits w, h, j, b1, b0 -> column bits w, j, b0, h, b1),
         # transposed to [tokens, columns].
@@ -372,14 +372,11 @@ if _mma.HAVE_GLUON:
                   pid_t, pid_n, pid_s, n_tiles, split_k, N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   USE_PDL: gl.constexpr):
         """Warpgroup WG: output columns 128 pid_n + 64 WG .. + 63 of the program's tile."""
-        DTYPE: gl.constexpr = x_smem.dtype
         BLOCK_T: gl.constexpr = x_smem.shape[1]
         OUT_L: gl.constexpr = _out_layout()
         if USE_PDL:
             _mma._pdl_wait()  # before this program's first store
-        a_smem = gl.allocate_shared_memory(DTYPE, [2, 64, _BLOCK_K],
-                                           gl.NVMMASharedLayout.get_default_for([64, _BLOCK_K], DTYPE))
-        out = _consumer_tile(WG, n_tiles, x_smem, w_smem, a_smem, s_smem, z_smem, ready, empty, NUM_STAGES)
+        out = _consumer_tile(WG, n_tiles, x_smem, w_smem, s_smem, z_smem, ready, empty, NUM_STAGES)
         _mma._store_split_k(out, out_ptr, partial_ptr, lock_ptr, 2 * (pid_t * (N // 128) + pid_n) + WG,
                             pid_t * BLOCK_T, pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
 
@@ -422,11 +419,10 @@ if _mma.HAVE_GLUON:
         [BLOCK_T, 64] and the group's scales [1, 128] and zero-point words, filled by the producer
         (``ready``) and released by both warpgroups (``empty``, two arrivals); no CTA-wide barrier
         in the loop, so one warpgroup dequantizes while the other's wgmmas run. A consumer step
-        (``_step``) dequantizes its 64 columns of the stage into a 2-slot shared-memory A tile and
-        issues 4 wgmma.m64nBLOCK_Tk16 on it, leaving them running through the next step's
-        dequantization. No global load in a step: loading the scales and zero points from global
-        memory a step ahead instead was 4-9% slower on an H200 (the fence before the wgmmas, a
-        MEMBAR, waits for them; bench/results/awq_linear_s18_sweep.json).
+        (``_step``) dequantizes its 64 columns of the stage into the A registers and runs 4
+        wgmma.m64nBLOCK_Tk16 on them. No global load in a step: loading the scales and zero points
+        from global memory a step ahead instead was 4-9% slower on an H200
+        (bench/results/awq_linear_s18_sweep.json).
 
         With split_k > 1 each warpgroup stores fp32 partials and the last to arrive for its
         [BLOCK_T, 64] block (counter ``lock_ptr``, reset by it) sums them in order: deterministic."""
