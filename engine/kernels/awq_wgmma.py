@@ -337,31 +337,6 @@ if _mma.HAVE_GLUON:
         mbarrier.arrive(empty.index(slot), count=1)
         return acc
 
-    @gluon.jit
-    def _consumer_tile(WG: gl.constexpr, n, x_smem, w_smem, s_smem, z_smem, ready, empty, NUM_STAGES: gl.constexpr):
-        """Warpgroup WG's n steps (n >= 1) over its program's K rows: the fp32 tile [tokens, 64
-        columns] in column order."""
-        BLOCK_T: gl.constexpr = x_smem.shape[1]
-        ACC: gl.constexpr = _acc_layout(BLOCK_T)
-        # Row r of the A tile: warp r // 16, nibble h = (r // 8) % 2 of byte b = r % 4 of the
-        # warp's word j = (r // 4) % 2 (see the module docstring).
-        b = gl.arange(0, 64, layout=gl.SliceLayout(1, ACC)) % 4
-        sel = _per_row(b | ((4 + b) << 8), _BLOCK_K)
-        acc = gl.zeros([64, BLOCK_T], gl.float32, layout=ACC)
-        step = 0  # (an assigned name, so a loop may carry it)
-        # A loop that always runs (n >= 1): with a zero-trip exit LLVM copies the accumulator ahead
-        # of the final wait, and ptxas then serializes every wgmma (C7514/C7515).
-        more = True
-        while more:
-            acc = _step(step, acc, x_smem, w_smem, s_smem, z_smem, ready, empty, sel, WG, NUM_STAGES)
-            step += 1
-            more = step < n
-
-        # Rows back to column order (row bits w, h, j, b1, b0 -> column bits w, j, b0, h, b1),
-        # transposed to [tokens, columns].
-        out = gl.permute(acc.reshape([4, 2, 2, 2, 2, BLOCK_T]), (5, 0, 2, 4, 1, 3)).reshape([BLOCK_T, 64])
-        return gl.convert_layout(out, _out_layout())
-
     @constexpr_function
     def _out_layout():
         """A warpgroup's output tile [tokens, 64 columns]: 8 consecutive columns a thread."""
@@ -371,12 +346,30 @@ if _mma.HAVE_GLUON:
     def _consumer(WG: gl.constexpr, x_smem, w_smem, s_smem, z_smem, ready, empty, out_ptr, partial_ptr, lock_ptr, M,
                   pid_t, pid_n, pid_s, n_tiles, split_k, N: gl.constexpr, NUM_STAGES: gl.constexpr,
                   USE_PDL: gl.constexpr):
-        """Warpgroup WG: output columns 128 pid_n + 64 WG .. + 63 of the program's tile."""
+        """Warpgroup WG: output columns 128 pid_n + 64 WG .. + 63 of the program's tile, over its
+        n_tiles K steps (n_tiles >= 1)."""
         BLOCK_T: gl.constexpr = x_smem.shape[1]
+        ACC: gl.constexpr = _acc_layout(BLOCK_T)
         OUT_L: gl.constexpr = _out_layout()
         if USE_PDL:
             _mma._pdl_wait()  # before this program's first store
-        out = _consumer_tile(WG, n_tiles, x_smem, w_smem, s_smem, z_smem, ready, empty, NUM_STAGES)
+        # Row r of the A tile: warp r // 16, nibble h = (r // 8) % 2 of byte b = r % 4 of the
+        # warp's word j = (r // 4) % 2 (see the module docstring).
+        b = gl.arange(0, 64, layout=gl.SliceLayout(1, ACC)) % 4
+        sel = _per_row(b | ((4 + b) << 8), _BLOCK_K)
+        acc = gl.zeros([64, BLOCK_T], gl.float32, layout=ACC)
+        step = 0  # (an assigned name, so a loop may carry it)
+        # A loop that always runs: in the shared-memory form a zero-trip exit made LLVM copy the
+        # accumulator ahead of the final wait, and ptxas then serialized every wgmma (C7514/C7515).
+        more = True
+        while more:
+            acc = _step(step, acc, x_smem, w_smem, s_smem, z_smem, ready, empty, sel, WG, NUM_STAGES)
+            step += 1
+            more = step < n_tiles
+        # Rows back to column order (row bits w, h, j, b1, b0 -> column bits w, j, b0, h, b1),
+        # transposed to [tokens, columns].
+        out = gl.permute(acc.reshape([4, 2, 2, 2, 2, BLOCK_T]), (5, 0, 2, 4, 1, 3)).reshape([BLOCK_T, 64])
+        out = gl.convert_layout(out, OUT_L)
         _mma._store_split_k(out, out_ptr, partial_ptr, lock_ptr, 2 * (pid_t * (N // 128) + pid_n) + WG,
                             pid_t * BLOCK_T, pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
 
