@@ -3,7 +3,7 @@
 On Hopper GPUs, 1-16 tokens of fp16/bf16 go to the tensor-core kernel of awq_mma.py (Gluon; on an
 H200 a Llama-3.1-8B layer's linears 1.04x faster than this module's gemv at one token, 1.2x at
 two, 1.5-1.8x faster than the fused kernel at 4-16), and the large linears of 128-1024 tokens to
-the warp-specialized wgmma kernel of awq_wgmma.py (Gluon; gate_up and down at 256 tokens 1.3-1.6x
+the warp-specialized wgmma kernel of awq_wgmma.py (Gluon; gate_up and down at 256 tokens 1.4-1.8x
 faster than dequantize + matmul). The kernels here take the rest, and every shape where those do
 not run (other GPUs, fp32, the interpreter): three ways to compute
 ``y = x @ W`` with ``W = (q - z) * s`` of shape [K, N]:

@@ -130,8 +130,8 @@ def wgmma_config(m: int, n: int, k: int, num_sms: int) -> WgmmaConfig:
     (bench/results/awq_linear_s17_sweep*.json, awq_linear_s18_sweep*.json): programs of 256 tokens
     above 128 (64 or 128 below), split-K up to about one program per SM (down at 256 tokens: 4
     splits, 64.1 us, against 70.2 with 128-token programs and 2), 5 stages for 256-token programs
-    (the most that fit in shared memory; 4 were 1-6% slower in session 17) and 6 for smaller ones (7: no
-    faster)."""
+    (the most that fit in shared memory; 4 were 1-6% slower in session 17) and 6 for smaller ones
+    (7: no faster)."""
     block_t = 64 if m <= 64 else 128 if m <= 128 else 256
     programs = (n // BLOCK_N) * triton.cdiv(m, block_t)
     split_k = max(1, min(k // (4 * BLOCK_K), num_sms // programs))
@@ -193,7 +193,7 @@ def awq_wgmma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     assert k_x == k, f"x has {k_x} features, the weight {k}"
     assert wgmma_supported(x, qweight, group_size), "awq_wgmma does not take this device, dtype or shape"
     cfg = WgmmaConfig(*config) if config else wgmma_config(m, n, k, _num_sms(x.device))
-    assert cfg.block_t in (64, 128, 256) and cfg.num_stages >= 2  # a stage is released a step after its wgmmas
+    assert cfg.block_t in (64, 128, 256) and cfg.num_stages >= 2  # a stage loads while the last one is used
     blocks_t, blocks_n = triton.cdiv(m, cfg.block_t), n // BLOCK_N
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     k_per_split = triton.cdiv(k // BLOCK_K, cfg.split_k) * BLOCK_K
