@@ -17,8 +17,6 @@ from pathlib import Path
 
 import torch
 
-SIGNATURE_PREFIX = ("x_desc", "w_desc", "qzeros_ptr", "scales_ptr", "out_ptr", "partial_ptr", "lock_ptr")
-
 
 def compile_sass(module: str, kernel: str, block_t: int, descriptor_args: list, consts: dict, dtype: str,
                  num_warps: int) -> tuple[str, str]:
