@@ -63,6 +63,10 @@ class Sampler:
         host sync: the caller decides when to read it."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         if all(_is_plain_greedy(row) for row in rows):
+            if logits.is_cuda and logits.numel() < 2**31:
+                from engine.kernels.sampling import greedy_sample
+
+                return greedy_sample(logits)
             return logits.argmax(dim=-1)
         if logits.is_cuda and logits.numel() < 2**31 and all(_is_plain_random(row) for row in rows):
             # One pass over the logits instead of the dozen below (engine/kernels/sampling.py).

@@ -4,12 +4,15 @@ tests of its draws against the tempered softmax, computed in float64."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from engine.kernels.sampling import gumbel_sample
+from engine.kernels.sampling import greedy_sample, gumbel_sample
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -80,3 +83,59 @@ def test_sampler_on_cuda_draws_plain_rows_with_the_kernel(monkeypatch: pytest.Mo
     counts = torch.bincount(tokens, minlength=len(LOGITS)).double()
     probs = torch.softmax(torch.tensor(LOGITS, dtype=torch.float64) / 0.7, dim=0)
     assert chisquare(counts, probs * rows).pvalue > 1e-3, counts.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the sampler takes the kernel on CUDA only")
+def test_sampler_on_cuda_takes_greedy_rows_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.kernels.sampling as sampling
+    from engine.sampler import Sampler, SamplingRow
+    from engine.sampling_params import SamplingParams
+
+    calls = []
+    monkeypatch.setattr(sampling, "greedy_sample", lambda *a, **k: calls.append(1) or greedy_sample(*a, **k))
+    logits = torch.randn(3, 128256, device="cuda").to(torch.bfloat16)
+    batch = [SamplingRow(SamplingParams(temperature=0.0), [1], []) for _ in range(3)]
+    assert torch.equal(Sampler().sample_tokens(logits, batch), logits.argmax(dim=-1))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("rows", "vocab", "num_chunks", "block"), [(1, 1000, None, 64), (5, 300, 3, 16),
+                                                                       (3, 257, 1, 64), (2, 4000, 32, 32)])
+def test_greedy_is_torch_argmax(dtype: torch.dtype, rows: int, vocab: int, num_chunks: int | None,
+                                block: int) -> None:
+    """greedy_sample against torch.argmax on the same tensor: logits on a coarse grid (so the
+    maximum is often tied: the lowest column wins, across lanes, tiles and chunks), a row of -inf
+    only, a row with +inf twice, a row with NaN (torch puts NaN above everything)."""
+    seed = int.from_bytes(os.urandom(2), "little")
+    logits = torch.randint(-4, 5, (rows + 3, vocab), generator=torch.Generator().manual_seed(seed)).to(dtype)
+    logits[rows] = float("-inf")
+    logits[rows + 1, [vocab // 2, vocab - 1]] = float("inf")
+    logits[rows + 2, [vocab - 2, vocab // 3]] = float("nan")
+    want = logits.argmax(dim=-1)
+    got = greedy_sample(logits.to(DEVICE), num_chunks=num_chunks, block=block).cpu()
+    assert got.dtype == torch.int64 and torch.equal(got, want), (seed, got.tolist(), want.tolist())
+    # The arrival counters are back at zero: a second launch agrees.
+    assert torch.equal(greedy_sample(logits.to(DEVICE), num_chunks=num_chunks, block=block).cpu(), want)
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_kernel_compiles_for_sm90(greedy: bool) -> None:
+    """The kernel compiles for an H100/H200 with the installed Triton: the interpreter runs code
+    that the compiler rejects (a global read inside the kernel passed interpreted and failed on
+    the GPU). In a process of its own (see tests/sm90_compile.py for why)."""
+    code = f"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from engine.kernels.sampling import _argmax_kernel as fn
+sig = {{a: "i32" for a in fn.arg_names}} | dict(logits_ptr="*bf16", inv_temp_ptr="*fp32", best_val_ptr="*fp32",
+    best_idx_ptr="*i32", arrivals_ptr="*i32", out_ptr="*i64", BLOCK="constexpr", GREEDY="constexpr",
+    RAND4X="constexpr", USE_PDL="constexpr")
+consts = dict(BLOCK=1024, GREEDY={greedy}, RAND4X=True, USE_PDL=True)
+triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32), options={{"num_warps": 4}})
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
