@@ -64,11 +64,15 @@ def write_shape_dir(shape: str, out_dir: Path, awq: bool = False) -> Path:
 
 def environment() -> dict[str, object]:
     """Date, commit, device and package versions, for every result file."""
+    here = Path(__file__).parent
     try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        done = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here)
         commit = done.stdout.strip() if done.returncode == 0 else None
+        # Tracked files changed since that commit: the figures are of a tree no commit holds yet.
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], capture_output=True, cwd=here)
+        modified = {0: False, 1: True}.get(diff.returncode)
     except OSError:
-        commit = None
+        commit, modified = None, None
     commit = os.environ.get("SLUICE_COMMIT", commit)  # the GPU machine gets a tree without git metadata
     versions = {}
     for pkg in ("torch", "triton", "transformers", "grpcio", "protobuf"):
@@ -79,6 +83,7 @@ def environment() -> dict[str, object]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
+        "tree_modified": modified,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
