@@ -166,6 +166,7 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtyp
         (5, 384, 128, 384, None),  # one group over all of K, K % 256 != 0
         (2, 512, 256, 128, MmaConfig(1, 4, 3)),  # 3 stages
         (1, 4096, 128, 128, MmaConfig(1, 32)),  # one token's split-K sum, 16 partials at a time, twice
+        (4, 4096, 128, 128, MmaConfig(1, 32)),  # 2-4 tokens: the same, their rows alone
     ],
 )
 def test_mma_matches_float64_reference(m, k, n, group_size, config, dtype) -> None:

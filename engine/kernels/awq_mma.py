@@ -270,26 +270,32 @@ if HAVE_GLUON:
                                   is_pure=False, pack=1)
 
     @gluon.jit
-    def _sum_partials(total, partial_ptr, offs, ok, stride, split_k, UNROLL: gl.constexpr):
-        """``total`` plus the split_k fp32 partials at ``partial_ptr + s * stride + offs``, in
-        split order, UNROLL loads in flight."""
+    def _sum_rows(out_ptr, partial_ptr, t0, c0, M, N, split_k, R: gl.constexpr, C: gl.constexpr,
+                  UNROLL: gl.constexpr, RL: gl.constexpr):
+        """Tokens t0 .. t0 + R - 1 (those below M) of output columns c0 .. c0 + C - 1: the sum of
+        the split_k fp32 partials (``partial_ptr`` [split_k, M, N]) in split order, UNROLL loads
+        in flight, stored to the output in its dtype (layout RL)."""
+        rt = t0 + gl.arange(0, R, layout=gl.SliceLayout(1, RL))
+        rc = c0 + gl.arange(0, C, layout=gl.SliceLayout(0, RL))
+        offs = rt[:, None] * N + rc[None, :]
+        ok = (rt < M)[:, None] & (rc < N)[None, :]
+        total = gl.zeros([R, C], gl.float32, layout=RL)
         for s0 in range(0, split_k, UNROLL):
             for j in gl.static_range(UNROLL):
-                part = gl.load(partial_ptr + gl.minimum(s0 + j, split_k - 1) * stride + offs, mask=ok, other=0.0,
-                               cache_modifier=".cg")
-                total += gl.where(s0 + j < split_k, part, 0.0)
-        return total
+                total += gl.load(partial_ptr + (s0 + j) * M * N + offs, mask=ok & (s0 + j < split_k), other=0.0,
+                                 cache_modifier=".cg")
+        gl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
 
     @gluon.jit
     def _store_split_k(acc, out_ptr, partial_ptr, lock_ptr, lock, t0, c0, M, N, split, split_k, L: gl.constexpr,
-                       R: gl.constexpr, RL: gl.constexpr, ONE_TOKEN_UNROLL: gl.constexpr = 0):
+                       R: gl.constexpr, RL: gl.constexpr, UNROLL: gl.constexpr = 4, FEW_TOKENS: gl.constexpr = False):
         """awq_gemm.py's _store_split_k, as Gluon needs it (its zeros take a layout): the fp32 tile
         ``acc`` (layout L) of tokens t0 .. and columns c0 .. to the output in its dtype, or with
         split_k > 1 to the partials at ``split``, the last program of the output block to arrive
         (counter ``lock_ptr[lock]``, reset by it) summing them in split order, R tokens at a time
-        in layout RL (4 partials in flight). With ONE_TOKEN_UNROLL > 0 and one token (M == 1, t0
-        == 0: decode's case), that token's row alone, ONE_TOKEN_UNROLL partials in flight (at one
-        token the sum is a chain of round trips to L2 on the kernel's critical path)."""
+        in layout RL with UNROLL partials in flight. FEW_TOKENS (t0 == 0): for up to 4 tokens,
+        those rows alone with 16 partials in flight (there the sum is a chain of round trips to
+        L2 on the kernel's critical path)."""
         T: gl.constexpr = acc.shape[0]
         C: gl.constexpr = acc.shape[1]
         ot = t0 + gl.arange(0, T, layout=gl.SliceLayout(1, L))
@@ -302,22 +308,16 @@ if HAVE_GLUON:
             gl.store(partial_ptr + split * M * N + offs, acc, mask=ok)
             _cta_barrier()  # every warp's partials are written before the release below
             arrived = gl.atomic_add(lock_ptr + lock, 1, sem="acq_rel", scope="gpu")
-            if ONE_TOKEN_UNROLL > 0 and M == 1 and arrived == split_k - 1:
-                CL: gl.constexpr = gl.BlockedLayout([C // (32 * gl.num_warps())], [32], [gl.num_warps()], [0])
-                cols = c0 + gl.arange(0, C, layout=CL)
-                total = _sum_partials(gl.zeros([C], gl.float32, layout=CL), partial_ptr, cols, cols < N, N, split_k,
-                                      ONE_TOKEN_UNROLL)
-                gl.store(out_ptr + cols, total.to(out_ptr.dtype.element_ty), mask=cols < N)
-                gl.atomic_xchg(lock_ptr + lock, 0, sem="relaxed", scope="gpu")
-            elif arrived == split_k - 1:
-                for r in gl.static_range(0, T, R):
-                    rt = t0 + r + gl.arange(0, R, layout=gl.SliceLayout(1, RL))
-                    rc = c0 + gl.arange(0, C, layout=gl.SliceLayout(0, RL))
-                    roffs = rt[:, None] * N + rc[None, :]
-                    rok = (rt < M)[:, None] & (rc < N)[None, :]
-                    total = _sum_partials(gl.zeros([R, C], gl.float32, layout=RL), partial_ptr, roffs, rok, M * N,
-                                          split_k, 4)
-                    gl.store(out_ptr + roffs, total.to(out_ptr.dtype.element_ty), mask=rok)
+            if arrived == split_k - 1:
+                FL: gl.constexpr = gl.BlockedLayout([1, C // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()],
+                                                    [1, 0])
+                if FEW_TOKENS and M == 1:
+                    _sum_rows(out_ptr, partial_ptr, 0, c0, M, N, split_k, 1, C, 16, FL)
+                elif FEW_TOKENS and M <= 4:
+                    _sum_rows(out_ptr, partial_ptr, 0, c0, M, N, split_k, 4, C, 16, FL)
+                else:
+                    for r in gl.static_range(0, T, R):
+                        _sum_rows(out_ptr, partial_ptr, t0 + r, c0, M, N, split_k, R, C, UNROLL, RL)
                 gl.atomic_xchg(lock_ptr + lock, 0, sem="relaxed", scope="gpu")
 
     @gluon.jit
@@ -339,10 +339,11 @@ if HAVE_GLUON:
         plus 8 against a tile of ones for the activations' sums (``_group``).
 
         With split_k > 1 the programs of a column block store fp32 partials and the last to
-        arrive (counter ``lock_ptr[p]``, reset by it) sums them in order: deterministic. At one
-        token it loads 16 partials at a time, not 4 (one round trip to L2 instead of four at
-        split-K 16: a layer's four linears 50.0 -> 47.5 us on an H200,
-        bench/results/awq_mma_s19_one_token_sum.json)."""
+        arrive (counter ``lock_ptr[p]``, reset by it) sums them in order: deterministic. For up
+        to 4 tokens it loads their rows alone, 16 partials at a time (one round trip to L2
+        instead of four at split-K 16: a layer's four linears at one token 50.0 -> 47.5 us on an
+        H200, bench/results/awq_mma_s19_one_token_sum.json; at 4 tokens o 7.82 -> 6.27 us, down
+        14.21 -> 12.96, awq_split_k_sum_s20.json)."""
         DTYPE: gl.constexpr = x_desc.dtype
         W: gl.constexpr = _WARPS
         MMA: gl.constexpr = _mma_layout(W)
@@ -419,4 +420,4 @@ if HAVE_GLUON:
         out = gl.permute(acc.reshape([4, W, 2, 8, BLOCK_T]), (4, 1, 3, 0, 2)).reshape([BLOCK_T, 64 * W])
         out = gl.convert_layout(out, OUT_L, assert_trivial=True)
         _store_split_k(out, out_ptr, partial_ptr, lock_ptr, pid_n, 0, pid_n * 64 * W, M, N, pid_s, split_k, OUT_L,
-                       BLOCK_T, OUT_L, ONE_TOKEN_UNROLL=16)
+                       BLOCK_T, OUT_L, FEW_TOKENS=True)

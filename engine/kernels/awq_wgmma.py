@@ -371,7 +371,7 @@ if _mma.HAVE_GLUON:
         out = gl.permute(acc.reshape([4, 2, 2, 2, 2, BLOCK_T]), (5, 0, 2, 4, 1, 3)).reshape([BLOCK_T, 64])
         out = gl.convert_layout(out, OUT_L)
         _mma._store_split_k(out, out_ptr, partial_ptr, lock_ptr, 2 * (pid_t * (N // 128) + pid_n) + WG,
-                            pid_t * BLOCK_T, pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 32, OUT_L)
+                            pid_t * BLOCK_T, pid_n * 128 + 64 * WG, M, N, pid_s, split_k, OUT_L, 64, OUT_L)
 
     @gluon.jit
     def _producer(x_desc, w_desc, s_desc, z_desc, x_smem, w_smem, s_smem, z_smem, ready, empty, pid_t, pid_n, k_lo,
