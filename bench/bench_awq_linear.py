@@ -120,8 +120,8 @@ def mma_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[MmaConfig]:
 def wgmma_sweep_configs(m: int, n: int, k: int, num_sms: int) -> list[WgmmaConfig]:
     """awq_wgmma configurations to time: the default first, then 64-256 tokens a program (not
     more than twice the tokens, nor fewer than half of them up to 512: smaller programs never came
-    close in awq_linear_s17_sweep*.json), split-K 1, 2 or 4, the default's stages and one fewer
-    (fewer never came close in awq_linear_s17_sweep_stages.json)."""
+    close in awq_linear_s17_sweep*.json), split-K 1, 2 or 4, 4 or 5 stages for 256-token programs
+    and 5 or 6 for smaller ones (fewer never came close in awq_linear_s17_sweep_stages.json)."""
     configs = [wgmma_config(m, n, k, num_sms)]
     configs += [WgmmaConfig(bt, s, st) for bt in (64, 128, 256) if bt < 2 * m and 2 * bt >= min(m, 512)
                 for s in (1, 2, 4) for st in ((4, 5) if bt == 256 else (5, 6))]

@@ -19,7 +19,15 @@ import engine.kernels.awq_gemm as awq_kernels
 import engine.kernels.awq_mma as mma
 import engine.kernels.awq_wgmma as wg
 from engine.kernels.awq_gemm import awq_linear
-from engine.kernels.awq_wgmma import WGMMA_MIN_TOKENS, WgmmaConfig, awq_wgmma, wgmma_config, wgmma_preferred
+from engine.kernels.awq_wgmma import (
+    FILL_STEPS_256,
+    MIN_SPLIT_STEPS_256,
+    WGMMA_MIN_TOKENS,
+    WgmmaConfig,
+    awq_wgmma,
+    wgmma_config,
+    wgmma_preferred,
+)
 from engine.quantization.awq import pack_int4
 from tests.test_awq_kernels import _check_matmul, _random_weight, _seed
 from tests.test_awq_mma import _bf16_rn, _run_ptx, check_kernel, compiled_sass
@@ -63,20 +71,33 @@ def test_dequant_ptx_gives_each_threads_rows_exactly(dtype: torch.dtype) -> None
 
 
 def test_config_rule_and_routing() -> None:
-    """256-token programs above 128 tokens, split-K up to about one program per SM and within the
-    K tiles; awq_linear takes the kernel for 128-1024 tokens on the large weights only."""
+    """256-token programs above 128 tokens unless they would fill under half the SMs with K too
+    short to split them in runs of FILL_STEPS_256, split-K up to about one program per SM (for
+    256-token programs in runs of MIN_SPLIT_STEPS_256 steps); awq_linear takes the kernel for
+    128-1024 tokens on the large weights and SMALL_WEIGHT_TOKENS on the others."""
     for m in (17, 64, 100, 128, 256, 512, 2048, 8192):
         for k, n in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (512, 128)]:
             cfg = wgmma_config(m, n, k, num_sms=132)
-            assert cfg.block_t == (64 if m <= 64 else 128 if m <= 128 else 256)
-            assert cfg.num_stages == (5 if cfg.block_t == 256 else 6)
+            assert cfg.block_t == (64 if m <= 64 else 128 if m <= 128 else cfg.block_t)
+            assert cfg.num_stages == (4 if cfg.block_t == 256 else 6)
             assert 1 <= cfg.split_k <= k // 256
             assert cfg.split_k == 1 or (n // 128) * -(-m // cfg.block_t) * cfg.split_k <= 132
-    assert wgmma_config(256, 4096, 14336, num_sms=132) == WgmmaConfig(256, 4, 5)  # down: 32 column blocks
-    assert wgmma_config(2048, 28672, 4096, num_sms=132) == WgmmaConfig(256, 1, 5)
+            if cfg.block_t == 256:
+                assert cfg.split_k == 1 or k // 64 // cfg.split_k >= MIN_SPLIT_STEPS_256
+            elif m > 128:  # 256-token programs: under half the SMs, and K too short to split them
+                programs = (n // 128) * -(-m // 256)
+                assert 2 * programs < 132 and k // 64 // -(-132 // (2 * programs)) < FILL_STEPS_256
+    assert wgmma_config(256, 4096, 14336, num_sms=132) == WgmmaConfig(256, 4, 4)  # down: 32 column blocks
+    assert wgmma_config(256, 4096, 4096, num_sms=132) == WgmmaConfig(128, 2, 6)  # o
+    assert wgmma_config(256, 6144, 4096, num_sms=132) == WgmmaConfig(128, 1, 6)  # qkv
+    assert wgmma_config(512, 6144, 4096, num_sms=132) == WgmmaConfig(256, 1, 4)
+    assert wgmma_config(2048, 28672, 4096, num_sms=132) == WgmmaConfig(256, 1, 4)
     gate_up, down, qkv, o = (28672, 4096), (4096, 14336), (6144, 4096), (4096, 4096)
     assert [wgmma_preferred(m, *gate_up) for m in (64, 128, 512, 1024, 2048)] == [False, True, True, True, False]
-    assert wgmma_preferred(256, *down) and not wgmma_preferred(256, *qkv) and not wgmma_preferred(256, *o)
+    assert wgmma_preferred(128, *down) and wgmma_preferred(1024, *down)
+    for shape in (qkv, o):
+        assert [wgmma_preferred(m, *shape) for m in (128, 255, 256, 512, 513, 1024)] == [
+            False, False, True, True, False, False]
 
 
 @pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")

@@ -59,12 +59,22 @@ from engine.kernels.pdl import pdl_args
 # tokens: at 256 tokens 101.4 and 64.3 us against 178.4 and 93.1 for dequantize + matmul, at 1024
 # gate_up 382.5 against 409.8; at 64 tokens the fused kernel is about as fast (gate_up 55.3
 # against 57.5 us); at 2048 tokens dequantize + matmul is faster on gate_up (790.5 against 823.4).
-# On qkv and o (25M and 17M weights) it wins at some sizes and loses at others (qkv at 512 tokens
-# 49.0 against 54.6, at 256 48.9 against 41.0; o at 1024 49.6 against 60.2, at 512 49.4 against
-# 37.6), so they keep the other paths.
+# Smaller weights take it for SMALL_WEIGHT_TOKENS only: where their few column blocks fill the
+# GPU in one wave (bench/results/awq_linear_s20*.json: qkv, 25M weights, at 256 tokens 36.3
+# against 41.1 us, at 512 49.6 against 54.3; at 1024 its 192 programs take two waves, 100.2
+# against 89.6; at 128 tokens the fused kernel is faster on qkv and o).
 WGMMA_MIN_TOKENS = 128
 WGMMA_MAX_TOKENS = 1024
 WGMMA_MIN_WEIGHTS = 1 << 25
+SMALL_WEIGHT_TOKENS = (256, 512)
+# Split-K runs of 256-token programs are at least MIN_SPLIT_STEPS_256 K steps: their fp32
+# partials ([256, 128] a program) cost 5-9 us to store and as much again to sum when the programs
+# of one wave finish together (bench/results/awq_wgmma_split_k_parts_s20.json: o at 256 tokens
+# with 4 splits 15.6 us of main loops, 24.5 with the partials stored, 34.6 summed). Where 256-token
+# programs fill under half the SMs and splitting them that far would leave runs shorter than
+# FILL_STEPS_256, 128-token programs take their place.
+MIN_SPLIT_STEPS_256 = 32
+FILL_STEPS_256 = 48
 BLOCK_N = 128  # output columns a program: 64 a warpgroup
 BLOCK_K = 64  # K rows a pipeline stage
 Z_WORDS = 32  # a stage's zero-point box: 128 bytes, the alignment of a TMA destination
@@ -127,21 +137,30 @@ class WgmmaConfig(NamedTuple):
 
 def wgmma_config(m: int, n: int, k: int, num_sms: int) -> WgmmaConfig:
     """The tiling, from ``bench/bench_awq_linear.py --wgmma-sweep`` on an H200
-    (bench/results/awq_linear_s17_sweep*.json, awq_linear_s18_sweep*.json): programs of 256 tokens
-    above 128 (64 or 128 below), split-K up to about one program per SM (down at 256 tokens: 4
-    splits, 64.1 us, against 70.2 with 128-token programs and 2), 5 stages for 256-token programs
-    (the most that fit in shared memory; 4 were 1-6% slower in session 17) and 6 for smaller ones
-    (7: no faster)."""
+    (bench/results/awq_linear_s17_sweep*.json, awq_linear_s18_sweep*.json, awq_linear_s20*.json):
+    programs of 256 tokens above 128 (64 or 128 below), split-K up to about one program per SM
+    (down at 256 tokens: 4 splits, 63.7 us, against 68.4 with 128-token programs and 2), 4 stages
+    for 256-token programs (5 were 0-13% slower in session 20, qkv at 1024 tokens 115.4 against
+    100.2 us) and 6 for smaller ones (7: no faster). 256-token programs split K only in runs of
+    MIN_SPLIT_STEPS_256 steps or more; where filling half the SMs with them would take runs
+    shorter than FILL_STEPS_256, 128-token programs instead (o at 256 tokens: 27.5 us with 2
+    splits of them, against 34.9 for 256-token programs and 4; qkv 36.3 against 43.1)."""
+    blocks_n, steps = n // BLOCK_N, k // BLOCK_K
     block_t = 64 if m <= 64 else 128 if m <= 128 else 256
-    programs = (n // BLOCK_N) * triton.cdiv(m, block_t)
-    split_k = max(1, min(k // (4 * BLOCK_K), num_sms // programs))
-    return WgmmaConfig(block_t, split_k, 5 if block_t == 256 else 6)
+    if block_t == 256:
+        programs = blocks_n * triton.cdiv(m, 256)
+        if 2 * programs < num_sms and steps // triton.cdiv(num_sms, 2 * programs) < FILL_STEPS_256:
+            block_t = 128
+    programs = blocks_n * triton.cdiv(m, block_t)
+    split_k = max(1, min(steps // (MIN_SPLIT_STEPS_256 if block_t == 256 else 4), num_sms // programs))
+    return WgmmaConfig(block_t, split_k, 4 if block_t == 256 else 6)
 
 
 def wgmma_preferred(m: int, n: int, k: int) -> bool:
     """Whether awq_linear should take this kernel for m tokens of a [K, N] weight (see
     WGMMA_MIN_TOKENS)."""
-    return WGMMA_MIN_TOKENS <= m <= WGMMA_MAX_TOKENS and n * k >= WGMMA_MIN_WEIGHTS
+    lo, hi = (WGMMA_MIN_TOKENS, WGMMA_MAX_TOKENS) if n * k >= WGMMA_MIN_WEIGHTS else SMALL_WEIGHT_TOKENS
+    return lo <= m <= hi
 
 
 @functools.cache
