@@ -31,6 +31,7 @@ evaluation and saving come on top (their times are in the report).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import platform
@@ -259,6 +260,8 @@ def generate_from_teacher(teacher: torch.nn.Module, stream: torch.Tensor, num: i
     tokens (one length per batch) from a random one of them."""
     from transformers import DynamicCache
 
+    # transformers 5.x names the argument ``cache`` (``past_key_values`` is deprecated there).
+    cache_arg = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
     out = torch.empty((num, seq_len + 1), dtype=stream.dtype, device=stream.device)
     bar = _progress(num, "generate")
     for begin in range(0, num, batch_size):
@@ -273,7 +276,7 @@ def generate_from_teacher(teacher: torch.nn.Module, stream: torch.Tensor, num: i
         tokens, fed = rows, rows
         while tokens.shape[1] < seq_len + 1:
             with autocast(stream.device):
-                logits = teacher(input_ids=fed, past_key_values=cache, use_cache=True).logits[:, -1]
+                logits = teacher(input_ids=fed, use_cache=True, **{cache_arg: cache}).logits[:, -1]
             fed = logits.argmax(-1, keepdim=True)
             tokens = torch.cat([tokens, fed], 1)
         out[begin:begin + len(rows)] = tokens
