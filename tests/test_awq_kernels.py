@@ -181,7 +181,7 @@ def test_gemv_config() -> None:
 
 
 @pytest.mark.parametrize(("tokens", "n"), [(1, 32), (1, 48), (4, 32), (4, 48), (GEMV_MAX_TOKENS + 1, 32),
-                                           (FUSED_MAX_TOKENS + 1, 32)])
+                                           (FUSED_MAX_TOKENS + 1, 32), (300, 32)])
 def test_awq_linear_all_paths(tokens: int, n: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """One token takes the gemv, more the fused kernel, many dequantize + matmul, and so do widths
     the TMA kernels do not take (N % 32 != 0); same answer."""

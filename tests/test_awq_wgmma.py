@@ -74,7 +74,8 @@ def test_config_rule_and_routing() -> None:
     """256-token programs above 128 tokens unless they would fill under half the SMs with K too
     short to split them in runs of FILL_STEPS_256, split-K up to about one program per SM (for
     256-token programs in runs of MIN_SPLIT_STEPS_256 steps); awq_linear takes the kernel for
-    128-1024 tokens on the large weights and SMALL_WEIGHT_TOKENS on the others."""
+    128-1024 tokens on the large weights and SMALL_WEIGHT_TOKENS on the others where their grid
+    fills half the SMs."""
     for m in (17, 64, 100, 128, 256, 512, 2048, 8192):
         for k, n in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (512, 128)]:
             cfg = wgmma_config(m, n, k, num_sms=132)
@@ -93,11 +94,15 @@ def test_config_rule_and_routing() -> None:
     assert wgmma_config(512, 6144, 4096, num_sms=132) == WgmmaConfig(256, 1, 4)
     assert wgmma_config(2048, 28672, 4096, num_sms=132) == WgmmaConfig(256, 1, 4)
     gate_up, down, qkv, o = (28672, 4096), (4096, 14336), (6144, 4096), (4096, 4096)
-    assert [wgmma_preferred(m, *gate_up) for m in (64, 128, 512, 1024, 2048)] == [False, True, True, True, False]
-    assert wgmma_preferred(128, *down) and wgmma_preferred(1024, *down)
+    assert [wgmma_preferred(m, *gate_up, 132) for m in (64, 128, 512, 1024, 2048)] == [False, True, True, True, False]
+    assert wgmma_preferred(128, *down, 132) and wgmma_preferred(1024, *down, 132)
     for shape in (qkv, o):
-        assert [wgmma_preferred(m, *shape) for m in (128, 255, 256, 512, 513, 1024)] == [
+        assert [wgmma_preferred(m, *shape, 132) for m in (128, 255, 256, 512, 513, 1024)] == [
             False, False, True, True, False, False]
+    # A small weight whose grid fills under half the SMs keeps dequantize + matmul: 8 column blocks,
+    # 128-token programs with 4 splits at 256 tokens (64 programs).
+    assert wgmma_config(256, 1024, 1024, num_sms=132) == WgmmaConfig(128, 4, 6)
+    assert not wgmma_preferred(256, 1024, 1024, 132) and wgmma_preferred(256, 1024, 1024, 100)
 
 
 @pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")

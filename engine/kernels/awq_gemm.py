@@ -626,7 +626,7 @@ def awq_linear(
     group_size = qweight.shape[0] // scales.shape[0]
     if tokens <= _awq_mma.MMA_MAX_TOKENS and _awq_mma.mma_supported(x2, qweight, group_size):
         out = _awq_mma.awq_mma(x2, qweight, qzeros, scales)
-    elif (_awq_wgmma.wgmma_preferred(tokens, qweight.shape[1] * 8, qweight.shape[0])
+    elif (_awq_wgmma.wgmma_preferred(tokens, qweight.shape[1] * 8, qweight.shape[0], _num_sms(x.device))
           and _awq_wgmma.wgmma_supported(x2, qweight, group_size)):
         out = _awq_wgmma.awq_wgmma(x2, qweight, qzeros, scales)
     elif tma and tokens <= GEMV_MAX_TOKENS:

@@ -59,8 +59,8 @@ from engine.kernels.pdl import pdl_args
 # tokens: at 256 tokens 101.4 and 64.3 us against 178.4 and 93.1 for dequantize + matmul, at 1024
 # gate_up 382.5 against 409.8; at 64 tokens the fused kernel is about as fast (gate_up 55.3
 # against 57.5 us); at 2048 tokens dequantize + matmul is faster on gate_up (790.5 against 823.4).
-# Smaller weights take it for SMALL_WEIGHT_TOKENS only: where their few column blocks fill the
-# GPU in one wave (bench/results/awq_linear_s20*.json: qkv, 25M weights, at 256 tokens 36.3
+# Smaller weights take it for SMALL_WEIGHT_TOKENS only, where their column blocks fill at least
+# half the SMs in one wave (bench/results/awq_linear_s20*.json: qkv, 25M weights, at 256 tokens 36.3
 # against 41.1 us, at 512 49.6 against 54.3; at 1024 its 192 programs take two waves, 100.2
 # against 89.6; at 128 tokens the fused kernel is faster on qkv and o).
 WGMMA_MIN_TOKENS = 128
@@ -156,11 +156,15 @@ def wgmma_config(m: int, n: int, k: int, num_sms: int) -> WgmmaConfig:
     return WgmmaConfig(block_t, split_k, 4 if block_t == 256 else 6)
 
 
-def wgmma_preferred(m: int, n: int, k: int) -> bool:
+def wgmma_preferred(m: int, n: int, k: int, num_sms: int) -> bool:
     """Whether awq_linear should take this kernel for m tokens of a [K, N] weight (see
-    WGMMA_MIN_TOKENS)."""
-    lo, hi = (WGMMA_MIN_TOKENS, WGMMA_MAX_TOKENS) if n * k >= WGMMA_MIN_WEIGHTS else SMALL_WEIGHT_TOKENS
-    return lo <= m <= hi
+    WGMMA_MIN_TOKENS): a smaller weight only when its grid fills at least half the SMs."""
+    if n * k >= WGMMA_MIN_WEIGHTS:
+        return WGMMA_MIN_TOKENS <= m <= WGMMA_MAX_TOKENS
+    if not SMALL_WEIGHT_TOKENS[0] <= m <= SMALL_WEIGHT_TOKENS[1] or n % BLOCK_N or k % BLOCK_K:
+        return False
+    cfg = wgmma_config(m, n, k, num_sms)
+    return 2 * (n // BLOCK_N) * triton.cdiv(m, cfg.block_t) * cfg.split_k >= num_sms
 
 
 @functools.cache
