@@ -62,6 +62,27 @@ def write_shape_dir(shape: str, out_dir: Path, awq: bool = False) -> Path:
     return out_dir
 
 
+GPU_STATE_FIELDS = ("clocks.sm", "clocks.max.sm", "clocks.mem", "temperature.gpu", "power.draw")
+# Newer drivers name the throttle reasons clocks_event_reasons, older ones clocks_throttle_reasons.
+GPU_EVENT_FIELDS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")
+
+
+def gpu_state() -> list[dict[str, str]] | None:
+    """Each GPU's clocks, temperature, power and active clock-limiting reasons as ``nvidia-smi``
+    reports them when the result is written (the same benchmark on the same kind of H200 has read
+    up to 8% apart from one machine lease to the next), or None without ``nvidia-smi``."""
+    for fields in [GPU_STATE_FIELDS + (event,) for event in GPU_EVENT_FIELDS] + [GPU_STATE_FIELDS]:
+        try:
+            done = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        rows = [[v.strip() for v in line.split(",")] for line in done.stdout.strip().splitlines()]
+        if done.returncode == 0 and rows and all(len(row) == len(fields) for row in rows):
+            return [dict(zip(fields, row)) for row in rows]
+    return None
+
+
 def environment() -> dict[str, object]:
     """Date, commit, device and package versions, for every result file."""
     here = Path(__file__).parent
@@ -85,6 +106,7 @@ def environment() -> dict[str, object]:
         "commit": commit,
         "tree_modified": modified,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "gpu_state": gpu_state() if torch.cuda.is_available() else None,
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "packages": versions,
