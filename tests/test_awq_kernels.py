@@ -21,6 +21,7 @@ from engine.kernels.awq_gemm import (
     gemm_config,
     gemv_config,
 )
+from engine.kernels.counters import ARRIVALS
 from engine.quantization.awq import pack_int4
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -145,11 +146,11 @@ def test_split_k_counters_reset() -> None:
     for m in (1, 2, 1, 5):
         x = torch.randn(m, 128, generator=gen).to(DEVICE, torch.bfloat16)
         _check_matmul(awq_gemm(x, qweight, qzeros, scales, GemmConfig(16, 32, 32, 4)), x, w64, seed)
-        assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
+        assert not ARRIVALS[x.device].any()
         if m > GEMV_MAX_TOKENS:
             continue
         _check_matmul(awq_gemv(x, qweight, qzeros, scales, GemvConfig(4, 16, 4)), x, w64, seed)
-        assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
+        assert not ARRIVALS[x.device].any()
 
 
 def test_tma_kernels_reject_what_they_do_not_take() -> None:

@@ -19,6 +19,7 @@ import engine.kernels.awq_gemm as awq_kernels
 import engine.kernels.awq_mma as mma
 from engine.kernels.awq_gemm import awq_linear
 from engine.kernels.awq_mma import MMA_MAX_TOKENS, MmaConfig, awq_mma, mma_config
+from engine.kernels.counters import ARRIVALS
 from engine.quantization.awq import pack_int4
 from tests.sm90_compile import sm90_sass
 from tests.test_awq_kernels import _check_matmul, _random_weight, _seed
@@ -180,7 +181,7 @@ def check_kernel(fn, m: int, k: int, n: int, group_size: int, config, dtype: tor
     qweight, qzeros, scales, w64 = _random_weight(k, n, group_size, seed)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
     _check_matmul(fn(x, qweight, qzeros, scales, config), x, w64, seed)
-    assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
+    assert not ARRIVALS[x.device].any()
 
 
 @needs_hopper
@@ -218,4 +219,4 @@ def test_mma_in_a_cuda_graph_and_through_awq_linear(monkeypatch: pytest.MonkeyPa
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
-    assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
+    assert not ARRIVALS[x.device].any()

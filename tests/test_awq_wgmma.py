@@ -28,6 +28,7 @@ from engine.kernels.awq_wgmma import (
     wgmma_config,
     wgmma_preferred,
 )
+from engine.kernels.counters import ARRIVALS
 from engine.quantization.awq import pack_int4
 from tests.test_awq_kernels import _check_matmul, _random_weight, _seed
 from tests.test_awq_mma import _bf16_rn, _run_ptx, check_kernel, compiled_sass
@@ -198,4 +199,4 @@ def test_wgmma_in_a_cuda_graph_and_through_awq_linear(monkeypatch: pytest.Monkey
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, eager), config
-        assert not awq_kernels._SPLIT_K_LOCKS[x.device].any()
+        assert not ARRIVALS[x.device].any()

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from engine.kernels.counters import arrival_counters
 from engine.kernels.pdl import pdl_args, pdl_prologue
 
 # The interpreter computes bf16 arithmetic (and tl.dot) on the raw 16-bit patterns: there the
@@ -484,7 +485,7 @@ def awq_gemm(
     x_desc = TensorDescriptor.from_tensor(_tma_rows(x), [block_m, block_k])
     w_desc = TensorDescriptor.from_tensor(qweight, [block_k, block_n // 8])
     _awq_gemm_kernel[grid](
-        x_desc, w_desc, qzeros, scales, out, partial, _split_k_locks(x.device, grid[0] if split_k > 1 else 0),
+        x_desc, w_desc, qzeros, scales, out, partial, arrival_counters(x.device, grid[0] if split_k > 1 else 0),
         m, n, k, group_size, split_k,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWAP_AB=swap_ab,
         REDUCE_UNROLL=max(1, min(8, 32 // per_thread)), **_dot_types(x.dtype),
@@ -544,23 +545,6 @@ def gemv_config(n: int, k: int, group_size: int, num_sms: int, tokens: int = 1) 
 # 96 registers). 8 -> 32 took the o projection from 8.0 to 7.7 us on an H200 (33 splits).
 _GEMV_REDUCE_LOADS = 32
 
-_SPLIT_K_LOCKS: dict[torch.device, torch.Tensor] = {}
-_SPLIT_K_LOCK_SLOTS = 1 << 14
-
-
-
-
-def _split_k_locks(device: torch.device, slots: int) -> torch.Tensor:
-    """Per-device arrival counters of the serial split-K reduction, zero between launches (the
-    last program of each column block resets its own). Kernels that use them must not run
-    concurrently on one device (sluice runs its forward passes on one stream)."""
-    assert slots <= _SPLIT_K_LOCK_SLOTS, f"{slots} column blocks: more than the {_SPLIT_K_LOCK_SLOTS} counters"
-    locks = _SPLIT_K_LOCKS.get(device)
-    if locks is None:
-        locks = _SPLIT_K_LOCKS[device] = torch.zeros(_SPLIT_K_LOCK_SLOTS, dtype=torch.int32, device=device)
-    return locks
-
-
 def awq_gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -593,7 +577,7 @@ def awq_gemv(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     # split_k is a runtime argument, so the reduction is compiled even when unused: it needs the
     # int32 counters whatever the split.
-    locks = _split_k_locks(x.device, grid[0])
+    locks = arrival_counters(x.device, grid[0])
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     _awq_gemv_kernel[grid](
         x, TensorDescriptor.from_tensor(qweight, [block_k, block_w]), qzeros, scales, out, partial, locks,

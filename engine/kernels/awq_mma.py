@@ -32,7 +32,8 @@ from typing import NamedTuple
 import torch
 import triton
 
-from engine.kernels.awq_gemm import _check_shapes, _num_sms, _split_k_locks, _tma_rows
+from engine.kernels.awq_gemm import _check_shapes, _num_sms, _tma_rows
+from engine.kernels.counters import arrival_counters
 from engine.kernels.pdl import pdl_args
 
 # Above this many tokens the fused kernel (awq_gemm) takes over.
@@ -148,7 +149,7 @@ def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     _awq_mma_kernel[(n_tiles, split_k)](
-        x_desc, w_desc, qzeros, scales, out, partial, _split_k_locks(x.device, n_tiles), m, k_per_split, split_k,
+        x_desc, w_desc, qzeros, scales, out, partial, arrival_counters(x.device, n_tiles), m, k_per_split, split_k,
         N=n, K=k, GROUP=group_size, BLOCK_T=block_t, HALVES=cfg.halves, NUM_STAGES=cfg.num_stages,
         num_warps=WARPS, **pdl_args(x.device),
     )

@@ -50,7 +50,8 @@ import torch
 import triton
 
 from engine.kernels import awq_mma as _mma
-from engine.kernels.awq_gemm import _check_shapes, _num_sms, _split_k_locks, _tma_rows
+from engine.kernels.awq_gemm import _check_shapes, _num_sms, _tma_rows
+from engine.kernels.counters import arrival_counters
 from engine.kernels.pdl import pdl_args
 
 # awq_linear runs this kernel for WGMMA_MIN_TOKENS to WGMMA_MAX_TOKENS tokens on weights of at
@@ -225,7 +226,7 @@ def awq_wgmma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
     x_desc, w_desc = _descriptors(x, qweight, cfg.block_t)
     s_desc, z_desc = _param_descriptors(scales, qzeros)
     _awq_wgmma_kernel[(blocks_t, blocks_n, split_k)](
-        x_desc, w_desc, s_desc, z_desc, out, partial, _split_k_locks(x.device, 2 * blocks_t * blocks_n),
+        x_desc, w_desc, s_desc, z_desc, out, partial, arrival_counters(x.device, 2 * blocks_t * blocks_n),
         m, k_per_split, split_k,
         N=n, K=k, GROUP=group_size, BLOCK_T=cfg.block_t, NUM_STAGES=cfg.num_stages,
         num_warps=WARPS, **pdl_args(x.device),

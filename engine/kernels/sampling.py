@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels.counters import arrival_counters
 from engine.kernels.pdl import pdl_args, pdl_prologue
 
 
@@ -109,19 +110,6 @@ def _argmax_kernel(
             tl.atomic_xchg(arrivals_ptr + row, 0, sem="relaxed", scope="gpu")
 
 
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrivals(device: torch.device, rows: int) -> torch.Tensor:
-    """Per-device arrival counters of the last-chunk combine, zero between launches (the last
-    program of each row resets its own); grown, never shrunk. Launches that use them must not
-    run concurrently on one device (sluice samples on one stream)."""
-    counters = _ARRIVALS.get(device)
-    if counters is None or counters.numel() < rows:
-        counters = _ARRIVALS[device] = torch.zeros(max(rows, 256), dtype=torch.int32, device=device)
-    return counters
-
-
 def _launch(logits: torch.Tensor, inv_temperature: torch.Tensor | None, seed: int, num_chunks: int | None,
             block: int, rand4x: bool) -> torch.Tensor:
     rows, vocab = logits.shape
@@ -134,8 +122,9 @@ def _launch(logits: torch.Tensor, inv_temperature: torch.Tensor | None, seed: in
     best_val = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
     best_idx = torch.empty((rows, num_chunks), dtype=torch.int32, device=logits.device)
     greedy = inv_temperature is None
+    arrivals = arrival_counters(logits.device, rows if num_chunks > 1 else 0)
     _argmax_kernel[(rows, num_chunks)](
-        logits, logits if greedy else inv_temperature, best_val, best_idx, _arrivals(logits.device, rows), out,
+        logits, logits if greedy else inv_temperature, best_val, best_idx, arrivals, out,
         vocab, logits.stride(0), chunk_len, triton.cdiv(vocab, block), num_chunks, seed,
         BLOCK=block, GREEDY=greedy, RAND4X=rand4x, num_warps=4, **pdl_args(logits.device),
     )
