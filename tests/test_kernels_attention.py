@@ -198,6 +198,26 @@ def test_split_kv_decode_matches_reference(
     assert_close(out, reference_attention(b, scale, sliding_window), TOL, seed)
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_reads_the_new_tokens_key_and_value_the_kernel_ahead_wrote(num_splits: int) -> None:
+    """The split kernel reads its first tile of cached keys and values before its PDL wait, while
+    the kernel ahead may still be writing the new token's key and value: it must take those two
+    rows after the wait. Their slots hold NaN until ``reshape_and_cache``, launched just ahead,
+    writes them (on a GPU both kernels run under PDL; interpreted, one after the other)."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    # New tokens at a tile's first, middle and last column, and alone in a request.
+    seq_lens = [1, 17, 32, 33, rng.randint(34, 140)]
+    b = make_batch(rng, [n - 1 for n in seq_lens], [1] * len(seq_lens), num_kv_heads=2, group=2, head_dim=32,
+                   block_size=16, fill_new_tokens=False)
+    for cache in (b.key_cache, b.value_cache):
+        cache.view(-1, *cache.shape[2:])[b.slot_mapping] = float("nan")
+    reshape_and_cache(b.key, b.value, b.key_cache, b.value_cache, b.slot_mapping)
+    out = decode_attention(b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, 0.2,
+                           out=nan_like(b.query), num_splits=num_splits, block_n=16)
+    assert_close(out, reference_attention(b, 0.2, None), TOL, seed)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_in_any_request_order_gives_the_same_rows(num_splits: int) -> None:
     """``order`` only changes which program takes which request: longest first, or any

@@ -24,6 +24,8 @@ from engine.kernels.paged_attention import (
     attend_kv_tile,
     check_paged_shapes,
     dot_precision,
+    fold_kv_tile,
+    load_kv_tile,
 )
 from engine.kernels.pdl import pdl_args, pdl_prologue
 
@@ -54,12 +56,16 @@ def _decode_split_kernel(
 
     A program takes the GROUP query heads of one kv head as BLOCK_H (>= 16, padded) rows, so each
     K/V tile is read once per group, and walks its split BLOCK_N keys at a time; only the split's
-    last, partial tile is masked. With NUM_SPLITS == 1 it writes the final output directly;
+    first tile (read before the PDL wait but for the new token's key and value) and its last,
+    partial one are masked. With NUM_SPLITS == 1 it writes the final output directly;
     otherwise the normalised partial output and its log2-sum-exp go to ``part_out``
     ``[num_reqs, num_heads, NUM_SPLITS, HEAD_DIM]`` and ``part_lse`` ``[num_reqs, num_heads,
     NUM_SPLITS]`` (an empty split writes lse = -inf).
     """
-    pdl_prologue(USE_PDL)
+    # Up to the PDL wait the program reads only what this step's host-to-device copies wrote (the
+    # order, rows, lengths and block tables) and what earlier steps wrote to the cache (every key
+    # and value but the new token's): its first tile's loads overlap the kernel ahead, which
+    # writes q and the new token's key and value. Those are read after the wait.
     if HAS_ORDER:
         req = tl.load(order_ptr + tl.program_id(0))
     else:
@@ -81,27 +87,47 @@ def _decode_split_kernel(
     split_lo = kv_lo + split * split_len
     split_hi = tl.minimum(split_lo + split_len, seq_len)
     full_hi = split_lo + tl.maximum(split_hi - split_lo, 0) // BLOCK_N * BLOCK_N
+    first_hi = tl.minimum(split_lo + BLOCK_N, split_hi)
 
+    block_table_ptr = block_tables_ptr + req * stride_bt_req
+    new = seq_len - 1  # the new token's position
+    k, v = load_kv_tile(key_cache_ptr, value_cache_ptr, block_table_ptr, split_lo, split_lo,
+                        tl.minimum(first_hi, new), kv_head, stride_kc_block, stride_kc_slot, stride_kc_head,
+                        stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_N, HEAD_DIM, BLOCK_SIZE, True)
+    holds_new = (new >= split_lo) & (new < first_hi)
+    new_block = tl.load(block_table_ptr + tl.where(holds_new, new, 0) // BLOCK_SIZE).to(tl.int64)
+
+    pdl_prologue(USE_PDL)
     rows = tl.arange(0, BLOCK_H)
     head = kv_head * GROUP + rows
     row_ok = rows < GROUP
     offs_d = tl.arange(0, HEAD_DIM)
     q_rows = row * stride_q_row + head * stride_q_head
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + seq_len - 1
+    q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + new
+    new_slot = new % BLOCK_SIZE
+    new_d = offs_d < tl.where(holds_new, HEAD_DIM, 0)  # all of the row, or none
+    k_new = tl.load(key_cache_ptr + new_block * stride_kc_block + new_slot * stride_kc_slot + kv_head * stride_kc_head
+                    + offs_d, mask=new_d, other=0.0)
+    v_new = tl.load(value_cache_ptr + new_block * stride_vc_block + new_slot * stride_vc_slot
+                    + kv_head * stride_vc_head + offs_d, mask=new_d, other=0.0)
+    is_new = split_lo + tl.arange(0, BLOCK_N) == new
+    k = tl.where(is_new[None, :], k_new[:, None], k)
+    v = tl.where(is_new[:, None], v_new[None, :], v)
 
-    block_table_ptr = block_tables_ptr + req * stride_bt_req
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], MASKED_MAX, dtype=tl.float32)
-    for start in range(split_lo, full_hi, BLOCK_N):
+    acc, l_i, m_i = fold_kv_tile(acc, l_i, m_i, q, q_pos, k, v, split_lo, split_lo, first_hi, qk_scale, window,
+                                 BLOCK_N, True, USE_WINDOW, DOT_PRECISION)
+    for start in range(split_lo + BLOCK_N, full_hi, BLOCK_N):
         acc, l_i, m_i = attend_kv_tile(
             acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
             start, split_lo, split_hi, kv_head,
             stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
             qk_scale, window, BLOCK_N, HEAD_DIM, BLOCK_SIZE, False, USE_WINDOW, DOT_PRECISION,
         )
-    for start in range(full_hi, split_hi, BLOCK_N):
+    for start in range(tl.maximum(full_hi, split_lo + BLOCK_N), split_hi, BLOCK_N):
         acc, l_i, m_i = attend_kv_tile(
             acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
             start, split_lo, split_hi, kv_head,

@@ -24,23 +24,14 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def attend_kv_tile(
-    acc, l_i, m_i, q, q_pos,
-    key_cache_ptr, value_cache_ptr, block_table_ptr,
-    start, kv_lo, kv_hi, kv_head,
-    stride_kc_block, stride_kc_slot, stride_kc_head,
-    stride_vc_block, stride_vc_slot, stride_vc_head,
-    qk_scale, window,
-    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    MASK: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def load_kv_tile(
+    key_cache_ptr, value_cache_ptr, block_table_ptr, start, kv_lo, kv_hi, kv_head,
+    stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, MASK: tl.constexpr,
 ):
-    """Fold keys ``[start, start + BLOCK_N)`` into ``(acc, l_i, m_i)`` for the query rows ``q``
-    ``[BLOCK_M, HEAD_DIM]`` at positions ``q_pos`` ``[BLOCK_M]``.
-
+    """Keys ``[start, start + BLOCK_N)`` as ``k [HEAD_DIM, BLOCK_N]`` and ``v [BLOCK_N, HEAD_DIM]``.
     With ``MASK`` only columns in ``[kv_lo, kv_hi)`` are read (block-table entries outside it are
-    never dereferenced) and each row sees keys ``j <= q_pos`` (and ``j > q_pos - window`` with
-    ``USE_WINDOW``). Without ``MASK`` the caller guarantees every column is visible to every row.
-    """
+    never dereferenced; the others are zeros)."""
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     if MASK:
@@ -51,14 +42,29 @@ def attend_kv_tile(
     slot_in_block = offs_n % BLOCK_SIZE
     k_off = block_ids * stride_kc_block + slot_in_block * stride_kc_slot + kv_head * stride_kc_head
     v_off = block_ids * stride_vc_block + slot_in_block * stride_vc_slot + kv_head * stride_vc_head
-
     if MASK:
         k = tl.load(key_cache_ptr + k_off[None, :] + offs_d[:, None], mask=col_ok[None, :], other=0.0)
+        v = tl.load(value_cache_ptr + v_off[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
     else:
         k = tl.load(key_cache_ptr + k_off[None, :] + offs_d[:, None])
+        v = tl.load(value_cache_ptr + v_off[:, None] + offs_d[None, :])
+    return k, v
+
+
+@triton.jit
+def fold_kv_tile(
+    acc, l_i, m_i, q, q_pos, k, v, start, kv_lo, kv_hi, qk_scale, window,
+    BLOCK_N: tl.constexpr, MASK: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold the tile of keys ``[start, start + BLOCK_N)`` (``k``, ``v`` as ``load_kv_tile`` gives
+    them) into ``(acc, l_i, m_i)`` for the query rows ``q [BLOCK_M, HEAD_DIM]`` at positions
+    ``q_pos [BLOCK_M]``. With ``MASK`` each row sees only columns in ``[kv_lo, kv_hi)`` with
+    ``j <= q_pos`` (and ``j > q_pos - window`` with ``USE_WINDOW``); without it the caller
+    guarantees every column is visible to every row."""
     s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
     if MASK:
-        visible = col_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        offs_n = start + tl.arange(0, BLOCK_N)
+        visible = (offs_n[None, :] >= kv_lo) & (offs_n[None, :] < kv_hi) & (offs_n[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
         s = tl.where(visible, s, float("-inf"))
@@ -67,13 +73,29 @@ def attend_kv_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-
-    if MASK:
-        v = tl.load(value_cache_ptr + v_off[:, None] + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        v = tl.load(value_cache_ptr + v_off[:, None] + offs_d[None, :])
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
+
+
+@triton.jit
+def attend_kv_tile(
+    acc, l_i, m_i, q, q_pos,
+    key_cache_ptr, value_cache_ptr, block_table_ptr,
+    start, kv_lo, kv_hi, kv_head,
+    stride_kc_block, stride_kc_slot, stride_kc_head,
+    stride_vc_block, stride_vc_slot, stride_vc_head,
+    qk_scale, window,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    MASK: tl.constexpr, USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``load_kv_tile`` then ``fold_kv_tile``, with the same ``[kv_lo, kv_hi)`` for both."""
+    k, v = load_kv_tile(
+        key_cache_ptr, value_cache_ptr, block_table_ptr, start, kv_lo, kv_hi, kv_head,
+        stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
+        BLOCK_N, HEAD_DIM, BLOCK_SIZE, MASK,
+    )
+    return fold_kv_tile(acc, l_i, m_i, q, q_pos, k, v, start, kv_lo, kv_hi, qk_scale, window,
+                        BLOCK_N, MASK, USE_WINDOW, DOT_PRECISION)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

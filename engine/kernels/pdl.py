@@ -6,11 +6,15 @@ Launched with PDL, a kernel's programs are placed on the SMs as soon as every pr
 kernel before it has started, and wait there (``griddepcontrol.wait``) until that kernel has
 finished and its writes are visible: the launch overlaps the previous kernel's tail.
 
-Every kernel launched with ``pdl_args`` calls ``pdl_prologue`` before its first memory access,
-so it never reads or writes memory before the kernel ahead of it in the stream has finished;
-and since each one waits, a kernel that finishes implies that all kernels before it have
-finished, the order plain launches give. Kernels that are not Triton's (cuBLAS, PyTorch) launch
-as before and are waited for in full. ``SLUICE_PDL=0`` turns it off.
+Every kernel launched with ``pdl_args`` calls ``pdl_prologue`` before it writes memory or reads
+anything the kernel ahead of it could be writing; and since each one waits before it lets the
+next be placed, a kernel that starts finds every kernel but the one ahead finished, and one that
+finishes implies all before it have: the order plain launches give. What may be read before the
+wait is what no kernel of the step writes: weights, the step's inputs that the host copied in
+before the first kernel, and the KV cache of earlier steps (the decode split kernel reads its
+first tile of keys and values there, the rotary kernels their positions and cos/sin rows; the
+AWQ kernels request weight tiles). Kernels that are not Triton's (cuBLAS, PyTorch) launch as
+before and are waited for in full. ``SLUICE_PDL=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import triton.language as tl
 @triton.jit
 def pdl_prologue(USE_PDL: tl.constexpr):
     """Wait for the kernel before this one (all of it, its writes visible), then let the kernel
-    after this one be placed: call before a kernel's first global memory access."""
+    after this one be placed: call before a kernel's first store and its first read of anything
+    the kernel ahead may write (see the module docstring)."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -19,11 +19,20 @@ from engine.kernels.pdl import pdl_args, pdl_prologue
 
 
 @triton.jit
-def _norm_rotate_heads(base_ptr, num_heads, stride_head, half_dim, cos, sin, dims, norm_ptr, eps,
+def _norm_weight(norm_ptr, half_dim, dims, dtype: tl.constexpr):
+    # A per-head RMSNorm weight's halves, rounded to the model dtype as the norm uses them.
+    w1 = tl.load(norm_ptr + dims, mask=dims < half_dim, other=0.0).to(dtype).to(tl.float32)
+    w2 = tl.load(norm_ptr + half_dim + dims, mask=dims < half_dim, other=0.0).to(dtype).to(tl.float32)
+    return w1, w2
+
+
+@triton.jit
+def _norm_rotate_heads(base_ptr, num_heads, stride_head, half_dim, cos, sin, dims, w1, w2, eps,
                        NORM: tl.constexpr, BLOCK_H: tl.constexpr):
     # Rotates the heads of one token in place (their first halves at dims, second halves half_dim
     # on), with NORM after a per-head RMSNorm with the roundings of engine/kernels/rms_norm.py
-    # (normalize in fp32, round, times the weight, round); returns the rotated halves.
+    # (normalize in fp32, round, times the weight halves w1, w2 from _norm_weight, round);
+    # returns the rotated halves.
     heads = tl.arange(0, BLOCK_H)[:, None]
     mask = (heads < num_heads) & (dims < half_dim)
     first_ptrs = base_ptr + heads * stride_head + dims
@@ -33,8 +42,6 @@ def _norm_rotate_heads(base_ptr, num_heads, stride_head, half_dim, cos, sin, dim
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
     if NORM:
         rstd = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half_dim) + eps)[:, None]
-        w1 = tl.load(norm_ptr + dims, mask=dims < half_dim, other=0.0).to(dtype).to(tl.float32)
-        w2 = tl.load(norm_ptr + half_dim + dims, mask=dims < half_dim, other=0.0).to(dtype).to(tl.float32)
         x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
         x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
     r1 = (x1 * cos - x2 * sin).to(dtype)
@@ -55,16 +62,16 @@ def _rotary_kernel(
     its q heads as one ``[BLOCK_HQ, BLOCK_HALF]`` tile, then all k heads as ``[BLOCK_HK,
     BLOCK_HALF]`` (heads and half the head dim padded to powers of two and masked). Assumes the
     last dim of q and k is contiguous and that every position is below the caches' length."""
-    pdl_prologue(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(positions_ptr + tok).to(tl.int64)
+    pos = tl.load(positions_ptr + tok).to(tl.int64)  # before the PDL wait, as _rope_and_cache_kernel
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     cos = tl.load(cos_ptr + pos * stride_cache_pos + dims, mask=dims < half_dim, other=0.0)
     sin = tl.load(sin_ptr + pos * stride_cache_pos + dims, mask=dims < half_dim, other=0.0)
+    pdl_prologue(USE_PDL)
     _norm_rotate_heads(q_ptr + tok * stride_q_tok, num_q_heads, stride_q_head, half_dim, cos, sin, dims,
-                       cos_ptr, 0.0, False, BLOCK_HQ)
+                       cos, cos, 0.0, False, BLOCK_HQ)
     _norm_rotate_heads(k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, half_dim, cos, sin, dims,
-                       cos_ptr, 0.0, False, BLOCK_HK)
+                       cos, cos, 0.0, False, BLOCK_HK)
 
 
 def rotary_embedding(
@@ -119,29 +126,37 @@ def _rope_and_cache_kernel(
     and v written at the token's slot (slot < 0: padding, nothing written to the cache). Same
     roundings as those kernels: without NORM bit-identical to running them in turn; with it the
     sum of squares adds the two halves' sums, so rstd may differ in its last fp32 bit."""
-    pdl_prologue(USE_PDL)
+    # Before the PDL wait: the token's position and slot (this step's host-to-device copies), its
+    # cos/sin rows and the norm weights; q, k and v, which the kernel ahead writes, after it.
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions_ptr + tok).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     cos = tl.load(cos_ptr + pos * stride_cache_pos + dims, mask=dims < half_dim, other=0.0)
     sin = tl.load(sin_ptr + pos * stride_cache_pos + dims, mask=dims < half_dim, other=0.0)
+    qw1, qw2 = cos, cos
+    kw1, kw2 = cos, cos
+    if NORM:
+        qw1, qw2 = _norm_weight(q_norm_ptr, half_dim, dims, q_ptr.dtype.element_ty)
+        kw1, kw2 = _norm_weight(k_norm_ptr, half_dim, dims, q_ptr.dtype.element_ty)
+
+    pdl_prologue(USE_PDL)
+    heads = tl.arange(0, BLOCK_HK)[:, None]
+    mask = (heads < num_kv_heads) & (dims < half_dim)
+    v = v_ptr + tok * stride_v_tok + heads * stride_v_head + dims
+    v1, v2 = tl.load(v, mask=mask), tl.load(v + half_dim, mask=mask)
     _norm_rotate_heads(q_ptr + tok * stride_q_tok, num_q_heads, stride_q_head, half_dim, cos, sin, dims,
-                       q_norm_ptr, eps, NORM, BLOCK_HQ)
+                       qw1, qw2, eps, NORM, BLOCK_HQ)
     k1, k2 = _norm_rotate_heads(k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, half_dim, cos, sin,
-                                dims, k_norm_ptr, eps, NORM, BLOCK_HK)
-    slot = tl.load(slot_mapping_ptr + tok).to(tl.int64)
+                                dims, kw1, kw2, eps, NORM, BLOCK_HK)
     if slot >= 0:
-        heads = tl.arange(0, BLOCK_HK)[:, None]
-        mask = (heads < num_kv_heads) & (dims < half_dim)
         block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
         kc = key_cache_ptr + block * stride_kc_block + offset * stride_kc_slot + heads * stride_kc_head + dims
         tl.store(kc, k1.to(key_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(kc + half_dim, k2.to(key_cache_ptr.dtype.element_ty), mask=mask)
-        v = v_ptr + tok * stride_v_tok + heads * stride_v_head + dims
         vc = value_cache_ptr + block * stride_vc_block + offset * stride_vc_slot + heads * stride_vc_head + dims
-        tl.store(vc, tl.load(v, mask=mask).to(value_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc + half_dim, tl.load(v + half_dim, mask=mask).to(value_cache_ptr.dtype.element_ty), mask=mask)
-
+        tl.store(vc, v1.to(value_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc + half_dim, v2.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
 def rope_and_cache(
     positions: torch.Tensor,

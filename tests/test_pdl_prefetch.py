@@ -1,0 +1,61 @@
+"""Kernels that read before their PDL wait (engine/kernels/pdl.py): the decode split kernel (the
+request's length, block table and first tile of cached keys and values) and the rotary + cache
+write kernel (the token's position, slot, cos/sin rows and norm weights). The interpreter runs
+them without PDL (tests/test_kernels_attention.py, test_kernels_fused.py check their numbers,
+including the decode kernel's re-read of the new token's key and value after the wait); here each
+is compiled for sm_90 with PDL on, in a process of its own (see tests/sm90_compile.py), and its
+PTX must issue global loads before ``griddepcontrol.wait`` and read the rest after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+_COMPILE = """
+import importlib, json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+fn = getattr(importlib.import_module("engine.kernels.{module}"), "{kernel}")
+sig = {{a: "i32" for a in fn.arg_names}} | {pointers} | {{k: "constexpr" for k in {consts}}}
+kernel = triton.compile(ASTSource(fn, sig, {consts}), target=GPUTarget("cuda", 90, 32), options={{"num_warps": 4}})
+ptx = kernel.asm["ptx"]
+wait = ptx.index("griddepcontrol.wait")
+print(json.dumps([ptx[:wait].count("ld.global"), ptx[wait:].count("ld.global")]))
+"""
+
+_DECODE = dict(
+    module="decode_attention", kernel="_decode_split_kernel",
+    pointers={**{p: "*bf16" for p in ("q_ptr", "key_cache_ptr", "value_cache_ptr", "out_ptr")},
+              "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "qk_scale": "fp32",
+              **{p: "*i32" for p in ("block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "order_ptr")}},
+    consts=dict(GROUP=4, BLOCK_H=16, BLOCK_N=64, HEAD_DIM=128, BLOCK_SIZE=16, NUM_SPLITS=16, USE_WINDOW=False,
+                DOT_PRECISION="tf32", MIXED=False, HAS_ORDER=True, USE_PDL=True),
+)
+_ROPE = dict(
+    module="rotary", kernel="_rope_and_cache_kernel",
+    pointers={**{p: "*bf16" for p in ("q_ptr", "k_ptr", "v_ptr", "q_norm_ptr", "k_norm_ptr", "key_cache_ptr",
+                                      "value_cache_ptr")},
+              "cos_ptr": "*fp32", "sin_ptr": "*fp32", "eps": "fp32",
+              "positions_ptr": "*i64", "slot_mapping_ptr": "*i64"},
+    consts=dict(NORM=True, BLOCK_SIZE=16, BLOCK_HQ=16, BLOCK_HK=8, BLOCK_HALF=64, USE_PDL=True),
+)
+
+
+@pytest.mark.parametrize("case", [_DECODE, _ROPE], ids=["decode_split", "rope_and_cache"])
+def test_kernel_reads_inputs_before_the_pdl_wait(case: dict) -> None:
+    code = _COMPILE.format(**case)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, after = json.loads(done.stdout.strip().splitlines()[-1])
+    # decode: order, length, block table, keys, values; rope: position, slot, cos, sin, weights.
+    assert before >= 5, f"{before} global loads before the PDL wait"
+    # What the kernel ahead writes (q, and k and v or the new token's key and value) comes after.
+    assert after >= 2, f"{after} global loads after the PDL wait"
