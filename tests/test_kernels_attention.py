@@ -240,15 +240,31 @@ def test_decode_in_any_request_order_gives_the_same_rows(num_splits: int) -> Non
         assert torch.equal(out, natural), f"seed {seed}, order {order}"
 
 
-def test_decode_splits_outnumbering_keys_leave_empty_splits_harmless() -> None:
+@pytest.mark.parametrize("sliding_window", [None, 20])
+def test_decode_splits_outnumbering_keys_leave_empty_splits_harmless(
+    sliding_window: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Splits without keys (the graph's 16 splits of a short context) reach the reduction with no
+    weight, and a row without keys (a graph's padding) comes out as zeros. The partials'
+    workspace starts as NaN here, so a partial the reduction read unwritten would show."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    seq_lens = [1, 3, 40]
-    b = make_batch(rng, [n - 1 for n in seq_lens], [1] * 3, num_kv_heads=1, group=2, head_dim=16,
-                   block_size=16)
+    seq_lens = [0, 1, 3, 40, 70]  # 0: a padded row of a graph, all of whose splits are empty
+    b = make_batch(rng, [max(n - 1, 0) for n in seq_lens], [1] * 5, num_kv_heads=1, group=2, head_dim=16,
+                   block_size=16, sliding_window=sliding_window)
+    b.seq_lens[0] = 0
+    real_new_empty = torch.Tensor.new_empty
+
+    def nan_workspace(t: torch.Tensor, size, dtype=None, **kw) -> torch.Tensor:
+        empty = real_new_empty(t, size, dtype=dtype, **kw)
+        return empty.fill_(float("nan")) if empty.is_floating_point() else empty
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_workspace)
     out = decode_attention(b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, 0.3,
-                           out=nan_like(b.query), num_splits=8, block_n=16)
-    assert_close(out, reference_attention(b, 0.3, None), TOL, seed)
+                           sliding_window, out=nan_like(b.query), num_splits=8, block_n=16)
+    ref = reference_attention(b, 0.3, sliding_window)
+    assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu())), f"seed {seed}: a padded row is not zeros"
+    assert_close(out[1:], ref[1:], TOL, seed)
 
 
 def test_decode_agrees_with_prefill_kernel() -> None:
