@@ -158,6 +158,7 @@ def _rope_and_cache_kernel(
         tl.store(vc, v1.to(value_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(vc + half_dim, v2.to(value_cache_ptr.dtype.element_ty), mask=mask)
 
+
 def rope_and_cache(
     positions: torch.Tensor,
     q: torch.Tensor,
