@@ -19,6 +19,10 @@ real token only. Eager, such a step costs its kernels' launches (hundreds for a 
 more than the device's work::
 
     prefill tokens: 16 32 64 128 256 512     prompt of 100 -> graph of 128, tokens 100..127 padding
+
+The decode graph of one request is captured with its kernels placed ahead (engine/kernels/pdl.py's
+``trigger_before_wait``) when every linear requests its whole weight before its wait (a small
+model: the weights stream while norms, rotary and attention run).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import bisect
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
@@ -35,6 +40,8 @@ from torch import nn
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import set_forward_context
 from engine.input_buffers import InputBuffers, StepInputs
+from engine.kernels.pdl import pdl_args, trigger_before_wait
+from engine.layers.linear import one_token_weights_ahead
 from scheduler.outputs import ScheduledRequest
 
 logger = logging.getLogger(__name__)
@@ -80,6 +87,7 @@ class StepGraphs:
         if num_speculative_tokens and max_verify >= 1:
             self.sizes[per_request] = capture_sizes(max_verify)
         self.prefill_sizes = prefill_capture_sizes(min(max_prefill_tokens, buffers.max_tokens))
+        self.one_token_ahead = False  # set by capture()
         self._graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
         self._logits: dict[GraphShape, torch.Tensor] = {}
 
@@ -108,6 +116,9 @@ class StepGraphs:
     def capture(self) -> None:
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
+        # The decode graph of one request, where every linear's weight is requested before its
+        # PDL wait: captured with each kernel letting the next be placed before it waits.
+        self.one_token_ahead = bool(pdl_args(self.buffers.device)) and one_token_weights_ahead(self.model)
         # Largest first, so that smaller graphs reuse the pool's blocks.
         for shape in sorted(self.shapes, key=lambda s: s.batch_size * s.tokens_per_request, reverse=True):
             size, per_request, prefill = shape
@@ -118,7 +129,8 @@ class StepGraphs:
             inputs = self.buffers.prepare(dummy, graph_shape=shape)
             # Slot -1: capture writes nothing into the KV cache.
             inputs.metadata.slot_mapping.fill_(-1)
-            with set_forward_context(inputs.metadata, self.backend):
+            ahead = trigger_before_wait() if shape == (1, 1, False) and self.one_token_ahead else nullcontext()
+            with set_forward_context(inputs.metadata, self.backend), ahead:
                 self._forward(inputs, prefill)  # an eager run first compiles every kernel outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
@@ -132,6 +144,9 @@ class StepGraphs:
             kinds.append(f"one request's prefill up to {self.prefill_sizes} tokens")
         logger.info("captured %d CUDA graphs in %.1f s: %s", len(self._graphs), time.perf_counter() - start,
                     "; ".join(kinds))
+        if self.one_token_ahead:
+            logger.info("decode graph of one request: every linear's weight is requested before its PDL wait, "
+                        "kernels placed ahead")
 
     def _forward(self, inputs: StepInputs, prefill: bool) -> torch.Tensor:
         hidden = self.model(inputs.input_ids, inputs.positions)

@@ -71,3 +71,33 @@ def test_graph_padding_of_a_prefill_step() -> None:
 def test_max_cuda_graph_prefill_tokens_is_checked() -> None:
     with pytest.raises(ValueError, match="max_cuda_graph_prefill_tokens must be >= 0"):
         EngineArgs(model="m", max_cuda_graph_prefill_tokens=-1)
+
+
+def _linears(shapes: list[tuple[int, int]], dtype: torch.dtype = torch.bfloat16,
+             quantization_config: dict | None = None) -> torch.nn.Module:
+    import engine.quantization.awq  # noqa: F401  (registers the "awq" method)
+    from engine.layers.linear import LinearBase
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            return torch.nn.ModuleList([LinearBase(k, n, quantization_config=quantization_config)
+                                        for n, k in shapes])
+    finally:
+        torch.set_default_dtype(default)
+
+
+def test_one_token_weights_ahead_only_when_every_gemv_linear_takes_one_slab() -> None:
+    """The decode graph of one request places kernels ahead (engine/kernels/pdl.py) only for a
+    16-bit dense model whose GEMV linears all request their whole weight before the wait."""
+    from engine.layers.linear import one_token_weights_ahead
+
+    # Qwen3-0.6B: qkv, o, gate_up, down, and an LM head too large for the GEMV (cuBLAS).
+    small = [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)]
+    assert one_token_weights_ahead(_linears(small))
+    assert one_token_weights_ahead(_linears(small, torch.float16))
+    assert not one_token_weights_ahead(_linears(small + [(6144, 4096)]))  # Llama-3.1-8B's qkv: the K loop
+    assert not one_token_weights_ahead(_linears(small, torch.float32))  # fp32 runs no GEMV
+    awq = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
+    assert not one_token_weights_ahead(_linears([(4096, 1024)], torch.float16, awq))

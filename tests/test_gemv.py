@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from engine.kernels.gemv import GemvConfig, default_config, gemv
+from engine.kernels.gemv import GemvConfig, default_config, gemv, slab_fits
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRETED else "cuda"
@@ -18,21 +18,24 @@ if not INTERPRETED and not torch.cuda.is_available():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    ("m", "n", "k", "config"),
+    ("m", "n", "k", "config", "slab"),
     [
-        (1, 40, 64, GemvConfig(16, 32)),  # N not a multiple of BLOCK_N
-        (2, 32, 96, GemvConfig(8, 64)),  # K not a multiple of BLOCK_K: masked tiles
-        (3, 24, 128, GemvConfig(8, 32, split_k=2)),  # split K, M between the token tiles
-        (4, 16, 200, GemvConfig(4, 32, split_k=4)),  # split K with a ragged last range
-        (1, 48, 256, None),  # the default tiling
+        (1, 40, 64, GemvConfig(16, 32), False),  # N not a multiple of BLOCK_N
+        (1, 40, 64, GemvConfig(16, 32), True),  # the same as one slab
+        (2, 32, 96, GemvConfig(8, 64), False),  # K not a multiple of BLOCK_K: masked tiles
+        (2, 32, 96, GemvConfig(8, 64), True),  # a slab of K not a power of two: its tail masked
+        (3, 24, 128, GemvConfig(8, 32, split_k=2), False),  # split K, M between the token tiles
+        (4, 16, 200, GemvConfig(4, 32, split_k=4), False),  # split K with a ragged last range
+        (4, 17, 200, GemvConfig(4, 32), True),  # four tokens, one slab, a ragged last program
+        (1, 48, 256, None, None),  # the default tiling (a slab at this size)
     ],
 )
-def test_gemv_matches_float64_reference(m, n, k, config, dtype) -> None:
+def test_gemv_matches_float64_reference(m, n, k, config, slab, dtype) -> None:
     seed = int.from_bytes(os.urandom(4), "little")
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=gen).to(dtype)
     w = torch.randn(n, k, generator=gen).to(dtype)
-    y = gemv(x.to(DEVICE), w.to(DEVICE), config).cpu()
+    y = gemv(x.to(DEVICE), w.to(DEVICE), config, slab=slab).cpu()
     ref = x.double() @ w.double().T
     # fp32 accumulation of exact products, then one rounding to the output dtype.
     bound = (k * 2**-23) * (x.double().abs() @ w.double().abs().T) + torch.finfo(dtype).eps * ref.abs()
@@ -49,9 +52,19 @@ def test_default_config_is_the_measured_tiling() -> None:
     assert default_config(24, 40).block_k == 64  # tiny K: one tile
 
 
+def test_slab_fits_every_small_model_linear_and_no_large_one() -> None:
+    # Qwen3-0.6B's qkv, o, gate_up, down: one tile each; Llama-3.1-8B's: the K loop.
+    assert all(slab_fits(n, k) for n, k in [(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072)])
+    assert not any(slab_fits(n, k) for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)])
+    assert not slab_fits(48, 256, GemvConfig(4, 64, split_k=2))
+    with pytest.raises(AssertionError, match="split_k must be 1"):
+        gemv(torch.zeros(1, 256, device=DEVICE), torch.zeros(48, 256, device=DEVICE), GemvConfig(4, 64, 2), slab=True)
+
+
+@pytest.mark.parametrize("slab", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3])
-def test_gemv_with_silu_mul_equals_the_activation_kernel_then_gemv(m, dtype) -> None:
+def test_gemv_with_silu_mul_equals_the_activation_kernel_then_gemv(m, dtype, slab) -> None:
     """The activation fused into the loads: bit for bit the SiLU-and-mul kernel's output (same
     fp32 math, same rounding) through the same GEMV."""
     from engine.kernels.activation import silu_and_mul
@@ -62,5 +75,5 @@ def test_gemv_with_silu_mul_equals_the_activation_kernel_then_gemv(m, dtype) -> 
     gate_up = (torch.randn(m, 2 * k, generator=gen) * 3).to(DEVICE, dtype)
     w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
     config = GemvConfig(8, 32)
-    fused = gemv(gate_up, w, config, silu_mul=True)
-    assert torch.equal(fused, gemv(silu_and_mul(gate_up), w, config)), f"seed {seed}"
+    fused = gemv(gate_up, w, config, silu_mul=True, slab=slab)
+    assert torch.equal(fused, gemv(silu_and_mul(gate_up), w, config, slab=slab)), f"seed {seed}"

@@ -3,6 +3,7 @@ against the ``torch`` backend, and CUDA-graph decode against eager decode and tr
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -234,11 +235,13 @@ def test_async_scheduling_with_cuda_graphs_equals_sync(tiny_models) -> None:
     assert runs[0] == runs[1]
 
 
-def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch) -> None:
+@pytest.mark.parametrize("ahead", [False, True], ids=["wait_first", "trigger_before_wait"])
+def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch, ahead: bool) -> None:
     """Kernels launched with programmatic dependent launch (engine/kernels/pdl.py) wait for the
-    kernel before them: a chain of 96 dependent launches — fused add + RMSNorm writing the
-    residual in place, a split-K GEMV, its partial sum — replayed from a CUDA graph gives, bit for
-    bit and on every replay, what plain launches give."""
+    kernel before them: a chain of dependent launches — fused add + RMSNorm writing the residual
+    in place, then a split-K GEMV and its partial sum (96 launches), or, with kernels placed
+    ahead, a one-slab GEMV whose weight loads precede its wait (64) — replayed from a CUDA graph
+    gives, bit for bit and on every replay, what plain launches give."""
     from engine.kernels import pdl
     from engine.kernels.gemv import GemvConfig, gemv
     from engine.kernels.rms_norm import fused_add_rms_norm
@@ -252,24 +255,52 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch) -> None:
                for _ in range(layers)]
     norm = torch.rand(dim, device="cuda", generator=gen, dtype=torch.bfloat16) + 0.5
     x0 = torch.randn(1, dim, device="cuda", generator=gen, dtype=torch.bfloat16)
-    config = GemvConfig(block_n=4, block_k=256, split_k=4)
+    config = GemvConfig(block_n=4, block_k=1024, split_k=1) if ahead else GemvConfig(block_n=4, block_k=256, split_k=4)
 
     def chain(x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         for w in weights:
             h, residual = fused_add_rms_norm(x, residual, norm, 1e-6)
-            x = gemv(h, w, config)
+            x = gemv(h, w, config, slab=ahead)
         return x + residual
 
     with monkeypatch.context() as m:
         m.setattr(pdl, "_enabled", lambda device: False)
         expected = chain(x0.clone(), torch.zeros_like(x0))
     residual = torch.zeros_like(x0)
-    chain(x0, residual.clone())  # compile outside the capture
+    order = pdl.trigger_before_wait if ahead else contextlib.nullcontext
+    with order():
+        chain(x0, residual.clone())  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), order():
         out = chain(x0, residual)
     for replay in range(20):
         residual.zero_()
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, expected), f"seed {seed}: replay {replay} differs from plain launches"
+
+
+def test_one_request_decode_graph_with_kernels_placed_ahead_equals_eager(tiny_models) -> None:
+    """A bf16 model small enough that every linear takes one GEMV slab: its one-request decode
+    graph is captured with kernels placed ahead (engine/kernels/pdl.py's trigger_before_wait)
+    and decodes, token for token, what eager steps (the same kernels, each waiting first) do."""
+    from tests.test_model_runner import Driver
+
+    path = tiny_models["qwen3"]
+    outputs = {}
+    for eager in (False, True):
+        config = ModelConfig.from_pretrained(path, dtype="bfloat16", device="cuda")
+        runner = ModelRunner(config, EngineArgs(model=str(path), block_size=16, num_kv_blocks=64, dtype="bfloat16",
+                                                attention_backend="triton", enforce_eager=eager, max_num_seqs=4))
+        runner.load_model()
+        runner.initialize_kv_cache()
+        if not eager:
+            from engine.kernels.pdl import pdl_args
+
+            assert runner.graphs.one_token_ahead == bool(pdl_args(torch.device("cuda")))
+        driver = Driver(runner, budget=64, seed=1)
+        driver.add("a", [(7 * i) % 500 + 2 for i in range(21)])
+        while len(driver.outputs["a"]) < 40:
+            driver.step()
+        outputs[eager] = driver.outputs["a"][:40]
+    assert outputs[False] == outputs[True]

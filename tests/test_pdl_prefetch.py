@@ -1,10 +1,11 @@
 """Kernels that read before their PDL wait (engine/kernels/pdl.py): the decode split kernel (the
-request's length, block table and first tile of cached keys and values) and the rotary + cache
-write kernel (the token's position, slot, cos/sin rows and norm weights). The interpreter runs
-them without PDL (tests/test_kernels_attention.py, test_kernels_fused.py check their numbers,
-including the decode kernel's re-read of the new token's key and value after the wait); here each
-is compiled for sm_90 with PDL on, in a process of its own (see tests/sm90_compile.py), and its
-PTX must issue global loads before ``griddepcontrol.wait`` and read the rest after it."""
+request's length, block table and first tile of cached keys and values), the rotary + cache
+write kernel (the token's position, slot, cos/sin rows and norm weights) and the GEMV's one-tile
+slab (its weights). The interpreter runs them without PDL (tests/test_kernels_attention.py,
+test_kernels_fused.py, test_gemv.py check their numbers, including the decode kernel's re-read of
+the new token's key and value after the wait); here each is compiled for sm_90 with PDL on, in a
+process of its own (see tests/sm90_compile.py), and its PTX must issue global loads before
+``griddepcontrol.wait`` and read the rest after it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ sig = {{a: "i32" for a in fn.arg_names}} | {pointers} | {{k: "constexpr" for k i
 kernel = triton.compile(ASTSource(fn, sig, {consts}), target=GPUTarget("cuda", 90, 32), options={{"num_warps": 4}})
 ptx = kernel.asm["ptx"]
 wait = ptx.index("griddepcontrol.wait")
-print(json.dumps([ptx[:wait].count("ld.global"), ptx[wait:].count("ld.global")]))
+print(json.dumps([ptx[:wait].count("ld.global"), ptx[wait:].count("ld.global"),
+                  ptx.index("griddepcontrol.launch_dependents") < wait]))
 """
 
 _DECODE = dict(
@@ -47,15 +49,39 @@ _ROPE = dict(
 )
 
 
-@pytest.mark.parametrize("case", [_DECODE, _ROPE], ids=["decode_split", "rope_and_cache"])
-def test_kernel_reads_inputs_before_the_pdl_wait(case: dict) -> None:
+_GEMV_SLAB = dict(
+    module="gemv", kernel="_gemv_kernel",
+    pointers={"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"},
+    consts=dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, EVEN_K=True, SILU_MUL=False, SLAB=True, USE_PDL=2),
+)
+
+
+def _compile(case: dict) -> tuple[int, int, bool]:
     code = _COMPILE.format(**case)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
-    before, after = json.loads(done.stdout.strip().splitlines()[-1])
+    before, after, trigger_first = json.loads(done.stdout.strip().splitlines()[-1])
+    return before, after, trigger_first
+
+
+@pytest.mark.parametrize("case", [_DECODE, _ROPE], ids=["decode_split", "rope_and_cache"])
+def test_kernel_reads_inputs_before_the_pdl_wait(case: dict) -> None:
+    before, after, trigger_first = _compile(case)
     # decode: order, length, block table, keys, values; rope: position, slot, cos, sin, weights.
     assert before >= 5, f"{before} global loads before the PDL wait"
     # What the kernel ahead writes (q, and k and v or the new token's key and value) comes after.
     assert after >= 2, f"{after} global loads after the PDL wait"
+    assert not trigger_first  # USE_PDL=True: wait, then let the next kernel be placed
+
+
+def test_gemv_slab_requests_its_weight_before_the_wait_and_places_the_next_kernel_first() -> None:
+    """engine/kernels/gemv.py's one-tile slab under ``trigger_before_wait`` (USE_PDL=2): the
+    weight loads come before the wait, the activations after it, and the next kernel may be
+    placed before this one waits."""
+    before, after, trigger_first = _compile(_GEMV_SLAB)
+    # 4 rows x 1024 bf16 over 128 threads: at least one 16-byte load per thread and row pair.
+    assert before >= 2, f"{before} global loads before the PDL wait"
+    assert after >= 1, f"{after} global loads after the PDL wait"
+    assert trigger_first

@@ -7,6 +7,12 @@ kernels reach only 1-1.6 TB/s on an H200; this kernel gives every program a [BLO
 rows (split over SPLIT_K programs along K when N alone makes too few programs), streams it in
 [BLOCK_N, BLOCK_K] tiles with the K dimension contiguous, and keeps one fp32 accumulator tile
 per token that is reduced over K once, at the end: the loop body is loads and FMAs only.
+
+When a program's whole slab fits in its registers (up to ``SLAB_ELEMENTS`` weights a thread: every
+linear of Qwen3-0.6B, none of Llama-3.1-8B's), it is one tile requested before the PDL wait
+(weights are never written): with the kernels ahead placed early (engine/kernels/pdl.py's
+``trigger_before_wait``) the weight streams while they run, and after the wait only the
+activations are read.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ import triton.language as tl
 from engine.kernels.pdl import pdl_args, pdl_prologue
 
 MAX_TOKENS = 4
+# Weights a thread may hold for a one-tile slab (see the module docstring): 64 bf16 values, 32
+# registers.
+SLAB_ELEMENTS = 64
 
 
 @triton.jit
@@ -37,7 +46,7 @@ def _gemv_kernel(
     x_ptr, w_ptr, out_ptr,
     M, N, K, stride_wn, x_row1, x_row2, x_row3,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr = False,
+    EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, SLAB: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; program (p, s) computes rows ``[p * BLOCK_N, (p + 1) *
     BLOCK_N)`` of ``W`` against the ``M <= BLOCK_M <= 4`` tokens over the s-th contiguous K range
@@ -47,36 +56,51 @@ def _gemv_kernel(
     ``x_row{1,2,3}``: offsets of x's rows 1-3, clamped to its last row (a padded token row reads
     real memory and is never stored).
     ``SILU_MUL``: x's rows are [gate | up], 2K wide, and the kernel multiplies ``silu(gate) * up``
-    (rounded to x's dtype, as engine/kernels/activation.py does) by W."""
-    pdl_prologue(USE_PDL)
+    (rounded to x's dtype, as engine/kernels/activation.py does) by W.
+    ``SLAB``: one tile holds the whole K range (SPLIT_K == 1, BLOCK_K >= K), loaded before the
+    PDL wait."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
-    k_lo = pid_k * k_len
-    k_hi = tl.minimum(k_lo + k_len, K)
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-    # One accumulator tile per token (unused ones are never touched and compile away).
-    acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + offs_k
-        k_ok = k < k_hi
-        if EVEN_K:
-            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
-        else:
-            w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        acc0 += w * _x_tile(x_ptr, k, k_ok, K, SILU_MUL)[None, :]
+    if SLAB:
+        k_ok = offs_k < K
+        w_slab = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        pdl_prologue(USE_PDL)
+        w = w_slab.to(tl.float32)
+        acc0 = w * _x_tile(x_ptr, offs_k, k_ok, K, SILU_MUL)[None, :]
         if BLOCK_M > 1:
-            acc1 += w * _x_tile(x_ptr + x_row1, k, k_ok, K, SILU_MUL)[None, :]
+            acc1 = w * _x_tile(x_ptr + x_row1, offs_k, k_ok, K, SILU_MUL)[None, :]
         if BLOCK_M > 2:
-            acc2 += w * _x_tile(x_ptr + x_row2, k, k_ok, K, SILU_MUL)[None, :]
+            acc2 = w * _x_tile(x_ptr + x_row2, offs_k, k_ok, K, SILU_MUL)[None, :]
         if BLOCK_M > 3:
-            acc3 += w * _x_tile(x_ptr + x_row3, k, k_ok, K, SILU_MUL)[None, :]
+            acc3 = w * _x_tile(x_ptr + x_row3, offs_k, k_ok, K, SILU_MUL)[None, :]
+    else:
+        pdl_prologue(USE_PDL)
+        k_len = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+        k_lo = pid_k * k_len
+        k_hi = tl.minimum(k_lo + k_len, K)
+        # One accumulator tile per token (unused ones are never touched and compile away).
+        acc0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + offs_k
+            k_ok = k < k_hi
+            if EVEN_K:
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+            else:
+                w = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc0 += w * _x_tile(x_ptr, k, k_ok, K, SILU_MUL)[None, :]
+            if BLOCK_M > 1:
+                acc1 += w * _x_tile(x_ptr + x_row1, k, k_ok, K, SILU_MUL)[None, :]
+            if BLOCK_M > 2:
+                acc2 += w * _x_tile(x_ptr + x_row2, k, k_ok, K, SILU_MUL)[None, :]
+            if BLOCK_M > 3:
+                acc3 += w * _x_tile(x_ptr + x_row3, k, k_ok, K, SILU_MUL)[None, :]
 
     if SPLIT_K == 1:
         out_rows = out_ptr
@@ -129,11 +153,19 @@ def default_config(n: int, k: int) -> GemvConfig:
     return GemvConfig(block_n, block_k, 1, 8 if block_k == 1024 else 4)
 
 
+def slab_fits(n: int, k: int, config: GemvConfig | None = None) -> bool:
+    """Whether a program of ``config`` (default: ``default_config(n, k)``) takes its whole
+    [block_n, K] slab as one tile, requested before the PDL wait (the module docstring)."""
+    cfg = config or default_config(n, k)
+    return cfg.split_k == 1 and cfg.block_n * triton.next_power_of_2(k) <= SLAB_ELEMENTS * 32 * cfg.num_warps
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None, *,
-         silu_mul: bool = False) -> torch.Tensor:
+         silu_mul: bool = False, slab: bool | None = None) -> torch.Tensor:
     """``x @ weight.T`` for ``x`` [M, K] with M <= MAX_TOKENS, ``weight`` [N, K] (both with a
     contiguous last dim), in x's dtype. ``silu_mul``: x is [M, 2K] = [gate | up] and the product
-    is ``silu_and_mul(x) @ weight.T``, the activation fused into the loads."""
+    is ``silu_and_mul(x) @ weight.T``, the activation fused into the loads. ``slab``: whether
+    programs take their whole slab as one tile (default: ``slab_fits``; True needs split_k 1)."""
     m, k = x.shape
     if silu_mul:
         k //= 2
@@ -143,12 +175,16 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
     cfg = config or default_config(n, k)
     block_m = 1 if m == 1 else 2 if m == 2 else 4
     split_k = cfg.split_k
+    if slab is None:
+        slab = slab_fits(n, k, cfg)
+    assert not slab or split_k == 1, "a one-tile slab takes the whole K range: split_k must be 1"
+    block_k = triton.next_power_of_2(k) if slab else cfg.block_k
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     target = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
         x, weight, target, m, n, k, weight.stride(0), *(min(i, m - 1) * x.stride(0) for i in (1, 2, 3)),
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split_k,
-        EVEN_K=k % (cfg.block_k * split_k) == 0, SILU_MUL=silu_mul,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        EVEN_K=k % (block_k * split_k) == 0, SILU_MUL=silu_mul, SLAB=slab,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )

@@ -3,36 +3,62 @@
 A decode step is hundreds of small kernels back to back; between two of them the GPU spends
 about a microsecond launching the second after the first has drained, even inside a CUDA graph.
 Launched with PDL, a kernel's programs are placed on the SMs as soon as every program of the
-kernel before it has started, and wait there (``griddepcontrol.wait``) until that kernel has
-finished and its writes are visible: the launch overlaps the previous kernel's tail.
+kernel before it has let them (``griddepcontrol.launch_dependents``), and wait there
+(``griddepcontrol.wait``) until that kernel has finished and its writes are visible: the launch
+overlaps the previous kernel's work.
 
 Every kernel launched with ``pdl_args`` calls ``pdl_prologue`` before it writes memory or reads
-anything the kernel ahead of it could be writing; and since each one waits before it lets the
-next be placed, a kernel that starts finds every kernel but the one ahead finished, and one that
-finishes implies all before it have: the order plain launches give. What may be read before the
-wait is what no kernel of the step writes: weights, the step's inputs that the host copied in
-before the first kernel, and the KV cache of earlier steps (the decode split kernel reads its
-first tile of keys and values there, the rotary kernels their positions and cos/sin rows; the
-AWQ kernels request weight tiles). Kernels that are not Triton's (cuBLAS, PyTorch) launch as
-before and are waited for in full. ``SLUICE_PDL=0`` turns it off.
+anything a kernel of the step writes. A kernel finishes only after its own wait, so one whose
+wait returns finds every kernel before it finished: plain launches' order, whichever way the
+prologue orders its two instructions:
+
+- wait, then let the next kernel be placed (the default): only the kernel ahead can still be
+  running while a kernel's programs start.
+- let the next kernel be placed, then wait (inside ``trigger_before_wait()``): the placement runs
+  ahead through a chain of kernels as far as the SMs have room, each waiting at its prologue.
+  This pays when every linear of the chain can request its whole weight before its wait (a
+  small model's one-token decode, engine/kernels/gemv.py's slab): the weights then stream while
+  the small kernels between the linears (norms, rotary, attention) run. Where a linear's weight
+  does not fit, waiting programs only hold SM room that the running kernel needs, and kernels
+  placed while another fills the GPU likely land unevenly on the SMs (on an H200, every kernel
+  placing ahead made Llama-3.1-8B's one-token step 6% slower in bf16 and 30% slower in AWQ;
+  docs/benchmarks.md, session 22).
+
+What may be read before the wait is what no kernel of the step writes: weights, the step's
+inputs that the host copied in before the first kernel, and the KV cache of earlier steps (the
+decode split kernel reads its first tile of keys and values there, the rotary kernels their
+positions and cos/sin rows, the GEMV its weight slab; the AWQ kernels request weight tiles).
+The AWQ kernels (Gluon) always wait first. Kernels that are not Triton's (cuBLAS, PyTorch) launch
+as before and are waited for in full. ``SLUICE_PDL=0`` turns PDL off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
+# Values of a kernel's USE_PDL besides 0 (off): its prologue's order.
+WAIT_FIRST = 1
+TRIGGER_FIRST = 2
+
+_trigger_first = False
+
 
 @triton.jit
 def pdl_prologue(USE_PDL: tl.constexpr):
-    """Wait for the kernel before this one (all of it, its writes visible), then let the kernel
-    after this one be placed: call before a kernel's first store and its first read of anything
-    the kernel ahead may write (see the module docstring)."""
-    if USE_PDL:
+    """Wait for the kernel before this one (all of it, its writes visible) and let the kernel
+    after this one be placed, in the order USE_PDL names: call before a kernel's first store and
+    its first read of anything a kernel of the step writes (see the module docstring)."""
+    if USE_PDL == 2:  # TRIGGER_FIRST
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    elif USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -50,6 +76,20 @@ def _enabled(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def pdl_args(device: torch.device) -> dict[str, bool]:
+def pdl_args(device: torch.device) -> dict[str, int | bool]:
     """Launch options for a kernel that calls ``pdl_prologue``: PDL on GPUs that have it."""
-    return {"USE_PDL": True, "launch_pdl": True} if _enabled(device) else {}
+    if not _enabled(device):
+        return {}
+    return {"USE_PDL": TRIGGER_FIRST if _trigger_first else WAIT_FIRST, "launch_pdl": True}
+
+
+@contextlib.contextmanager
+def trigger_before_wait() -> Iterator[None]:
+    """Kernels launched (or captured into a CUDA graph) inside let the next kernel be placed
+    before they wait (see the module docstring for when that pays)."""
+    global _trigger_first
+    saved, _trigger_first = _trigger_first, True
+    try:
+        yield
+    finally:
+        _trigger_first = saved

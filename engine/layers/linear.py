@@ -101,6 +101,25 @@ def _gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.numel() * weight.element_size() <= GEMV_MAX_WEIGHT_BYTES)
 
 
+def one_token_weights_ahead(model: nn.Module) -> bool:
+    """Whether every linear of ``model`` that a one-token step runs through the GEMV requests
+    its whole weight before its PDL wait (engine/kernels/gemv.py's slab), and every other is too
+    large for the GEMV (cuBLAS, waited for in full): the condition under which that step's
+    kernels may be placed ahead (engine/kernels/pdl.py's ``trigger_before_wait``)."""
+    from engine.kernels.gemv import slab_fits
+
+    for layer in model.modules():
+        if not isinstance(layer, LinearBase):
+            continue
+        weight = getattr(layer, "weight", None)
+        if not isinstance(layer.quant_method, DenseLinearMethod) or weight is None or \
+                weight.dtype not in (torch.bfloat16, torch.float16):
+            return False
+        if weight.numel() * weight.element_size() <= GEMV_MAX_WEIGHT_BYTES and not slab_fits(*weight.shape):
+            return False
+    return True
+
+
 def _gemv(layer: nn.Module, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
     from engine.kernels.gemv import gemv
 
