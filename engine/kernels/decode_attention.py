@@ -261,6 +261,9 @@ def decode_attention(
     else:
         part_out = part_lse = out  # not read: the split kernel writes ``out`` itself
     qsl = query_start_loc if mixed else seq_lens  # not read unless MIXED
+    programs = num_reqs * num_kv_heads * num_splits
+    # At most one program an SM (batch 1): 8 warps share its tile's loads and dots.
+    num_warps = num_warps or (8 if programs <= num_sms(query.device) else 4)
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, key_cache, value_cache, out, part_out, part_lse,
         block_tables, seq_lens, qsl, seq_lens if order is None else order,
@@ -272,7 +275,7 @@ def decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
         USE_WINDOW=bool(sliding_window), DOT_PRECISION=dot_precision(query.dtype), MIXED=mixed,
-        HAS_ORDER=order is not None, num_warps=num_warps or 4, num_stages=num_stages or 2,
+        HAS_ORDER=order is not None, num_warps=num_warps, num_stages=num_stages or 2,
         **pdl_args(query.device),
     )
     if num_splits > 1:
