@@ -21,7 +21,7 @@ prologue orders its two instructions:
   the small kernels between the linears (norms, rotary, attention) run. Where a linear's weight
   does not fit, waiting programs only hold SM room that the running kernel needs, and kernels
   placed while another fills the GPU likely land unevenly on the SMs (on an H200, every kernel
-  placing ahead made Llama-3.1-8B's one-token step 6% slower in bf16 and 30% slower in AWQ;
+  placing ahead made Llama-3.1-8B's one-token step 6% slower in bf16 and 29% slower in AWQ;
   docs/benchmarks.md, session 22).
 
 What may be read before the wait is what no kernel of the step writes: weights, the step's
