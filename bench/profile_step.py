@@ -8,7 +8,9 @@ kernels of a few steps, from torch.profiler), for one workload on one shape.
 
 Prints the top host functions by own time, the top kernels by device time, and the mean step
 wall time of decode-only steps. ``--single``: one greedy stream (128 prompt, 256 new tokens),
-and how its step time splits between the device (one decode graph replayed alone) and the rest.
+and how its step time splits between the device (one decode graph replayed alone) and the rest;
+the host's wait for the device's tokens a step (about none: the host is the bottleneck) and the
+host time of one graph launch.
 ``--prefill``: the host time of one 128-token prompt's step, and where it goes.
 ``--offline`` (with ``--async-scheduling``): bench_offline's workload; per step, by the number
 of requests it samples, the wall time and how much of it the host spent waiting for the device
@@ -232,34 +234,58 @@ def _sync() -> None:
 
 
 def single_stream(engine: LLMEngine) -> None:
-    """Decode step wall time of one stream against the device time of its graph alone."""
+    """Decode step wall time of one stream against the device time of its graph alone, and the
+    host's share: how long a step waited for the device's tokens (with asynchronous scheduling,
+    about none when the host is the bottleneck) and the host time of one graph launch."""
+    from engine.model_runner import PendingOutput
+
     params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, detokenize=False)
-    step_ms = []
-    for run in range(3):  # the first run warms up
-        engine.add_request(f"single-{run}", list(range(2, 130)), params)
-        engine.step()  # the prompt
-        torch.cuda.synchronize()
-        steps, start = 0, time.perf_counter()
-        while engine.has_unfinished_requests():
-            engine.step()
-            steps += 1
-        torch.cuda.synchronize()
-        step_ms.append(1000 * (time.perf_counter() - start) / steps)
-        engine.reset_prefix_cache()
+    step_ms, wait_ms, waits = [], [], []
+    unpatched = PendingOutput.result
+
+    def timed_result(self: PendingOutput):
+        start = time.perf_counter()
+        out = unpatched(self)
+        waits.append(time.perf_counter() - start)
+        return out
+
+    PendingOutput.result = timed_result
+    try:
+        for run in range(3):  # the first run warms up
+            engine.add_request(f"single-{run}", list(range(2, 130)), params)
+            engine.step()  # the prompt
+            torch.cuda.synchronize()
+            waits.clear()
+            steps, start = 0, time.perf_counter()
+            while engine.has_unfinished_requests():
+                engine.step()
+                steps += 1
+            torch.cuda.synchronize()
+            step_ms.append(1000 * (time.perf_counter() - start) / steps)
+            wait_ms.append(1000 * sum(waits) / steps)
+            engine.reset_prefix_cache()
+    finally:
+        PendingOutput.result = unpatched
     graphs = engine.runner.graphs
-    replay_ms = float("nan")
+    replay_ms = launch_ms = float("nan")
     if graphs is not None:
         replays, begin, end = 100, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         graphs.replay(GraphShape(1, 1))
         begin.record()
-        for _ in range(replays):
+        start = time.perf_counter()
+        for i in range(replays):
             graphs.replay(GraphShape(1, 1))
+            if i == 19:  # the first 20 launches, well ahead of the device
+                launch_ms = 1000 * (time.perf_counter() - start) / 20
         end.record()
         torch.cuda.synchronize()
         replay_ms = begin.elapsed_time(end) / replays
-    wall = min(step_ms[1:])
+    best = min(range(1, len(step_ms)), key=step_ms.__getitem__)
+    wall, wait = step_ms[best], wait_ms[best]
     print(f"single stream: {wall:.3f} ms per step ({1000 / wall:.1f} tokens/s); decode graph alone "
           f"{replay_ms:.3f} ms ({1000 / replay_ms:.1f} tokens/s); the rest {wall - replay_ms:.3f} ms")
+    print(f"host: waited for the device {wait:.3f} ms a step, busy {wall - wait:.3f} ms; one graph launch "
+          f"{launch_ms:.3f} ms of host time")
     engine.add_request("single-prof", list(range(2, 130)), params)
     _profile_steps(engine, warm=8, steps=10, top=30)
     engine.abort_request(["single-prof"])
