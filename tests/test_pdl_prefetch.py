@@ -5,7 +5,8 @@ slab (its weights). The interpreter runs them without PDL (tests/test_kernels_at
 test_kernels_fused.py, test_gemv.py check their numbers, including the decode kernel's re-read of
 the new token's key and value after the wait); here each is compiled for sm_90 with PDL on, in a
 process of its own (see tests/sm90_compile.py), and its PTX must issue global loads before
-``griddepcontrol.wait`` and read the rest after it."""
+``griddepcontrol.wait`` and read the rest after it. Also: which prologue order a launch gets
+inside and outside ``trigger_before_wait``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 _COMPILE = """
 import importlib, json
@@ -85,3 +87,22 @@ def test_gemv_slab_requests_its_weight_before_the_wait_and_places_the_next_kerne
     assert before >= 2, f"{before} global loads before the PDL wait"
     assert after >= 1, f"{after} global loads after the PDL wait"
     assert trigger_first
+
+
+def test_trigger_before_wait_orders_the_prologue_of_kernels_launched_inside(monkeypatch) -> None:
+    from engine.kernels import pdl
+
+    monkeypatch.setattr(pdl, "_enabled", lambda device: True)
+    device = torch.device("cpu")
+    assert pdl.pdl_args(device) == {"USE_PDL": pdl.WAIT_FIRST, "launch_pdl": True}
+    with pytest.raises(RuntimeError, match="inside"):
+        with pdl.trigger_before_wait():
+            assert pdl.pdl_args(device)["USE_PDL"] == pdl.TRIGGER_FIRST
+            with pdl.trigger_before_wait():
+                assert pdl.pdl_args(device)["USE_PDL"] == pdl.TRIGGER_FIRST
+            assert pdl.pdl_args(device)["USE_PDL"] == pdl.TRIGGER_FIRST
+            raise RuntimeError("inside")
+    assert pdl.pdl_args(device)["USE_PDL"] == pdl.WAIT_FIRST
+    monkeypatch.setattr(pdl, "_enabled", lambda device: False)
+    with pdl.trigger_before_wait():
+        assert pdl.pdl_args(device) == {}  # no PDL: plain launches either way
