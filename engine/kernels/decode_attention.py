@@ -250,8 +250,9 @@ def decode_attention(
         out = torch.empty_like(query)
     if num_reqs == 0:
         return out
+    sms = num_sms(query.device)
     if num_splits is None:
-        num_splits = decode_num_splits(num_reqs, num_kv_heads, max_seq_len, sms=num_sms(query.device))
+        num_splits = decode_num_splits(num_reqs, num_kv_heads, max_seq_len, sms=sms)
     # One split per program (big batches): long tiles, 2% faster than 64 on a mixed-length batch of 256
     # (bench/results/decode_attention_order_sweep_h200.json); split programs keep shorter ones.
     block_n = block_n or (32 if head_dim > 128 else 128 if num_splits == 1 else 64)
@@ -261,9 +262,8 @@ def decode_attention(
     else:
         part_out = part_lse = out  # not read: the split kernel writes ``out`` itself
     qsl = query_start_loc if mixed else seq_lens  # not read unless MIXED
-    programs = num_reqs * num_kv_heads * num_splits
     # At most one program an SM (batch 1): 8 warps share its tile's loads and dots.
-    num_warps = num_warps or (8 if programs <= num_sms(query.device) else 4)
+    num_warps = num_warps or (8 if num_reqs * num_kv_heads * num_splits <= sms else 4)
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
         query, key_cache, value_cache, out, part_out, part_lse,
         block_tables, seq_lens, qsl, seq_lens if order is None else order,

@@ -96,9 +96,13 @@ class DenseLinearMethod(LinearMethod):
         return None if layer.weight.is_cuda else layer.weight
 
 
+def _gemv_takes(weight: torch.Tensor) -> bool:
+    return weight.numel() * weight.element_size() <= GEMV_MAX_WEIGHT_BYTES
+
+
 def _gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.is_cuda and x.dim() == 2 and x.shape[0] == 1 and x.dtype in (torch.bfloat16, torch.float16)
-            and weight.numel() * weight.element_size() <= GEMV_MAX_WEIGHT_BYTES)
+            and _gemv_takes(weight))
 
 
 def one_token_weights_ahead(model: nn.Module) -> bool:
@@ -115,7 +119,7 @@ def one_token_weights_ahead(model: nn.Module) -> bool:
         if not isinstance(layer.quant_method, DenseLinearMethod) or weight is None or \
                 weight.dtype not in (torch.bfloat16, torch.float16):
             return False
-        if weight.numel() * weight.element_size() <= GEMV_MAX_WEIGHT_BYTES and not slab_fits(*weight.shape):
+        if _gemv_takes(weight) and not slab_fits(*weight.shape):
             return False
     return True
 
