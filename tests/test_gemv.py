@@ -77,3 +77,45 @@ def test_gemv_with_silu_mul_equals_the_activation_kernel_then_gemv(m, dtype, sla
     config = GemvConfig(8, 32)
     fused = gemv(gate_up, w, config, silu_mul=True, slab=slab)
     assert torch.equal(fused, gemv(silu_and_mul(gate_up), w, config, slab=slab)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize(("n", "k", "config"), [(40, 64, GemvConfig(16, 32)), (17, 96, GemvConfig(4, 32)),
+                                                 (48, 256, None)])
+def test_gemv_rms_norm_matches_float64_reference(n, k, config, with_residual, dtype) -> None:
+    """The residual add and RMSNorm inside a one-slab GEMV's loads against the norm's roundings
+    (engine/layers/norm.py) with a float64 statistic and a float64 product; the sum exactly as
+    the RMSNorm kernel forms it."""
+    from engine.kernels.gemv import gemv_rms_norm
+    from engine.kernels.rms_norm import fused_add_rms_norm
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    eps = 1e-6
+    x = (torch.randn(1, k, generator=gen) * 2).to(dtype)
+    residual = torch.randn(1, k, generator=gen).to(dtype) if with_residual else None
+    norm_weight = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    x_dev = x.to(DEVICE)
+    y, total = gemv_rms_norm(x_dev, None if residual is None else residual.to(DEVICE), norm_weight.to(DEVICE),
+                             eps, w.to(DEVICE), config)
+    if residual is None:
+        assert total is x_dev  # the first layer's residual is its input
+    else:
+        _, expected = fused_add_rms_norm(x.to(DEVICE), residual.to(DEVICE), norm_weight.to(DEVICE), eps)
+        assert torch.equal(total, expected), f"seed {seed}"
+    h = total.cpu()
+    rstd = torch.rsqrt(h.double().pow(2).mean(-1, keepdim=True) + eps)
+    s = ((h.double() * rstd).to(dtype).double() * norm_weight.double()).to(dtype).double()
+    ref = s @ w.double().T
+    # The kernel's fp32 statistic (k terms) may round the normalized row differently by one unit
+    # of the dtype in places; then fp32 accumulation and one rounding, as in the plain GEMV.
+    spread = s.abs() @ w.double().abs().T
+    bound = (k * 2**-23 + 2 * torch.finfo(dtype).eps) * spread + torch.finfo(dtype).eps * ref.abs()
+    assert y.dtype == dtype and y.shape == (1, n)
+    worst = ((y.cpu().double() - ref).abs() / (bound + 1e-30)).max().item()
+    assert worst <= 1.0, f"seed {seed}: error {worst:.2f}x the rounding bound"
+    # The norm matters at this bound: the plain GEMV of the un-normalized row is far outside it.
+    plain = h.double() @ w.double().T
+    assert ((plain - ref).abs() > bound).any()

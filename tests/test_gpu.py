@@ -304,3 +304,30 @@ def test_one_request_decode_graph_with_kernels_placed_ahead_equals_eager(tiny_mo
             driver.step()
         outputs[eager] = driver.outputs["a"][:40]
     assert outputs[False] == outputs[True]
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_linear_takes_the_norm_before_it_into_its_gemv(monkeypatch, with_residual: bool) -> None:
+    """One token through a bf16 linear whose GEMV programs hold their whole slab (Qwen3-0.6B's
+    qkv shape): ``forward_normed`` runs the residual add and RMSNorm inside the GEMV, giving the
+    sum bit for bit and the product within bf16 rounding of the norm kernel then the GEMV."""
+    from engine.kernels import gemv as gemv_module
+    from engine.layers.linear import LinearBase, normed_then
+    from engine.layers.norm import RMSNorm
+
+    fused_calls = []
+    real = gemv_module.gemv_rms_norm
+    monkeypatch.setattr(gemv_module, "gemv_rms_norm", lambda *a, **kw: fused_calls.append(1) or real(*a, **kw))
+    gen = torch.Generator(device="cuda").manual_seed(random.randrange(2**31))
+    with torch.device("cuda"):
+        layer = LinearBase(1024, 4096).to(torch.bfloat16)
+        norm = RMSNorm(1024, 1e-6).to(torch.bfloat16)
+    layer.weight.normal_(0, 0.03, generator=gen)
+    norm.weight.uniform_(0.5, 1.5, generator=gen)
+    x = torch.randn(1, 1024, device="cuda", generator=gen).to(torch.bfloat16)
+    residual = torch.randn(1, 1024, device="cuda", generator=gen).to(torch.bfloat16) if with_residual else None
+    out, total = layer.forward_normed(x, None if residual is None else residual.clone(), norm)
+    assert fused_calls
+    expected_out, expected_total = normed_then(layer.forward, x, None if residual is None else residual.clone(), norm)
+    assert torch.equal(total, expected_total)
+    torch.testing.assert_close(out, expected_out, rtol=1e-2, atol=1e-2)

@@ -1,12 +1,13 @@
 """Kernels that read before their PDL wait (engine/kernels/pdl.py): the decode split kernel (the
 request's length, block table and first tile of cached keys and values), the rotary + cache
 write kernel (the token's position, slot, cos/sin rows and norm weights) and the GEMV's one-tile
-slab (its weights). The interpreter runs them without PDL (tests/test_kernels_attention.py,
-test_kernels_fused.py, test_gemv.py check their numbers, including the decode kernel's re-read of
-the new token's key and value after the wait); here each is compiled for sm_90 with PDL on, in a
-process of its own (see tests/sm90_compile.py), and its PTX must issue global loads before
-``griddepcontrol.wait`` and read the rest after it. Also: which prologue order a launch gets
-inside and outside ``trigger_before_wait``."""
+slab (its weights, and the norm's weight when it takes the RMSNorm before it). The interpreter
+runs them without PDL (tests/test_kernels_attention.py, test_kernels_fused.py, test_gemv.py check
+their numbers, including the decode kernel's re-read of the new token's key and value after the
+wait); here each is compiled for sm_90 with PDL on, in a process of its own (see
+tests/sm90_compile.py), and its PTX must issue global loads before ``griddepcontrol.wait`` and
+read the rest after it. Also: which prologue order a launch gets inside and outside
+``trigger_before_wait``."""
 
 from __future__ import annotations
 
@@ -54,7 +55,13 @@ _ROPE = dict(
 _GEMV_SLAB = dict(
     module="gemv", kernel="_gemv_kernel",
     pointers={"x_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16"},
-    consts=dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, EVEN_K=True, SILU_MUL=False, SLAB=True, USE_PDL=2),
+    consts=dict(BLOCK_M=1, BLOCK_N=4, BLOCK_K=1024, SPLIT_K=1, EVEN_K=True, SILU_MUL=False, SLAB=True, NORM=False,
+                HAS_RESIDUAL=False, USE_PDL=2),
+)
+_GEMV_SLAB_NORM = dict(
+    _GEMV_SLAB, pointers={**_GEMV_SLAB["pointers"], "residual_ptr": "*bf16", "norm_w_ptr": "*bf16",
+                          "sum_ptr": "*bf16", "eps": "fp32"},
+    consts={**_GEMV_SLAB["consts"], "NORM": True, "HAS_RESIDUAL": True},
 )
 
 
@@ -81,11 +88,15 @@ def test_kernel_reads_inputs_before_the_pdl_wait(case: dict) -> None:
 def test_gemv_slab_requests_its_weight_before_the_wait_and_places_the_next_kernel_first() -> None:
     """engine/kernels/gemv.py's one-tile slab under ``trigger_before_wait`` (USE_PDL=2): the
     weight loads come before the wait, the activations after it, and the next kernel may be
-    placed before this one waits."""
+    placed before this one waits. With the RMSNorm inside, the norm weight's loads join those
+    before the wait and the residual's those after it."""
     before, after, trigger_first = _compile(_GEMV_SLAB)
     # 4 rows x 1024 bf16 over 128 threads: at least one 16-byte load per thread and row pair.
     assert before >= 2, f"{before} global loads before the PDL wait"
     assert after >= 1, f"{after} global loads after the PDL wait"
+    assert trigger_first
+    norm_before, norm_after, trigger_first = _compile(_GEMV_SLAB_NORM)
+    assert norm_before > before and norm_after > after, (before, after, norm_before, norm_after)
     assert trigger_first
 
 

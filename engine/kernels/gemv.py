@@ -12,7 +12,9 @@ When a program's whole slab fits in its registers (up to ``SLAB_ELEMENTS`` weigh
 linear of Qwen3-0.6B, none of Llama-3.1-8B's), it is one tile requested before the PDL wait
 (weights are never written): with the kernels ahead placed early (engine/kernels/pdl.py's
 ``trigger_before_wait``) the weight streams while they run, and after the wait only the
-activations are read.
+activations are read. A slab's program may also take the RMSNorm before the linear (and the
+residual add before that) into its loads (``gemv_rms_norm``): every program holds the token's whole
+row, so each normalizes it itself and the norm needs no launch of its own.
 """
 
 from __future__ import annotations
@@ -42,11 +44,29 @@ def _x_tile(row_ptr, k, k_ok, K, SILU_MUL: tl.constexpr):
 
 
 @triton.jit
+def _normed_x(x_ptr, residual_ptr, sum_ptr, norm_w, k, k_ok, K, eps, store_sum, HAS_RESIDUAL: tl.constexpr):
+    # One token's row through engine/kernels/rms_norm.py's math and roundings: x + residual in x's
+    # dtype (stored to sum_ptr where store_sum), normalized in fp32, rounded, times the weight,
+    # rounded.
+    x = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+    dtype = x.dtype
+    if HAS_RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(residual_ptr + k, mask=k_ok, other=0.0).to(tl.float32)).to(dtype)
+        if store_sum:
+            tl.store(sum_ptr + k, x, mask=k_ok)
+    xf = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)
+    return ((xf * rstd).to(dtype).to(tl.float32) * norm_w).to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, out_ptr,
     M, N, K, stride_wn, x_row1, x_row2, x_row3,
+    residual_ptr, norm_w_ptr, sum_ptr, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, SLAB: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr, SLAB: tl.constexpr = False,
+    NORM: tl.constexpr = False, HAS_RESIDUAL: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(cdiv(N, BLOCK_N), SPLIT_K)``; program (p, s) computes rows ``[p * BLOCK_N, (p + 1) *
     BLOCK_N)`` of ``W`` against the ``M <= BLOCK_M <= 4`` tokens over the s-th contiguous K range
@@ -58,7 +78,9 @@ def _gemv_kernel(
     ``SILU_MUL``: x's rows are [gate | up], 2K wide, and the kernel multiplies ``silu(gate) * up``
     (rounded to x's dtype, as engine/kernels/activation.py does) by W.
     ``SLAB``: one tile holds the whole K range (SPLIT_K == 1, BLOCK_K >= K), loaded before the
-    PDL wait."""
+    PDL wait. With it, ``NORM`` (one token): the row multiplied is ``rms_norm(x)`` with weight
+    ``norm_w`` (loaded before the wait too), or with HAS_RESIDUAL ``rms_norm(x + residual)``, that
+    sum stored to ``sum_ptr`` by the first program."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,9 +90,15 @@ def _gemv_kernel(
     if SLAB:
         k_ok = offs_k < K
         w_slab = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        if NORM:
+            norm_w = tl.load(norm_w_ptr + offs_k, mask=k_ok, other=0.0).to(x_ptr.dtype.element_ty).to(tl.float32)
         pdl_prologue(USE_PDL)
         w = w_slab.to(tl.float32)
-        acc0 = w * _x_tile(x_ptr, offs_k, k_ok, K, SILU_MUL)[None, :]
+        if NORM:
+            x0 = _normed_x(x_ptr, residual_ptr, sum_ptr, norm_w, offs_k, k_ok, K, eps, pid_n == 0, HAS_RESIDUAL)
+        else:
+            x0 = _x_tile(x_ptr, offs_k, k_ok, K, SILU_MUL)
+        acc0 = w * x0[None, :]
         if BLOCK_M > 1:
             acc1 = w * _x_tile(x_ptr + x_row1, offs_k, k_ok, K, SILU_MUL)[None, :]
         if BLOCK_M > 2:
@@ -166,6 +194,27 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
     contiguous last dim), in x's dtype. ``silu_mul``: x is [M, 2K] = [gate | up] and the product
     is ``silu_and_mul(x) @ weight.T``, the activation fused into the loads. ``slab``: whether
     programs take their whole slab as one tile (default: ``slab_fits``; True needs split_k 1)."""
+    return _gemv(x, weight, config, silu_mul=silu_mul, slab=slab)
+
+
+def gemv_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                  weight: torch.Tensor, config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(gemv(rms_norm(x + residual)), x + residual)`` for one token ``x`` [1, K] (``residual``
+    None: ``(gemv(rms_norm(x)), x)``), the add and the norm (weight ``norm_weight`` [K]) done in
+    the loads of a one-slab GEMV (``slab_fits``): one launch where there were two. The math and
+    roundings are engine/kernels/rms_norm.py's; its fp32 sum of squares adds in another order, so
+    the norm's statistic may differ in its last bit. The sum is a new tensor. No host syncs."""
+    assert x.shape[0] == 1 and norm_weight.shape == (x.shape[1],) and norm_weight.is_contiguous()
+    if residual is None:
+        return _gemv(x, weight, config, slab=True, norm=(norm_weight, eps)), x
+    assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1
+    total = torch.empty_like(x)
+    return _gemv(x, weight, config, slab=True, norm=(norm_weight, eps), residual=residual, total=total), total
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None, *, silu_mul: bool = False,
+          slab: bool | None = None, norm: tuple[torch.Tensor, float] | None = None,
+          residual: torch.Tensor | None = None, total: torch.Tensor | None = None) -> torch.Tensor:
     m, k = x.shape
     if silu_mul:
         k //= 2
@@ -178,13 +227,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None
     if slab is None:
         slab = slab_fits(n, k, cfg)
     assert not slab or split_k == 1, "a one-tile slab takes the whole K range: split_k must be 1"
+    assert norm is None or (slab and m == 1 and not silu_mul), "the norm is fused into one token's slab only"
     block_k = triton.next_power_of_2(k) if slab else cfg.block_k
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     target = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    norm_weight, eps = norm if norm is not None else (x, 0.0)  # not read without a norm
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split_k)](
         x, weight, target, m, n, k, weight.stride(0), *(min(i, m - 1) * x.stride(0) for i in (1, 2, 3)),
+        x if residual is None else residual, norm_weight, x if total is None else total, eps,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         EVEN_K=k % (block_k * split_k) == 0, SILU_MUL=silu_mul, SLAB=slab,
+        NORM=norm is not None, HAS_RESIDUAL=residual is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **pdl_args(x.device),
     )

@@ -25,6 +25,7 @@ from torch import nn
 
 from engine.layers.activation import SiluAndMul
 from engine.layers.cpu_linear import pack, packed_linear
+from engine.layers.norm import RMSNorm
 
 # One token through a 16-bit weight up to this size goes through our GEMV kernel
 # (engine/kernels/gemv.py): on an H200 it streamed every decoder linear of Qwen3-0.6B and
@@ -62,6 +63,11 @@ class LinearMethod(ABC):
         """``apply(layer, act(gate_up))``; a method may fuse the activation into its matmul."""
         return self.apply(layer, act(gate_up))
 
+    def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``LinearBase.forward_normed`` on the device; a method may fuse the norm into its matmul."""
+        return normed_then(lambda h: self.apply(layer, h), x, residual, norm)
+
     def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
         """The dense ``[out_features, in_features]`` weight on the CPU, if the layer holds one."""
         return None
@@ -91,6 +97,16 @@ class DenseLinearMethod(LinearMethod):
         if _gemv_applies(gate_up, layer.weight) and isinstance(act, SiluAndMul):
             return _gemv(layer, gate_up, silu_mul=True)
         return self.apply(layer, act(gate_up))
+
+    def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # One token through a one-slab GEMV: the residual add and the norm inside its loads.
+        from engine.kernels.gemv import gemv_rms_norm, slab_fits
+
+        if not (_gemv_applies(x, layer.weight) and slab_fits(*layer.weight.shape) and x.stride(1) == 1):
+            return super().apply_normed(layer, x, residual, norm)
+        out, residual = gemv_rms_norm(x, residual, norm.weight, norm.eps, layer.weight)
+        return (out if layer.bias is None else out + layer.bias), residual
 
     def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
         return None if layer.weight.is_cuda else layer.weight
@@ -122,6 +138,15 @@ def one_token_weights_ahead(model: nn.Module) -> bool:
         if _gemv_takes(weight) and not slab_fits(*weight.shape):
             return False
     return True
+
+
+def normed_then(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
+                norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(linear(norm(x + residual)), x + residual)``, or without a residual ``(linear(norm(x)), x)``."""
+    if residual is None:
+        return linear(norm(x)), x
+    normed, residual = norm(x, residual)
+    return linear(normed), residual
 
 
 def _gemv(layer: nn.Module, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
@@ -204,6 +229,15 @@ class LinearBase(nn.Module):
         if not gate_up.is_cuda:
             return self.forward(act(gate_up))
         return self.quant_method.apply_gated(self, gate_up, act)
+
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(forward(norm(x + residual)), x + residual)`` (without a residual, ``x`` is the
+        input to normalize and comes back as the residual), with the add and the norm fused into
+        the matmul where the method can: a decoder block's first linear and the norm before it."""
+        if not x.is_cuda:
+            return normed_then(self.forward, x, residual, norm)
+        return self.quant_method.apply_normed(self, x, residual, norm)
 
     def pack_for_cpu(self) -> None:
         """Run this layer through oneDNN with a packed fp32 weight (engine/layers/cpu_linear.py)."""

@@ -54,9 +54,13 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
         self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # bound by the runner
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of ``norm(hidden + residual)`` (the first layer: ``norm(hidden)``), the add and
+        the norm inside the qkv projection where it can; returns the output and the residual sum."""
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split(list(self.qkv_proj.output_sizes.values()), dim=-1)
+        qkv, residual = self.qkv_proj.forward_normed(hidden, residual, norm)
+        q, k, v = qkv.split(list(self.qkv_proj.output_sizes.values()), dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -75,7 +79,7 @@ class LlamaAttention(nn.Module):
         out = context.backend.forward(
             self, q, k, v, self.kv_cache, context.metadata, self.scale, self.sliding_window
         )
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)), residual
 
 
 class LlamaMLP(nn.Module):
@@ -98,8 +102,10 @@ class LlamaMLP(nn.Module):
         )
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.forward_gated(self.gate_up_proj(x), self.act)
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP of ``norm(hidden + residual)``, as attention's; returns the output and the sum."""
+        gate_up, residual = self.gate_up_proj.forward_normed(hidden, residual, norm)
+        return self.down_proj.forward_gated(gate_up, self.act), residual
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -115,19 +121,17 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden`` is the previous layer's MLP output and ``residual`` the stream it adds to
         (None in the first layer, whose ``hidden`` is the embedding); returns this layer's pair.
-        Each residual add happens inside the norm after it.
+        Each residual add happens inside the norm after it, and each norm inside the linear after
+        it where the linear can take it (one token through a 16-bit GEMV whose programs each hold
+        their whole weight slab: engine/kernels/gemv.py).
 
         Elementwise launches per layer and step on GPU, besides the linears and attention: 2 fused
-        add + RMSNorm, 1 rotary, 1 SiLU-and-mul, and for Qwen3 2 per-head q/k RMSNorm: 4 (Qwen3: 6)
-        Triton kernels, where the torch code launched 36 (52) in bf16 (RMSNorm 8 each, residual
-        add 1 each, rotary 16, SiLU-and-mul 2)."""
-        if residual is None:
-            residual, hidden = hidden, self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        add + RMSNorm (none where the linears take them), 1 kernel for q/k norm, rotary and the
+        cache write, SiLU-and-mul (inside the down projection's GEMV for one token), where the
+        torch code launched 36 (52 for Qwen3) in bf16 (RMSNorm 8 each, residual add 1 each,
+        rotary 16, SiLU-and-mul 2)."""
+        hidden, residual = self.self_attn(positions, hidden, residual, self.input_layernorm)
+        return self.mlp(hidden, residual, self.post_attention_layernorm)
 
 
 class LlamaModel(nn.Module):
