@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from contextlib import nullcontext
 from typing import NamedTuple
 
@@ -149,6 +149,8 @@ class StepGraphs:
                         "kernels placed ahead")
 
     def _forward(self, inputs: StepInputs, prefill: bool) -> torch.Tensor:
+        # Placeholder ids (asynchronous scheduling) from the previous step's sampler, in the graph.
+        self.buffers.resolve_placeholders(inputs)
         hidden = self.model(inputs.input_ids, inputs.positions)
         if prefill:
             # The one row of a prefill graph, its request's last real token: computed in the graph
@@ -165,24 +167,23 @@ class StepGraphs:
 
 def step_logits(model: nn.Module, buffers: InputBuffers, backend: AttentionBackend,
                 graphs: StepGraphs | None, scheduled: list[ScheduledRequest],
-                fill_inputs: Callable[[StepInputs], None] | None = None) -> torch.Tensor | None:
+                sampled_rows: Mapping[str, int] | None = None) -> torch.Tensor | None:
     """Run one step's forward and return the logits at its sampled positions (the rows
     ``InputBuffers.prepare`` lays out), or None when nothing samples: replayed from a graph
     when one serves the step, eagerly otherwise (always on CPU, where ``graphs`` is None).
-    ``fill_inputs`` may rewrite the prepared inputs on the device first (placeholder ids)."""
+    ``sampled_rows``: where the step in flight left the ids of this step's placeholder tokens
+    (``InputBuffers.prepare``)."""
     shape = graphs.shape_for(scheduled) if graphs is not None else None
     if shape is not None:
         assert graphs is not None
-        inputs = buffers.prepare(scheduled, graph_shape=shape)
-        if fill_inputs is not None:
-            fill_inputs(inputs)
+        buffers.prepare(scheduled, graph_shape=shape, sampled_rows=sampled_rows)
         logits = graphs.replay(shape)
         if shape.prefill:
             return logits if scheduled[0].sample else None
         return logits[: len(scheduled) * shape.tokens_per_request]
-    inputs = buffers.prepare(scheduled)
-    if fill_inputs is not None:
-        fill_inputs(inputs)
+    inputs = buffers.prepare(scheduled, sampled_rows=sampled_rows)
+    if inputs.has_placeholders:
+        buffers.resolve_placeholders(inputs)
     with set_forward_context(inputs.metadata, backend):
         hidden = model(inputs.input_ids, inputs.positions)
     assert inputs.logits_indices is not None

@@ -1,21 +1,25 @@
 """The step's model inputs in persistent buffers: one pinned host staging area and one device
-area per integer type, each with a fixed layout, so a step costs two host-to-device copies and
-CUDA graphs can capture views that stay valid across steps.
+area with the same layout, so a step costs one host-to-device copy, and CUDA graphs can capture
+views that stay valid across steps.
 
-::
+A step with T tokens and R request rows (a graph's padded counts: the same for every replay of
+that graph, so its views keep their addresses) lays its sections out back to back, each starting
+16-byte aligned, and only that prefix of the area travels, up to the last block-table entry the
+step wrote (its rows' stride stays ``max_blocks``)::
 
-    int64 area:  [ input_ids  (max_tokens) | positions (max_tokens) | slot_mapping (max_tokens) ]
-    int32 area:  [ query_start_loc (max_reqs + 1) | seq_lens (max_reqs) | decode_order (max_reqs)
-                   | block_tables (max_reqs x max_blocks) ]
+    int64:  [ input_ids (T) | positions (T) | slot_mapping (T) | placeholder_src (T) ]
+    int32:  [ query_start_loc (R + 1) | seq_lens (R) | decode_order (R) | block_tables (R x max_blocks) ]
 
-A step with T tokens and R requests fills the first T (R) entries of each section; only the
-int32 area's prefix up to row R of the block tables travels to the device.
+``placeholder_src[t]`` is, for a token whose id the step in flight samples (asynchronous
+scheduling), that id's row in ``sampled_ids``, where the runner's sampler writes; -1 for every
+other token. ``resolve_placeholders`` puts those ids into ``input_ids`` on the device, inside
+the step's CUDA graph when one serves it.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +28,14 @@ import torch
 from engine.attention.metadata import AttentionMetadata
 from engine.host_copy import to_device
 from scheduler.outputs import ScheduledRequest
+
+# Every section starts 16-byte aligned (Triton specializes kernels on their pointers' alignment:
+# an offset that moved with the batch would compile new variants mid-serving).
+_ALIGN64, _ALIGN32 = 2, 4
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 @dataclass(slots=True)
@@ -34,10 +46,9 @@ class StepInputs:
     # Rows of the hidden states to sample, or None for a graph step (its graph computes the
     # logits of every row, request by request).
     logits_indices: torch.Tensor | None
-    # Tokens whose id a step still in flight samples (asynchronous scheduling): their index in
-    # input_ids, and the index of their request in the step's scheduled list.
-    placeholder_tokens: np.ndarray
-    placeholder_requests: np.ndarray
+    # [T]: each token's row in InputBuffers.sampled_ids when a step in flight samples its id, else -1.
+    placeholder_src: torch.Tensor
+    has_placeholders: bool
 
 
 class InputBuffers:
@@ -47,34 +58,42 @@ class InputBuffers:
         self.block_size = block_size
         self.device = device
         pin = device.type == "cuda"
-        size64 = 3 * max_tokens
-        size32 = 3 * max_reqs + 1 + max_reqs * max_blocks
-        self.host64 = torch.zeros(size64, dtype=torch.int64, pin_memory=pin)
-        self.host32 = torch.zeros(size32, dtype=torch.int32, pin_memory=pin)
-        self.dev64 = torch.zeros(size64, dtype=torch.int64, device=device)
-        self.dev32 = torch.zeros(size32, dtype=torch.int32, device=device)
-        self.np64, self.np32 = self.host64.numpy(), self.host32.numpy()
-        # The host areas are rewritten only after the previous step's copies have run.
+        size = self._int32_offset(max_tokens) + 4 * self._int32_len(max_reqs)
+        self.host = torch.zeros(size, dtype=torch.uint8, pin_memory=pin)
+        self.dev = torch.zeros(size, dtype=torch.uint8, device=device)
+        self._np = self.host.numpy()
+        # The ids the last asynchronous step sampled, one row per request that sampled.
+        self.sampled_ids = torch.zeros(max_reqs, dtype=torch.int64, device=device)
+        # The host area is rewritten only after the previous step's copy has run.
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
-        # Section offsets.
-        self._order = 2 * max_reqs + 1
-        self._bt = 3 * max_reqs + 1
 
-    # ------------------------------------------------------------------ device views
-    def device_views(self, num_tokens: int, num_reqs: int) -> tuple[torch.Tensor, ...]:
-        """(input_ids, positions, slot_mapping, query_start_loc, seq_lens, decode_order, block_tables)
-        on the device."""
-        t, r = self.max_tokens, self.max_reqs
-        d64, d32 = self.dev64, self.dev32
-        return (
-            d64[:num_tokens], d64[t:t + num_tokens], d64[2 * t:2 * t + num_tokens],
-            d32[:num_reqs + 1], d32[r + 1:r + 1 + num_reqs], d32[self._order:self._order + num_reqs],
-            d32[self._bt:self._bt + num_reqs * self.max_blocks].view(num_reqs, self.max_blocks),
-        )
+    # ------------------------------------------------------------------ layout
+    @staticmethod
+    def _int32_offset(num_tokens: int) -> int:
+        return 8 * 4 * _round_up(num_tokens, _ALIGN64)
+
+    def _int32_len(self, num_reqs: int) -> int:
+        return _round_up(num_reqs + 1, _ALIGN32) + 2 * _round_up(num_reqs, _ALIGN32) + num_reqs * self.max_blocks
+
+    def _sections(self, area: np.ndarray | torch.Tensor, num_tokens: int, num_reqs: int) -> tuple:
+        """(input_ids, positions, slot_mapping, placeholder_src, query_start_loc, seq_lens,
+        decode_order, block_tables) of a step with these counts, as views of ``area`` (the host's,
+        numpy, or the device's)."""
+        t, r = num_tokens, num_reqs
+        at = self._int32_offset(t)
+        if isinstance(area, np.ndarray):
+            d64, d32 = area[:at].view(np.int64), area[at:at + 4 * self._int32_len(r)].view(np.int32)
+        else:
+            d64, d32 = area[:at].view(torch.int64), area[at:at + 4 * self._int32_len(r)].view(torch.int32)
+        t2 = _round_up(t, _ALIGN64)
+        seq, order = _round_up(r + 1, _ALIGN32), _round_up(r + 1, _ALIGN32) + _round_up(r, _ALIGN32)
+        bt = order + _round_up(r, _ALIGN32)
+        return (d64[:t], d64[t2:t2 + t], d64[2 * t2:2 * t2 + t], d64[3 * t2:3 * t2 + t],
+                d32[:r + 1], d32[seq:seq + r], d32[order:order + r], d32[bt:].reshape(r, self.max_blocks))
 
     # ------------------------------------------------------------------ filling
-    def prepare(self, scheduled: Sequence[ScheduledRequest], graph_shape: tuple[int, int, bool] | None = None
-                ) -> StepInputs:
+    def prepare(self, scheduled: Sequence[ScheduledRequest], graph_shape: tuple[int, int, bool] | None = None,
+                sampled_rows: Mapping[str, int] | None = None) -> StepInputs:
         """Lay out ``scheduled`` on the host, copy it to the device and return device views.
 
         Logits are taken at the last token of each request that samples, and for a verify step
@@ -82,86 +101,108 @@ class InputBuffers:
 
         With ``graph_shape`` = (a CUDA graph's batch size, its tokens per request: 1 for a decode
         step, 1 + k for a verify step, False), requests past the batch are padding with that many
-        tokens each: slot -1 (nothing written), seq_len 0 (decode) or 1 + k (verify); and
-        ``max_seq_len`` is the bound every replay shares, the longest block table's length. With
-        (1, n, True), a prefill graph's, the one request's tokens are padded to n: ids and
-        positions 0, slot -1, outside its ``query_start_loc`` span."""
+        tokens each: slot -1 (nothing written), seq_len 0 (decode) or 1 + k (verify, reading
+        block 0); and ``max_seq_len`` is the bound every replay shares, the longest block table's
+        length. With (1, n, True), a prefill graph's, the one request's tokens are padded to n:
+        ids and positions 0, slot -1, outside its ``query_start_loc`` span.
+
+        A token with a negative id is a placeholder for the id the step in flight samples:
+        ``sampled_rows`` maps its request to that id's row in ``sampled_ids``."""
         num_reqs = len(scheduled)
         num_new = np.fromiter((len(r.token_ids) for r in scheduled), dtype=np.int64, count=num_reqs)
         starts = np.fromiter((r.start_position for r in scheduled), dtype=np.int64, count=num_reqs)
         num_tokens = int(num_new.sum())
         seq_lens = starts + num_new
         assert num_tokens <= self.max_tokens and num_reqs <= self.max_reqs, (num_tokens, num_reqs)
-        t, r, bs = self.max_tokens, self.max_reqs, self.block_size
-        np64, np32 = self.np64, self.np32
+        t, r = num_tokens, num_reqs  # the sections' lengths: a graph's padded counts
+        if graph_shape is not None:
+            size, per_request, prefill = graph_shape
+            fits = num_tokens <= per_request if prefill else (num_new == per_request).all()
+            assert num_reqs <= size and fits, "the step does not fit the graph"
+            t, r = size * per_request, size
+        bs = self.block_size
         if self._copied is not None:
             self._copied.synchronize()
+        ids, pos, slots, src, qsl, lens, order, bt = self._sections(self._np, t, r)
 
-        np64[:num_tokens] = np.fromiter(
+        ids[:num_tokens] = np.fromiter(
             itertools.chain.from_iterable(req.token_ids for req in scheduled), dtype=np.int64, count=num_tokens
         )
         cu_new = np.cumsum(num_new)
         # Token j of request i sits at position starts[i] + (j - cu_new_before[i]).
         offsets = np.repeat(starts - (cu_new - num_new), num_new)
         positions = np.arange(num_tokens, dtype=np.int64) + offsets
-        np64[t:t + num_tokens] = positions
+        pos[:num_tokens] = positions
 
-        bt = np32[self._bt:self._bt + r * self.max_blocks].reshape(r, self.max_blocks)
+        # Each row's table, then null blocks (0) up to the batch's longest: kernels may read a row
+        # that far (masked), and this part of the area may hold another step's sections.
+        width = -(-int(seq_lens.max()) // bs)
         for i, req in enumerate(scheduled):
             n = len(req.block_table)
             assert n * bs >= seq_lens[i], f"the block table of {req.request_id} does not cover its new tokens"
             bt[i, :n] = req.block_table
+            bt[i, n:width] = 0
+        last_row_end = (num_reqs - 1) * self.max_blocks + max(n, width)
         request_of_token = np.repeat(np.arange(num_reqs), num_new)
-        placeholder_tokens = np.flatnonzero(np64[:num_tokens] < 0)
-        np64[placeholder_tokens] = 0  # a valid id until the runner writes the sampled one
+        src[:] = -1
+        placeholders = np.flatnonzero(ids[:num_tokens] < 0)
+        if placeholders.size:
+            assert sampled_rows is not None, "a placeholder input without a step in flight"
+            src[placeholders] = [sampled_rows[scheduled[i].request_id] for i in request_of_token[placeholders]]
+            ids[placeholders] = 0  # a valid id until resolve_placeholders writes the sampled one
         block_ids = bt[request_of_token, positions // bs].astype(np.int64)
-        np64[2 * t:2 * t + num_tokens] = block_ids * bs + positions % bs
+        slots[:num_tokens] = block_ids * bs + positions % bs
 
-        np32[0] = 0
-        np32[1:num_reqs + 1] = cu_new
-        np32[r + 1:r + 1 + num_reqs] = seq_lens
-        num_rows = num_reqs
+        qsl[0] = 0
+        qsl[1:num_reqs + 1] = cu_new
+        lens[:num_reqs] = seq_lens
         max_seq_len = int(seq_lens.max())
         if graph_shape is not None:
-            size, per_request, prefill = graph_shape
-            fits = num_tokens <= per_request if prefill else (num_new == per_request).all()
-            assert num_reqs <= size and fits, "the step does not fit the graph"
-            end = size * per_request
-            np64[num_tokens:end] = 0
-            np64[t + num_tokens:t + end] = 0
-            np64[2 * t + num_tokens:2 * t + end] = -1
-            np32[num_reqs + 1:size + 1] = np.arange(num_tokens + per_request, end + 1, per_request)
+            ids[num_tokens:] = 0
+            pos[num_tokens:] = 0
+            slots[num_tokens:] = -1
+            qsl[num_reqs + 1:] = np.arange(num_tokens + per_request, t + 1, per_request)
             # A padded verify request's KV must cover its queries (a negative context would send the
-            # prefill kernels before its block table); it reads stale but valid blocks, writes none.
-            np32[r + 1 + num_reqs:r + 1 + size] = 0 if per_request == 1 else per_request
-            num_rows, num_tokens = size, end
+            # prefill kernels before its block table): it reads block 0, writes none.
+            lens[num_reqs:] = 0 if per_request == 1 else per_request
+            bt[num_reqs:, :-(-per_request // bs)] = 0
+            if num_reqs < r:
+                last_row_end = (r - 1) * self.max_blocks - (-per_request // bs)
             max_seq_len = self.max_blocks * bs
-        lens = np32[r + 1:r + 1 + num_rows]
-        np32[self._order:self._order + num_rows] = np.argsort(-lens, kind="stable")
+        order[:] = np.argsort(-lens, kind="stable")
 
-        # Two copies: each area's used prefix (the int64 sections are small, copy them whole).
-        self.dev64.copy_(self.host64, non_blocking=True)
-        end32 = self._bt + num_rows * self.max_blocks
-        self.dev32[:end32].copy_(self.host32[:end32], non_blocking=True)
+        # One copy, up to the last block-table entry written.
+        end = int(bt.ctypes.data - self._np.ctypes.data) + 4 * last_row_end
+        self.dev[:end].copy_(self.host[:end], non_blocking=True)
         if self._copied is not None:
             self._copied.record()
 
         logits_indices = None if graph_shape is not None else to_device(
             _logits_indices(scheduled, cu_new), self.device)
-        input_ids, positions_d, slots, query_start_loc, seq_lens_d, order, block_tables = self.device_views(
-            num_tokens, num_rows
-        )
+        input_ids, positions_d, slot_mapping, placeholder_src, query_start_loc, seq_lens_d, order_d, block_tables = \
+            self._sections(self.dev, t, r)
         metadata = AttentionMetadata(
-            slot_mapping=slots,
+            slot_mapping=slot_mapping,
             query_start_loc=query_start_loc,
             seq_lens=seq_lens_d,
             block_tables=block_tables,
             max_query_len=int(num_new.max()),
             max_seq_len=max_seq_len,
-            decode_order=order,
+            decode_order=order_d,
         )
-        return StepInputs(input_ids, positions_d, metadata, logits_indices,
-                          placeholder_tokens, request_of_token[placeholder_tokens])
+        return StepInputs(input_ids, positions_d, metadata, logits_indices, placeholder_src, bool(placeholders.size))
+
+
+    def resolve_placeholders(self, inputs: StepInputs) -> None:
+        """Write into ``inputs.input_ids`` the ids of its placeholder tokens from ``sampled_ids``,
+        on the device, without a host sync (inside a CUDA graph when captured in one)."""
+        if self.device.type == "cuda":
+            from engine.kernels.placeholders import resolve_placeholders
+
+            resolve_placeholders(inputs.input_ids, inputs.placeholder_src, self.sampled_ids)
+            return
+        take = inputs.placeholder_src >= 0
+        inputs.input_ids[take] = self.sampled_ids[inputs.placeholder_src[take]]
 
 
 def _logits_indices(scheduled: Sequence[ScheduledRequest], cu_new: np.ndarray) -> np.ndarray:

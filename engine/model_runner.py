@@ -33,7 +33,7 @@ from engine.attention.metadata import set_forward_context
 from engine.config import EngineArgs
 from engine.cuda_graph import StepGraphs, step_logits
 from engine.host_copy import to_device
-from engine.input_buffers import InputBuffers, StepInputs
+from engine.input_buffers import InputBuffers
 from engine.kv_cache import (
     KVCaches,
     allocate_kv_cache,
@@ -98,9 +98,9 @@ class ModelRunner:
             max_blocks, self.block_size, self.device,
         )
         self.graphs: StepGraphs | None = None
-        # The last asynchronous step's sampled ids and each request's row in them: the next
-        # step's placeholder inputs.
-        self._last_sampled: tuple[torch.Tensor, dict[str, int]] | None = None
+        # Each request's row in the ids the last asynchronous step sampled (``buffers.sampled_ids``):
+        # where the next step's placeholder inputs come from.
+        self._sampled_rows: dict[str, int] | None = None
 
     def load_model(self) -> None:
         self.model = load_model(self.model_config, self.args.load_format, self.args.cpu_onednn_linear)
@@ -200,14 +200,14 @@ class ModelRunner:
         sampled = [r for r in scheduled if r.sample]
         logits = self._logits(scheduled) if scheduled else None
         if not sampled:
-            self._last_sampled = None
+            self._sampled_rows = None
             return PendingOutput([], None)
         rows = [SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids) for r in sampled]
-        token_ids = self.sampler.sample_tokens(logits, rows)
-        self._last_sampled = (token_ids, {r.request_id: i for i, r in enumerate(sampled)})
+        token_ids = self.sampler.sample_tokens(logits, rows, out=self.buffers.sampled_ids[:len(rows)])
+        self._sampled_rows = {r.request_id: i for i, r in enumerate(sampled)}
         request_ids = [r.request_id for r in sampled]
-        if not token_ids.is_cuda:
-            return PendingOutput(request_ids, token_ids)
+        if not token_ids.is_cuda:  # a copy: the next step samples into the same buffer
+            return PendingOutput(request_ids, token_ids.clone())
         host = torch.empty(token_ids.shape, dtype=token_ids.dtype, pin_memory=True)
         host.copy_(token_ids, non_blocking=True)
         ready = torch.cuda.Event()
@@ -216,18 +216,7 @@ class ModelRunner:
 
     def _logits(self, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
         return step_logits(self.model, self.buffers, self.attention_backend, self.graphs, scheduled,
-                           fill_inputs=lambda inputs: self._fill_placeholders(scheduled, inputs))
-
-    def _fill_placeholders(self, scheduled: list[ScheduledRequest], inputs: StepInputs) -> None:
-        """Write, on the device, the ids the previous step sampled into this step's inputs."""
-        if not inputs.placeholder_tokens.size:
-            return
-        assert self._last_sampled is not None, "a placeholder input without a step in flight"
-        token_ids, rows = self._last_sampled
-        src = [rows[scheduled[i].request_id] for i in inputs.placeholder_requests]
-        index = to_device([*inputs.placeholder_tokens.tolist(), *src], self.device, torch.long)
-        n = len(src)
-        inputs.input_ids.index_copy_(0, index[:n], token_ids[index[n:]])
+                           sampled_rows=self._sampled_rows)
 
     def _profile_peak_bytes(self) -> int:
         """Peak device memory, less the KV cache, of a forward over a full token budget."""

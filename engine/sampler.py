@@ -58,15 +58,23 @@ class Sampler:
             return SamplerOutput(token_ids.tolist(), [None] * len(rows))
         return SamplerOutput(token_ids.tolist(), compute_logprobs(logits, token_ids, rows))
 
-    def sample_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """The sampled token of each row, ``[len(rows)]`` int64 on ``logits.device``, with no
-        host sync: the caller decides when to read it."""
+    def sample_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow], out: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+        """The sampled token of each row, ``[len(rows)]`` int64 on ``logits.device`` (written into
+        ``out`` if given), with no host sync: the caller decides when to read it."""
+        token_ids = self._sample_tokens(logits, rows, out)
+        if out is None or token_ids is out:
+            return token_ids
+        return out.copy_(token_ids)
+
+    def _sample_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow], out: torch.Tensor | None
+                       ) -> torch.Tensor:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
         if all(_is_plain_greedy(row) for row in rows):
             if logits.is_cuda and logits.numel() < 2**31:
                 from engine.kernels.sampling import greedy_sample
 
-                return greedy_sample(logits)
+                return greedy_sample(logits, out=out)
             return logits.argmax(dim=-1)
         if logits.is_cuda and logits.numel() < 2**31 and all(_is_plain_random(row) for row in rows):
             # One pass over the logits instead of the dozen below (engine/kernels/sampling.py).
@@ -74,7 +82,7 @@ class Sampler:
 
             inv_temperature = to_device([1.0 / row.params.temperature for row in rows], logits.device,
                                         torch.float32)
-            return gumbel_sample(logits, inv_temperature, self._host_rng.getrandbits(31))
+            return gumbel_sample(logits, inv_temperature, self._host_rng.getrandbits(31), out=out)
         if any(map(needs_processing, rows)):
             processed = process_logits(logits, rows, self.eos_token_ids)
         else:

@@ -138,6 +138,10 @@ def test_greedy_is_argmax_alone_and_beside_sampled_rows() -> None:
     mixed = [greedy if i % 2 else _row(SamplingParams(temperature=1.5, top_p=0.9)) for i in range(9)]
     tokens = Sampler(seed=0)(logits, mixed).token_ids
     assert tokens[1::2] == logits[1::2].argmax(-1).tolist()
+    # Into a given buffer (the runner's sampled ids, which the next step's placeholders read).
+    buffer = torch.full((11,), -1, dtype=torch.int64)
+    out = Sampler(seed=0).sample_tokens(logits, mixed, out=buffer[:9])
+    assert out.data_ptr() == buffer.data_ptr() and buffer[:9].tolist() == tokens and buffer[9:].tolist() == [-1, -1]
 
 
 def _reference_process(logits: list[float], row: SamplingRow, eos_ids: list[int]) -> list[float]:

@@ -116,8 +116,11 @@ def test_greedy_is_torch_argmax(dtype: torch.dtype, rows: int, vocab: int, num_c
     want = logits.argmax(dim=-1)
     got = greedy_sample(logits.to(DEVICE), num_chunks=num_chunks, block=block).cpu()
     assert got.dtype == torch.int64 and torch.equal(got, want), (seed, got.tolist(), want.tolist())
-    # The arrival counters are back at zero: a second launch agrees.
-    assert torch.equal(greedy_sample(logits.to(DEVICE), num_chunks=num_chunks, block=block).cpu(), want)
+    # The arrival counters are back at zero: a second launch agrees, here into a given buffer.
+    buffer = torch.full((rows + 5,), -1, dtype=torch.int64, device=DEVICE)
+    out = greedy_sample(logits.to(DEVICE), num_chunks=num_chunks, block=block, out=buffer[:rows + 3])
+    assert out.data_ptr() == buffer.data_ptr() and torch.equal(buffer[:rows + 3].cpu(), want)
+    assert buffer[rows + 3:].tolist() == [-1, -1]
 
 
 @pytest.mark.parametrize("greedy", [True, False])

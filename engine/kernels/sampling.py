@@ -111,14 +111,16 @@ def _argmax_kernel(
 
 
 def _launch(logits: torch.Tensor, inv_temperature: torch.Tensor | None, seed: int, num_chunks: int | None,
-            block: int, rand4x: bool) -> torch.Tensor:
+            block: int, rand4x: bool, out: torch.Tensor | None) -> torch.Tensor:
     rows, vocab = logits.shape
     assert logits.stride(1) == 1
     if num_chunks is None:  # about 4 programs per SM for small batches, one chunk per row for big
         num_chunks = max(1, min(MAX_CHUNKS, 512 // max(rows, 1)))
     assert 1 <= num_chunks <= MAX_CHUNKS
     chunk_len = triton.cdiv(triton.cdiv(vocab, num_chunks), block) * block
-    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if out is None:
+        out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    assert out.shape == (rows,) and out.dtype == torch.int64 and out.device == logits.device
     best_val = torch.empty((rows, num_chunks), dtype=torch.float32, device=logits.device)
     best_idx = torch.empty((rows, num_chunks), dtype=torch.int32, device=logits.device)
     greedy = inv_temperature is None
@@ -132,19 +134,22 @@ def _launch(logits: torch.Tensor, inv_temperature: torch.Tensor | None, seed: in
 
 
 def gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: int, *,
-                  num_chunks: int | None = None, block: int = 1024, rand4x: bool = True) -> torch.Tensor:
+                  num_chunks: int | None = None, block: int = 1024, rand4x: bool = True,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of ``logits`` [R, V] drawn from ``softmax(logits * inv_temperature[r])``
     (``inv_temperature`` [R] float32 on the same device), as int64 [R], with noise that is a
-    function of ``seed`` (< 2**31) and the element alone. One launch, no host syncs."""
+    function of ``seed`` (< 2**31) and the element alone, into ``out`` if given. One launch, no
+    host syncs."""
     rows, vocab = logits.shape
     assert inv_temperature.shape == (rows,)
     assert block % 4 == 0 and rows * triton.cdiv(vocab, block) * block < 2**31, "Philox counters are 32-bit"
     assert 0 <= seed < 2**31
-    return _launch(logits, inv_temperature, seed, num_chunks, block, rand4x)
+    return _launch(logits, inv_temperature, seed, num_chunks, block, rand4x, out)
 
 
-def greedy_sample(logits: torch.Tensor, *, num_chunks: int | None = None, block: int = 1024) -> torch.Tensor:
-    """``logits.argmax(dim=-1)`` for ``logits`` [R, V] (int64 [R]; ties and NaN as torch breaks
-    them) in one launch, split over up to MAX_CHUNKS programs a row: torch's reduction took 36 us
+def greedy_sample(logits: torch.Tensor, *, num_chunks: int | None = None, block: int = 1024,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` for ``logits`` [R, V] (int64 [R], into ``out`` if given; ties and
+    NaN as torch breaks them) in one launch, split over up to MAX_CHUNKS programs a row: torch's reduction took 36 us
     for one row of Llama-3.1-8B's 128k logits on an H200 (profile_step --single)."""
-    return _launch(logits, None, 0, num_chunks, block, False)
+    return _launch(logits, None, 0, num_chunks, block, False, out)
