@@ -2,9 +2,10 @@
 size bucket, tokens per request), all sharing one memory pool.
 
 A graph replays the captured kernels on the persistent input buffers' fixed addresses, so a
-step costs its host-side input preparation, two copies and one replay, whatever the number of
-kernels. A decode step has 1 token per request; a verify step 1 + k (the last sampled token and
-k drafts), all of them sampled. A batch of n requests replays the smallest captured size >= n;
+step costs its host-side input preparation, one copy and one replay, whatever the number of
+kernels (asynchronous scheduling's placeholder ids are filled in by the graph's first kernel).
+A decode step has 1 token per request; a verify step 1 + k (the last sampled token and k
+drafts), all of them sampled. A batch of n requests replays the smallest captured size >= n;
 the extra requests are padding (slot -1: nothing written to the KV cache; their logits are
 dropped)::
 
@@ -22,7 +23,8 @@ more than the device's work::
 
 The decode graph of one request is captured with its kernels placed ahead (engine/kernels/pdl.py's
 ``trigger_before_wait``) when every linear requests its whole weight before its wait (a small
-model: the weights stream while norms, rotary and attention run).
+model: the weights stream while norms, rotary and attention run; its qkv and gate_up GEMVs also
+take the RMSNorm before them).
 """
 
 from __future__ import annotations

@@ -102,7 +102,8 @@ def test_sampler_on_cuda_takes_greedy_rows_to_the_kernel(monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("rows", "vocab", "num_chunks", "block"), [(1, 1000, None, 64), (5, 300, 3, 16),
-                                                                       (3, 257, 1, 64), (2, 4000, 32, 32)])
+                                                                       (3, 257, 1, 64), (2, 4000, 32, 32),
+                                                                       (1, 9000, 128, 64)])
 def test_greedy_is_torch_argmax(dtype: torch.dtype, rows: int, vocab: int, num_chunks: int | None,
                                 block: int) -> None:
     """greedy_sample against torch.argmax on the same tensor: logits on a coarse grid (so the
