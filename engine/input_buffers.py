@@ -136,13 +136,15 @@ class InputBuffers:
 
         # Each row's table, then null blocks (0) up to the batch's longest: kernels may read a row
         # that far (masked), and this part of the area may hold another step's sections.
-        width = -(-int(seq_lens.max()) // bs)
+        max_seq_len = int(seq_lens.max())
+        width = -(-max_seq_len // bs)
         for i, req in enumerate(scheduled):
             n = len(req.block_table)
             assert n * bs >= seq_lens[i], f"the block table of {req.request_id} does not cover its new tokens"
             bt[i, :n] = req.block_table
             bt[i, n:width] = 0
-        last_row_end = (num_reqs - 1) * self.max_blocks + max(n, width)
+        # The copy's end, in block-table entries: the last row's last one written.
+        last_row_end = (num_reqs - 1) * self.max_blocks + max(len(scheduled[-1].block_table), width)
         request_of_token = np.repeat(np.arange(num_reqs), num_new)
         src[:] = -1
         placeholders = np.flatnonzero(ids[:num_tokens] < 0)
@@ -156,7 +158,6 @@ class InputBuffers:
         qsl[0] = 0
         qsl[1:num_reqs + 1] = cu_new
         lens[:num_reqs] = seq_lens
-        max_seq_len = int(seq_lens.max())
         if graph_shape is not None:
             ids[num_tokens:] = 0
             pos[num_tokens:] = 0
@@ -171,7 +172,6 @@ class InputBuffers:
             max_seq_len = self.max_blocks * bs
         order[:] = np.argsort(-lens, kind="stable")
 
-        # One copy, up to the last block-table entry written.
         end = int(bt.ctypes.data - self._np.ctypes.data) + 4 * last_row_end
         self.dev[:end].copy_(self.host[:end], non_blocking=True)
         if self._copied is not None:
@@ -191,7 +191,6 @@ class InputBuffers:
             decode_order=order_d,
         )
         return StepInputs(input_ids, positions_d, metadata, logits_indices, placeholder_src, bool(placeholders.size))
-
 
     def resolve_placeholders(self, inputs: StepInputs) -> None:
         """Write into ``inputs.input_ids`` the ids of its placeholder tokens from ``sampled_ids``,

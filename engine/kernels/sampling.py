@@ -152,6 +152,7 @@ def gumbel_sample(logits: torch.Tensor, inv_temperature: torch.Tensor, seed: int
 def greedy_sample(logits: torch.Tensor, *, num_chunks: int | None = None, block: int = 1024,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """``logits.argmax(dim=-1)`` for ``logits`` [R, V] (int64 [R], into ``out`` if given; ties and
-    NaN as torch breaks them) in one launch, split over up to MAX_CHUNKS programs a row: torch's reduction took 36 us
-    for one row of Llama-3.1-8B's 128k logits on an H200 (profile_step --single)."""
+    NaN as torch breaks them) in one launch, split over up to MAX_CHUNKS programs a row: torch's
+    reduction took 36 us for one row of Llama-3.1-8B's 128k logits on an H200 (profile_step
+    --single)."""
     return _launch(logits, None, 0, num_chunks, block, False, out)
