@@ -244,9 +244,10 @@ def test_decode_in_any_request_order_gives_the_same_rows(num_splits: int) -> Non
 def test_decode_splits_outnumbering_keys_leave_empty_splits_harmless(
     sliding_window: int | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Splits without keys (the graph's 16 splits of a short context) reach the reduction with no
-    weight, and a row without keys (a graph's padding) comes out as zeros. The partials'
-    workspace starts as NaN here, so a partial the reduction read unwritten would show."""
+    """Splits without keys (the graph's 16 splits of a short context) exit without writing, the
+    reduction reads only the splits that have keys, and a row without keys (a graph's padding)
+    comes out as zeros. The partials' workspace starts as NaN here, so a partial the reduction
+    read unwritten would show."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     seq_lens = [0, 1, 3, 40, 70]  # 0: a padded row of a graph, all of whose splits are empty

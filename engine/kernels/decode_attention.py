@@ -34,6 +34,18 @@ DEFAULT_NUM_SMS = 132
 
 
 @triton.jit
+def _split_span(seq_lens_ptr, req, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
+    # Request req's keys [kv_lo, seq_len) and the length of each of its splits (a multiple of
+    # BLOCK_N; 0 without keys): splits at or past cdiv(seq_len - kv_lo, split_len) are empty.
+    seq_len = tl.load(seq_lens_ptr + req)
+    if USE_WINDOW:
+        kv_lo = tl.maximum(seq_len - window, 0)
+    else:
+        kv_lo = 0
+    return seq_len, kv_lo, tl.cdiv(tl.cdiv(seq_len - kv_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, order_ptr,
@@ -60,7 +72,8 @@ def _decode_split_kernel(
     partial one are masked. With NUM_SPLITS == 1 it writes the final output directly;
     otherwise the normalised partial output and its log2-sum-exp go to ``part_out``
     ``[num_reqs, num_heads, NUM_SPLITS, HEAD_DIM]`` and ``part_lse`` ``[num_reqs, num_heads,
-    NUM_SPLITS]`` (an empty split writes lse = -inf).
+    NUM_SPLITS]``; a split without keys exits at once, writing nothing (the reduction reads only
+    the splits that have keys).
     """
     # Up to the PDL wait the program reads only what this step's host-to-device copies wrote (the
     # order, rows, lengths and block tables) and what earlier steps wrote to the cache (every key
@@ -78,14 +91,12 @@ def _decode_split_kernel(
             return
     else:
         row = req
-    seq_len = tl.load(seq_lens_ptr + req)
-    if USE_WINDOW:
-        kv_lo = tl.maximum(seq_len - window, 0)
-    else:
-        kv_lo = 0
-    split_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    seq_len, kv_lo, split_len = _split_span(seq_lens_ptr, req, window, NUM_SPLITS, BLOCK_N, USE_WINDOW)
     split_lo = kv_lo + split * split_len
     split_hi = tl.minimum(split_lo + split_len, seq_len)
+    if NUM_SPLITS > 1:
+        if split_lo >= split_hi:
+            return  # an empty split (a graph's surplus at a short length) writes nothing: the reduction skips it
     full_hi = split_lo + tl.maximum(split_hi - split_lo, 0) // BLOCK_N * BLOCK_N
     first_hi = tl.minimum(split_lo + BLOCK_N, split_hi)
 
@@ -149,25 +160,28 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, query_start_loc_ptr,
-    num_heads, stride_o_row, stride_o_head,
-    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, MIXED: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    part_out_ptr, part_lse_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
+    num_heads, window, stride_o_row, stride_o_head,
+    NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, MIXED: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
-    """Grid ``(num_reqs, num_heads)``: weight each split's output by exp2(lse - max lse) and
-    normalise; a request with no keys at all (a padded row) gets zeros. Rows as in the split
-    kernel."""
-    pdl_prologue(USE_PDL)
+    """Grid ``(num_reqs, num_heads)``: weight each split that has keys (the split kernel's
+    division of the request's length) by exp2(lse - max lse) and normalise; a request with no
+    keys at all (a padded row) gets zeros. Rows as in the split kernel."""
     req = tl.program_id(0)
     head = tl.program_id(1)
+    # Before the PDL wait: the row and the length (this step's host-to-device copy).
     if MIXED:
         row = tl.load(query_start_loc_ptr + req)
         if tl.load(query_start_loc_ptr + req + 1) - row != 1:
             return
     else:
         row = req
+    seq_len, kv_lo, split_len = _split_span(seq_lens_ptr, req, window, NUM_SPLITS, BLOCK_N, USE_WINDOW)
+    used = tl.cdiv(seq_len - kv_lo, tl.maximum(split_len, 1))
+    pdl_prologue(USE_PDL)
     splits = tl.arange(0, SPLITS_P2)
-    split_ok = splits < NUM_SPLITS
+    split_ok = splits < used
     offs_d = tl.arange(0, HEAD_DIM)
     part = (req * num_heads + head) * NUM_SPLITS + splits
     lse = tl.load(part_lse_ptr + part, mask=split_ok, other=float("-inf"))
@@ -280,9 +294,9 @@ def decode_attention(
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_heads)](
-            part_out, part_lse, out, qsl, num_heads, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
-            MIXED=mixed, num_warps=4 if head_dim * num_splits >= 4096 else 1,
+            part_out, part_lse, out, qsl, seq_lens, num_heads, sliding_window or 0, out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_N=block_n,
+            USE_WINDOW=bool(sliding_window), MIXED=mixed, num_warps=4 if head_dim * num_splits >= 4096 else 1,
             **pdl_args(part_out.device),
         )
     return out
