@@ -127,3 +127,48 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(ordered) - 1) * q / 100.0
     lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def timed_single_stream(engine, runs: int) -> list[tuple[float, float]]:
+    """``(ms a step, ms a step the host waited for the device)`` of ``runs`` greedy streams of one
+    request (a 128-token prompt, 256 new tokens, the prompt's step not counted) after one
+    warm-up run. The wait is the time ``PendingOutput.result`` blocked for the sampled tokens
+    (asynchronous scheduling; about none when the host is the bottleneck)."""
+    import time
+
+    from engine.model_runner import PendingOutput
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, detokenize=False)
+    waits: list[float] = []
+    unpatched = PendingOutput.result
+
+    def timed_result(self: PendingOutput):
+        start = time.perf_counter()
+        out = unpatched(self)
+        waits.append(time.perf_counter() - start)
+        return out
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    results = []
+    PendingOutput.result = timed_result
+    try:
+        for run in range(runs + 1):
+            engine.add_request(f"single-{run}", list(range(2, 130)), params)
+            engine.step()  # the prompt
+            sync()
+            waits.clear()
+            steps, start = 0, time.perf_counter()
+            while engine.has_unfinished_requests():
+                engine.step()
+                steps += 1
+            sync()
+            if run:
+                results.append((1000 * (time.perf_counter() - start) / steps, 1000 * sum(waits) / steps))
+            engine.reset_prefix_cache()
+    finally:
+        PendingOutput.result = unpatched
+    return results

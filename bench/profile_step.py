@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import write_shape_dir
+from bench.common import timed_single_stream, write_shape_dir
 from engine.config import EngineArgs
 from engine.cuda_graph import GraphShape
 from engine.llm_engine import LLMEngine
@@ -237,35 +237,8 @@ def single_stream(engine: LLMEngine) -> None:
     """Decode step wall time of one stream against the device time of its graph alone, and the
     host's share: how long a step waited for the device's tokens (with asynchronous scheduling,
     about none when the host is the bottleneck) and the host time of one graph launch."""
-    from engine.model_runner import PendingOutput
-
     params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, detokenize=False)
-    step_ms, wait_ms, waits = [], [], []
-    unpatched = PendingOutput.result
-
-    def timed_result(self: PendingOutput):
-        start = time.perf_counter()
-        out = unpatched(self)
-        waits.append(time.perf_counter() - start)
-        return out
-
-    PendingOutput.result = timed_result
-    try:
-        for run in range(3):  # the first run warms up
-            engine.add_request(f"single-{run}", list(range(2, 130)), params)
-            engine.step()  # the prompt
-            torch.cuda.synchronize()
-            waits.clear()
-            steps, start = 0, time.perf_counter()
-            while engine.has_unfinished_requests():
-                engine.step()
-                steps += 1
-            torch.cuda.synchronize()
-            step_ms.append(1000 * (time.perf_counter() - start) / steps)
-            wait_ms.append(1000 * sum(waits) / steps)
-            engine.reset_prefix_cache()
-    finally:
-        PendingOutput.result = unpatched
+    step_ms, wait_ms = zip(*timed_single_stream(engine, runs=2), strict=True)
     graphs = engine.runner.graphs
     replay_ms = launch_ms = float("nan")
     if graphs is not None:
@@ -280,7 +253,7 @@ def single_stream(engine: LLMEngine) -> None:
         end.record()
         torch.cuda.synchronize()
         replay_ms = begin.elapsed_time(end) / replays
-    best = min(range(1, len(step_ms)), key=step_ms.__getitem__)
+    best = min(range(len(step_ms)), key=step_ms.__getitem__)
     wall, wait = step_ms[best], wait_ms[best]
     print(f"single stream: {wall:.3f} ms per step ({1000 / wall:.1f} tokens/s); decode graph alone "
           f"{replay_ms:.3f} ms ({1000 / replay_ms:.1f} tokens/s); the rest {wall - replay_ms:.3f} ms")

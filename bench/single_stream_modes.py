@@ -13,17 +13,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from bench.common import write_result, write_shape_dir
+from bench.common import timed_single_stream, write_result, write_shape_dir
 from engine.config import EngineArgs
 from engine.cuda_graph import GraphShape
 from engine.llm_engine import LLMEngine
-from engine.model_runner import PendingOutput
-from engine.sampling_params import SamplingParams
 
 
 def main() -> None:
@@ -39,35 +36,9 @@ def main() -> None:
         engine = LLMEngine(EngineArgs(model=str(write_shape_dir(args.shape, Path(tmp), awq=args.awq)),
                                       load_format="dummy", attention_backend=args.attention_backend,
                                       async_scheduling=True))
-        waits: list[float] = []
-        unpatched = PendingOutput.result
-
-        def timed_result(self: PendingOutput):
-            start = time.perf_counter()
-            out = unpatched(self)
-            waits.append(time.perf_counter() - start)
-            return out
-
-        PendingOutput.result = timed_result
-        params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, detokenize=False)
-        runs = []
-        for run in range(args.runs + 1):
-            engine.add_request(f"run-{run}", list(range(2, 130)), params)
-            engine.step()  # the prompt
-            torch.cuda.synchronize()
-            waits.clear()
-            steps, start = 0, time.perf_counter()
-            while engine.has_unfinished_requests():
-                engine.step()
-                steps += 1
-            torch.cuda.synchronize()
-            if run:
-                runs.append({"step_ms": 1000 * (time.perf_counter() - start) / steps,
-                             "host_wait_ms": 1000 * sum(waits) / steps})
-                print(f"run {run}: {runs[-1]['step_ms']:.3f} ms a step, host waited "
-                      f"{runs[-1]['host_wait_ms']:.3f}", flush=True)
-            engine.reset_prefix_cache()
-        PendingOutput.result = unpatched
+        runs = [{"step_ms": step, "host_wait_ms": wait} for step, wait in timed_single_stream(engine, args.runs)]
+        for i, run in enumerate(runs, 1):
+            print(f"run {i}: {run['step_ms']:.3f} ms a step, host waited {run['host_wait_ms']:.3f}", flush=True)
         graphs = engine.runner.graphs
         assert graphs is not None, "needs CUDA graphs"
         graphs.replay(GraphShape(1, 1))

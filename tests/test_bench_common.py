@@ -39,3 +39,30 @@ def test_gpu_state_without_nvidia_smi_or_with_a_failing_one(tmp_path: Path, monk
     assert gpu_state() is None
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert gpu_state() is None
+
+
+def test_timed_single_stream_times_each_run_after_a_warm_up_and_unpatches(tiny_models) -> None:
+    """One (ms a step, ms a step waited) pair per timed run, the wait part of the step, every
+    stream run to its 256 tokens, and PendingOutput.result itself again afterwards."""
+    from bench.common import timed_single_stream
+    from engine.config import EngineArgs
+    from engine.llm_engine import LLMEngine
+    from engine.model_runner import PendingOutput
+
+    original = PendingOutput.result
+    engine = LLMEngine(EngineArgs(model=str(tiny_models["llama"]), num_kv_blocks=64, block_size=16,
+                                  async_scheduling=True))
+    tokens: dict[str, int] = {}
+    step = engine.step
+
+    def counting_step():
+        outputs = step()
+        for out in outputs:
+            tokens[out.request_id] = tokens.get(out.request_id, 0) + len(out.outputs[0].token_ids)
+        return outputs
+
+    engine.step = counting_step  # type: ignore[method-assign]
+    results = timed_single_stream(engine, runs=2)
+    assert len(results) == 2 and all(0 <= wait <= ms for ms, wait in results)
+    assert tokens == {"single-0": 256, "single-1": 256, "single-2": 256}
+    assert PendingOutput.result is original
