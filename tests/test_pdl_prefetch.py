@@ -31,7 +31,7 @@ kernel = triton.compile(ASTSource(fn, sig, {consts}), target=GPUTarget("cuda", 9
 ptx = kernel.asm["ptx"]
 wait = ptx.index("griddepcontrol.wait")
 print(json.dumps([ptx[:wait].count("ld.global"), ptx[wait:].count("ld.global"),
-                  ptx.index("griddepcontrol.launch_dependents") < wait]))
+                  ptx.index("griddepcontrol.launch_dependents") < wait, ptx.count("griddepcontrol.wait")]))
 """
 
 _DECODE = dict(
@@ -65,19 +65,21 @@ _GEMV_SLAB_NORM = dict(
 )
 
 
-def _compile(case: dict) -> tuple[int, int, bool]:
+def _compile(case: dict) -> tuple[int, int, bool, int]:
+    """Global loads before and after the (first) PDL wait in the PTX, whether the next kernel may be
+    placed before it, and how many waits the PTX has."""
     code = _COMPILE.format(**case)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
-    before, after, trigger_first = json.loads(done.stdout.strip().splitlines()[-1])
-    return before, after, trigger_first
+    before, after, trigger_first, waits = json.loads(done.stdout.strip().splitlines()[-1])
+    return before, after, trigger_first, waits
 
 
 @pytest.mark.parametrize("case", [_DECODE, _ROPE], ids=["decode_split", "rope_and_cache"])
 def test_kernel_reads_inputs_before_the_pdl_wait(case: dict) -> None:
-    before, after, trigger_first = _compile(case)
+    before, after, trigger_first, _ = _compile(case)
     # decode: order, length, block table, keys, values; rope: position, slot, cos, sin, weights.
     assert before >= 5, f"{before} global loads before the PDL wait"
     # What the kernel ahead writes (q, and k and v or the new token's key and value) comes after.
@@ -85,17 +87,35 @@ def test_kernel_reads_inputs_before_the_pdl_wait(case: dict) -> None:
     assert not trigger_first  # USE_PDL=True: wait, then let the next kernel be placed
 
 
+_DECODE_REDUCE = dict(
+    module="decode_attention", kernel="_decode_reduce_kernel",
+    pointers={"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "query_start_loc_ptr": "*i32",
+              "seq_lens_ptr": "*i32"},
+    consts=dict(NUM_SPLITS=16, SPLITS_P2=16, HEAD_DIM=128, BLOCK_N=64, USE_WINDOW=False, MIXED=True, USE_PDL=True),
+)
+
+
+@pytest.mark.parametrize("case", [{**_DECODE, "consts": {**_DECODE["consts"], "MIXED": True}}, _DECODE_REDUCE],
+                         ids=["decode_split", "decode_reduce"])
+def test_mixed_batch_rows_left_to_prefill_wait_before_they_exit(case: dict) -> None:
+    """In a mixed batch the decode kernels' programs of rows that are not decodes exit early; they
+    wait first, or a batch without decode rows would finish the kernels before the prefill kernel
+    ahead and break the chain's order (engine/kernels/pdl.py): a wait on that exit path and one on
+    the main path."""
+    assert _compile(case)[3] >= 2
+
+
 def test_gemv_slab_requests_its_weight_before_the_wait_and_places_the_next_kernel_first() -> None:
     """engine/kernels/gemv.py's one-tile slab under ``trigger_before_wait`` (USE_PDL=2): the
     weight loads come before the wait, the activations after it, and the next kernel may be
     placed before this one waits. With the RMSNorm inside, the norm weight's loads join those
     before the wait and the residual's those after it."""
-    before, after, trigger_first = _compile(_GEMV_SLAB)
+    before, after, trigger_first, _ = _compile(_GEMV_SLAB)
     # 4 rows x 1024 bf16 over 128 threads: at least one 16-byte load per thread and row pair.
     assert before >= 2, f"{before} global loads before the PDL wait"
     assert after >= 1, f"{after} global loads after the PDL wait"
     assert trigger_first
-    norm_before, norm_after, trigger_first = _compile(_GEMV_SLAB_NORM)
+    norm_before, norm_after, trigger_first, _ = _compile(_GEMV_SLAB_NORM)
     assert norm_before > before and norm_after > after, (before, after, norm_before, norm_after)
     assert trigger_first
 

@@ -88,6 +88,7 @@ def _decode_split_kernel(
     if MIXED:
         row = tl.load(query_start_loc_ptr + req)
         if tl.load(query_start_loc_ptr + req + 1) - row != 1:
+            pdl_prologue(USE_PDL)  # a batch may have no decode row: the kernel still waits (pdl.py)
             return
     else:
         row = req
@@ -96,7 +97,9 @@ def _decode_split_kernel(
     split_hi = tl.minimum(split_lo + split_len, seq_len)
     if NUM_SPLITS > 1:
         if split_lo >= split_hi:
-            return  # an empty split (a graph's surplus at a short length) writes nothing: the reduction skips it
+            # An empty split (a graph's surplus at a short length) writes nothing: the reduction skips
+            # it. Split 0 of a request with keys always waits, so the kernel never finishes early.
+            return
     full_hi = split_lo + tl.maximum(split_hi - split_lo, 0) // BLOCK_N * BLOCK_N
     first_hi = tl.minimum(split_lo + BLOCK_N, split_hi)
 
@@ -174,6 +177,7 @@ def _decode_reduce_kernel(
     if MIXED:
         row = tl.load(query_start_loc_ptr + req)
         if tl.load(query_start_loc_ptr + req + 1) - row != 1:
+            pdl_prologue(USE_PDL)  # as in the split kernel
             return
     else:
         row = req

@@ -24,6 +24,10 @@ prologue orders its two instructions:
   placing ahead made Llama-3.1-8B's one-token step 6% slower in bf16 and 29% slower in AWQ;
   docs/benchmarks.md, session 22).
 
+That order holds along the chain only if every kernel has a program that waits: a program may
+exit before its wait (work it finds it has none of) only where another program of the same
+launch surely waits.
+
 What may be read before the wait is what no kernel of the step writes: weights, the step's
 inputs that the host copied in before the first kernel, and the KV cache of earlier steps (the
 decode split kernel reads its first tile of keys and values there, the rotary kernels their
