@@ -10,7 +10,9 @@ Prints the top host functions by own time, the top kernels by device time, and t
 wall time of decode-only steps. ``--single``: one greedy stream (128 prompt, 256 new tokens),
 and how its step time splits between the device (one decode graph replayed alone) and the rest;
 the host's wait for the device's tokens a step (about none: the host is the bottleneck) and the
-host time of one graph launch.
+host time of one graph launch; then the decode graph's kernels by their place in a decoder layer
+(``chain_table``): how far each pushed the device's timeline, which is where a step's time goes
+when programmatic dependent launch overlaps a kernel's start with the kernel ahead.
 ``--prefill``: the host time of one 128-token prompt's step, and where it goes.
 ``--offline`` (with ``--async-scheduling``): bench_offline's workload; per step, by the number
 of requests it samples, the wall time and how much of it the host spent waiting for the device
@@ -123,8 +125,9 @@ def main() -> None:
         engine.step()
 
 
-def _profile_steps(engine: LLMEngine, warm: int, steps: int, top: int) -> None:
-    """``warm`` steps, then ``steps`` under torch.profiler: the top ops by host and by device time."""
+def _profile_steps(engine: LLMEngine, warm: int, steps: int, top: int, chain: bool = False) -> None:
+    """``warm`` steps, then ``steps`` under torch.profiler: the top ops by host and by device time;
+    with ``chain``, the device ops by their place in a layer as well (``chain_table``)."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(warm):
@@ -132,7 +135,7 @@ def _profile_steps(engine: LLMEngine, warm: int, steps: int, top: int) -> None:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.step()
-        torch.cuda.synchronize()
+        _sync()
     events = prof.key_averages()
     print(events.table(sort_by="self_cpu_time_total", row_limit=top))
     # Every kernel, by device time, with its launches per step: the row limit must not hide the
@@ -146,6 +149,72 @@ def _profile_steps(engine: LLMEngine, warm: int, steps: int, top: int) -> None:
     for e in kernels[:max(top, 60)]:
         print(f"{e.self_device_time_total / steps:9.1f} {e.self_device_time_total / total:6.1%} "
               f"{e.count / steps:7.1f} {e.self_device_time_total / e.count:8.2f}  {e.key[:100]}")
+    if chain:
+        ops = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA]
+        print(chain_table(sorted(ops, key=lambda op: op[1]), steps))
+
+
+def chain_shares(ops: list[tuple[str, float, float]]) -> list[tuple[float, float, float]]:
+    """Device ops ``(name, start, end)`` in start order -> per op ``(extends, idle, lead)``: how far
+    it pushed the end of the timeline (``end`` past every earlier op's end, once it or the device
+    was busy), the idle time before it started, and how long before the ops ahead had finished it
+    started (its programs placed early and waiting, under programmatic dependent launch). The
+    ``extends`` and ``idle`` of all ops sum to the span from the first start to the last end."""
+    shares, done = [], None
+    for _, start, end in ops:
+        if done is None:
+            shares.append((end - start, 0.0, 0.0))
+            done = end
+            continue
+        shares.append((max(end - max(done, start), 0.0), max(start - done, 0.0), max(done - start, 0.0)))
+        done = max(done, end)
+    return shares
+
+
+def layer_period(names: list[str], longest: int = 64) -> int:
+    """The number of ops a decoder layer launches: the shortest period that most of the sequence
+    of op names repeats with (0 if none covers half of it)."""
+    best, best_hits = 0, len(names) // 2
+    for p in range(2, min(longest, len(names) // 2) + 1):
+        hits = sum(a == b for a, b in zip(names, names[p:]))
+        if hits > best_hits * 1.05:  # a multiple of the period matches as well: keep the shortest
+            best, best_hits = p, hits
+    return best
+
+
+def chain_table(ops: list[tuple[str, float, float]], steps: int) -> str:
+    """The ops of ``steps`` decode steps (``(name, start, end)`` in start order, times in us) by
+    their place in a layer: runs of ops that repeat with the layer's period are the layers, their
+    ops numbered from each run's first; everything else (embedding, LM head, sampling, copies) is
+    listed by name. Per place: us a step by which it extended the timeline, its mean duration and
+    its mean lead (started before the ops ahead finished)."""
+    names = [name for name, _, _ in ops]
+    period = layer_period(names)
+    shares = chain_shares(ops)
+    rows: dict[tuple[int, str], list[float]] = {}
+    in_layers = [bool(period) and ((i + period < len(names) and names[i] == names[i + period])
+                                   or (i >= period and names[i] == names[i - period])) for i in range(len(names))]
+    run_start = 0
+    for i, ((name, start, end), (extends, idle, lead)) in enumerate(zip(ops, shares, strict=True)):
+        if in_layers[i] and (i == 0 or not in_layers[i - 1]):
+            run_start = i
+        key = ((i - run_start) % period, name) if in_layers[i] else (-1, name)
+        row = rows.setdefault(key, [0, 0.0, 0.0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += extends
+        row[2] += idle
+        row[3] += end - start
+        row[4] += lead
+    span = sum(e + i for e, i, _ in shares) / steps
+    lines = [f"decode timeline: {span:.1f} us a step over {steps} steps, a layer {period} ops "
+             f"(place -1: outside the layers)",
+             f"{'place':>5} {'n/step':>7} {'extends us/step':>16} {'idle us/step':>13} {'mean us':>8} "
+             f"{'lead us':>8}  op"]
+    for (place, name), (count, extends, idle, duration, lead) in sorted(rows.items()):
+        lines.append(f"{place:5d} {count / steps:7.1f} {extends / steps:16.1f} {idle / steps:13.1f} "
+                     f"{duration / count:8.2f} {lead / count:8.2f}  {name[:80]}")
+    return "\n".join(lines)
 
 
 def prompt_step(engine: LLMEngine, top: int) -> None:
@@ -260,7 +329,7 @@ def single_stream(engine: LLMEngine) -> None:
     print(f"host: waited for the device {wait:.3f} ms a step, busy {wall - wait:.3f} ms; one graph launch "
           f"{launch_ms:.3f} ms of host time")
     engine.add_request("single-prof", list(range(2, 130)), params)
-    _profile_steps(engine, warm=8, steps=10, top=30)
+    _profile_steps(engine, warm=8, steps=10, top=30, chain=True)
     engine.abort_request(["single-prof"])
     engine.step()
 

@@ -66,3 +66,46 @@ def test_timed_single_stream_times_each_run_after_a_warm_up_and_unpatches(tiny_m
     assert len(results) == 2 and all(0 <= wait <= ms for ms, wait in results)
     assert tokens == {"single-0": 256, "single-1": 256, "single-2": 256}
     assert PendingOutput.result is original
+
+
+def test_chain_shares_split_a_pdl_timeline_into_extension_idle_and_lead() -> None:
+    """Three ops: the second placed early (starts 2 us before the first ends), the third after
+    1 us of idle device. The extensions and idle times add up to the span."""
+    from bench.profile_step import chain_shares
+
+    ops = [("a", 0.0, 10.0), ("b", 8.0, 13.0), ("c", 14.0, 20.0)]
+    assert chain_shares(ops) == [(10.0, 0.0, 0.0), (3.0, 0.0, 2.0), (6.0, 1.0, 0.0)]
+    # An op that ends inside another's span extends nothing.
+    assert chain_shares([("a", 0.0, 10.0), ("b", 1.0, 5.0), ("c", 6.0, 12.0)])[1:] == [(0.0, 0.0, 9.0), (2.0, 0.0, 4.0)]
+    assert sum(e + i for e, i, _ in chain_shares(ops)) == 20.0
+
+
+def test_chain_table_numbers_ops_by_their_place_in_a_layer() -> None:
+    """Two steps of: a copy, three layers of (norm, linear, act), a head. Each layer's norm
+    extends the timeline 1 us, its linear 4 (placed 1 us early), its act 2; the head 5, the copy
+    1, the second step's after 3 us of idle device (the timeline begins at the first op)."""
+    from bench.profile_step import chain_table, layer_period
+
+    ops, t = [], 0.0
+    for _ in range(2):
+        t += 3.0
+        ops.append(("copy", t, t + 1.0))
+        t += 1.0
+        for _ in range(3):
+            ops.append(("norm", t, t + 1.0))
+            ops.append(("linear", t, t + 5.0))  # placed while the norm runs
+            ops.append(("act", t + 5.0, t + 7.0))
+            t += 7.0
+        ops.append(("head", t, t + 5.0))
+        t += 5.0
+    names = [name for name, _, _ in ops]
+    assert layer_period(names) == 3
+    table = chain_table(ops, steps=2)
+    rows = {line.split()[-1]: line.split() for line in table.splitlines()[2:]}
+    # place, n/step, extends us/step, idle us/step, mean us, lead us
+    assert rows["norm"][:4] == ["0", "3.0", "3.0", "0.0"]
+    assert rows["linear"][:6] == ["1", "3.0", "12.0", "0.0", "5.00", "1.00"]
+    assert rows["act"][:4] == ["2", "3.0", "6.0", "0.0"]
+    assert rows["head"][:3] == ["-1", "1.0", "5.0"]
+    assert rows["copy"][:4] == ["-1", "1.0", "1.0", "1.5"]
+    assert table.splitlines()[0].startswith("decode timeline: 28.5 us a step over 2 steps, a layer 3 ops")
