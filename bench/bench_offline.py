@@ -5,7 +5,8 @@ baseline on the same shapes side by side.
    uniform in [``--min-len``, ``--max-len``] (seeded), random prompt token ids, ignore_eos,
    temperature 0.6; output tokens / wall time after one warm-up call.
 2. Single stream: one 128-token prompt, 256 new tokens, after warm-up: tokens/s and time per
-   output token.
+   output token; with ``--async-scheduling`` also how long the host waited for the device a token
+   (``host_wait_ms_per_token``: about none when the host, not the device, sets the pace).
 
 The warm-up call is the measured call itself, run once before: kernels compile per shape on
 first use (Triton's and FlashAttention-4's JIT take seconds each), and a warm-up of other
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import write_result, write_shape_dir
+from bench.common import recorded_host_waits, write_result, write_shape_dir
 from engine.config import EngineArgs
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
@@ -74,14 +75,18 @@ def single_stream(engine: LLMEngine, args: argparse.Namespace) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=args.single_new_tokens, ignore_eos=True, detokenize=False)
     _run_all(engine, [prompt], [params])
     runs = []
-    for _ in range(args.single_repeats):
-        engine.reset_prefix_cache()
-        first: list[float] = []
-        wall, tokens = _run_all(engine, [prompt], [params], first)
-        ttft = first[0]
-        runs.append({"prompt_tokens": len(prompt), "output_tokens": tokens, "wall_s": wall,
-                     "tokens_per_s": tokens / wall, "time_per_output_token_ms": 1000 * wall / tokens,
-                     "ttft_ms": 1000 * ttft, "decode_ms_per_token": 1000 * (wall - ttft) / max(tokens - 1, 1)})
+    with recorded_host_waits() as waits:
+        for _ in range(args.single_repeats):
+            engine.reset_prefix_cache()
+            waits.clear()
+            first: list[float] = []
+            wall, tokens = _run_all(engine, [prompt], [params], first)
+            ttft = first[0]
+            runs.append({"prompt_tokens": len(prompt), "output_tokens": tokens, "wall_s": wall,
+                         "tokens_per_s": tokens / wall, "time_per_output_token_ms": 1000 * wall / tokens,
+                         "ttft_ms": 1000 * ttft, "decode_ms_per_token": 1000 * (wall - ttft) / max(tokens - 1, 1)})
+            if waits:  # asynchronous scheduling: the host's wait for each token after the first
+                runs[-1]["host_wait_ms_per_token"] = 1000 * sum(wait for _, wait, _ in waits[1:]) / max(tokens - 1, 1)
     # The median run by wall time; every run's figures with it when there are several.
     median = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]
     return median if len(runs) == 1 else median | {"runs": runs}
@@ -162,8 +167,10 @@ def main() -> None:
     if offline is not None:
         print(f"offline: {offline['output_tokens_per_s']:.1f} output tok/s ({offline['output_tokens']} tokens, "
               f"{offline['wall_s']:.1f} s)")
+    waited = (f", of which the host waited {single['host_wait_ms_per_token']:.3f} for the device"
+              if "host_wait_ms_per_token" in single else "")
     print(f"single stream: {single['tokens_per_s']:.1f} tok/s ({single['time_per_output_token_ms']:.2f} ms/token; "
-          f"first token {single['ttft_ms']:.1f} ms, then {single['decode_ms_per_token']:.3f} ms/token)")
+          f"first token {single['ttft_ms']:.1f} ms, then {single['decode_ms_per_token']:.3f} ms/token{waited})")
     for b in baseline:
         print(f"transformers generate, batch {b['batch']}: {b['output_tokens_per_s']:.1f} tok/s")
     if args.out:

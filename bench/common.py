@@ -6,6 +6,7 @@ with ``load_format="dummy"`` (random weights): speed does not depend on the weig
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -13,6 +14,8 @@ import os
 import platform
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -129,33 +132,43 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def timed_single_stream(engine, runs: int) -> list[tuple[float, float]]:
-    """``(ms a step, ms a step the host waited for the device)`` of ``runs`` greedy streams of one
-    request (a 128-token prompt, 256 new tokens, the prompt's step not counted) after one
-    warm-up run. The wait is the time ``PendingOutput.result`` blocked for the sampled tokens
-    (asynchronous scheduling; about none when the host is the bottleneck)."""
-    import time
-
+@contextlib.contextmanager
+def recorded_host_waits() -> Iterator[list[tuple[int, float, float]]]:
+    """Inside, every ``PendingOutput.result`` (the asynchronous engine's wait for a step's sampled
+    tokens) appends ``(requests, seconds it blocked, perf_counter when it began)`` to the list
+    yielded; about no wait means the host, not the device, set the pace."""
     from engine.model_runner import PendingOutput
-    from engine.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, detokenize=False)
-    waits: list[float] = []
+    waits: list[tuple[int, float, float]] = []
     unpatched = PendingOutput.result
 
     def timed_result(self: PendingOutput):
         start = time.perf_counter()
         out = unpatched(self)
-        waits.append(time.perf_counter() - start)
+        waits.append((len(self.request_ids), time.perf_counter() - start, start))
         return out
+
+    PendingOutput.result = timed_result
+    try:
+        yield waits
+    finally:
+        PendingOutput.result = unpatched
+
+
+def timed_single_stream(engine, runs: int) -> list[tuple[float, float]]:
+    """``(ms a step, ms a step the host waited for the device)`` of ``runs`` greedy streams of one
+    request (a 128-token prompt, 256 new tokens, the prompt's step not counted) after one
+    warm-up run (the wait: ``recorded_host_waits``)."""
+    from engine.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True, detokenize=False)
 
     def sync() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
     results = []
-    PendingOutput.result = timed_result
-    try:
+    with recorded_host_waits() as waits:
         for run in range(runs + 1):
             engine.add_request(f"single-{run}", list(range(2, 130)), params)
             engine.step()  # the prompt
@@ -167,8 +180,7 @@ def timed_single_stream(engine, runs: int) -> list[tuple[float, float]]:
                 steps += 1
             sync()
             if run:
-                results.append((1000 * (time.perf_counter() - start) / steps, 1000 * sum(waits) / steps))
+                results.append((1000 * (time.perf_counter() - start) / steps,
+                                1000 * sum(wait for _, wait, _ in waits) / steps))
             engine.reset_prefix_cache()
-    finally:
-        PendingOutput.result = unpatched
     return results

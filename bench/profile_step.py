@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import timed_single_stream, write_shape_dir
+from bench.common import recorded_host_waits, timed_single_stream, write_shape_dir
 from engine.config import EngineArgs
 from engine.cuda_graph import GraphShape
 from engine.llm_engine import LLMEngine
@@ -257,25 +257,12 @@ def offline_waits(engine: LLMEngine, args: argparse.Namespace) -> None:
     """bench_offline's workload (after a warm-up run of it): for the steps that sample n requests,
     grouped by n, the mean step wall time and the host's mean wait for the device's tokens."""
     from bench.bench_offline import offline_throughput
-    from engine.model_runner import PendingOutput
 
     assert args.async_scheduling, "--offline measures the asynchronous engine's waits"
     workload = argparse.Namespace(seed=args.seed, num_requests=args.num_requests, min_len=args.min_len,
                                   max_len=args.max_len)
-    results: list[tuple[int, float, float]] = []  # (requests sampled, wait, when the wait began)
-    unpatched = PendingOutput.result
-
-    def timed_result(self: PendingOutput):
-        start = time.perf_counter()
-        out = unpatched(self)
-        results.append((len(self.request_ids), time.perf_counter() - start, start))
-        return out
-
-    PendingOutput.result = timed_result
-    try:
+    with recorded_host_waits() as results:  # (requests sampled, wait, when the wait began)
         offline = offline_throughput(engine, workload)  # its warm-up run is recorded too: dropped below
-    finally:
-        PendingOutput.result = unpatched
     steps = results[len(results) // 2:]  # the two runs schedule alike: the second half is the measured run
     buckets: dict[int, list[float]] = {}
     for (n, wait, start), following in zip(steps, steps[1:], strict=False):

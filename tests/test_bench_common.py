@@ -109,3 +109,28 @@ def test_chain_table_numbers_ops_by_their_place_in_a_layer() -> None:
     assert rows["head"][:3] == ["-1", "1.0", "5.0"]
     assert rows["copy"][:4] == ["-1", "1.0", "1.0", "1.5"]
     assert table.splitlines()[0].startswith("decode timeline: 28.5 us a step over 2 steps, a layer 3 ops")
+
+
+def test_bench_offline_single_stream_records_the_host_wait_with_async_scheduling(tiny_models) -> None:
+    """Each single-stream run carries the host's wait for the device a token after the first
+    (part of the time a token) with asynchronous scheduling, none without it, and
+    PendingOutput.result is itself again afterwards."""
+    import argparse
+
+    from bench.bench_offline import single_stream
+    from engine.config import EngineArgs
+    from engine.llm_engine import LLMEngine
+    from engine.model_runner import PendingOutput
+
+    original = PendingOutput.result
+    args = argparse.Namespace(seed=0, single_prompt_tokens=16, single_new_tokens=24, single_repeats=2)
+    for async_scheduling in (True, False):
+        engine = LLMEngine(EngineArgs(model=str(tiny_models["llama"]), num_kv_blocks=64, block_size=16,
+                                      async_scheduling=async_scheduling))
+        result = single_stream(engine, args)
+        assert len(result["runs"]) == 2 and all(run["output_tokens"] == 24 for run in result["runs"])
+        if async_scheduling:
+            assert all(0 <= run["host_wait_ms_per_token"] <= run["decode_ms_per_token"] for run in result["runs"])
+        else:
+            assert not any("host_wait_ms_per_token" in run for run in result["runs"])
+        assert PendingOutput.result is original
