@@ -226,7 +226,8 @@ def _launch(act: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, qzeros: t
     x_tiles = 1
     if x_mode != X_TMA:
         x_tiles = _prologue_tiles(n, k, _num_sms(x.device))
-        assert m == 1 and config is None and x_tiles, "the activation prologue takes one token and a slice that fits"
+        assert m == 1 and config is None and x_tiles and tile_k == 128 and x.element_size() == 2, \
+            "the activation prologue takes one token, 128-row tiles of 16-bit activations and a slice that fits"
     n_tiles = n // (64 * WARPS)
     x_desc, w_desc = _descriptors(x, qweight, block_t, tile_k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -464,10 +465,13 @@ if HAVE_GLUON:
             v = ((a.to(gl.float32) * rstd).to(dtype).to(gl.float32) * nw.to(dtype).to(gl.float32)).to(dtype)
         token = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
         v3 = gl.where((token == 0)[None, :, None], gl.expand_dims(v, 1), gl.zeros_like(gl.expand_dims(v, 1)))
+        # A tile's 128-byte swizzle holds its 64-column halves one after the other, each
+        # [BLOCK_T, 64]: the same bytes as [2 X_TILES, BLOCK_T, 64], which one store writes.
+        v3 = gl.permute(v3.reshape([X_TILES, BLOCK_T, 2, 64]), (0, 2, 1, 3)).reshape([2 * X_TILES, BLOCK_T, 64])
         if _PUBLIC_REINTERPRET:
-            x_smem.reinterpret(x_smem.dtype, x_smem.shape, _rank3(x_smem.layout)).store(v3)
+            x_smem.reinterpret(x_smem.dtype, v3.shape, _rank3(x_smem.layout)).store(v3)
         else:
-            x_smem._reinterpret(x_smem.dtype, x_smem.shape, _rank3(x_smem.layout)).store(v3)
+            x_smem._reinterpret(x_smem.dtype, v3.shape, _rank3(x_smem.layout)).store(v3)
         _cta_barrier()  # every warp's part of the slice is in shared memory before the MMAs read it
 
     @gluon.jit
