@@ -37,8 +37,7 @@ def compile_sass(module: str, kernel: str, block_t: int, descriptor_args: list, 
                                       torch.zeros(k, n // 8, dtype=torch.int32), block_t, *descriptor_args)
     out_ty = "*bf16" if torch_dtype == torch.bfloat16 else "*fp16"
     types = dict(x_desc=mangle_type(x_desc), w_desc=mangle_type(w_desc), qzeros_ptr="*i32", scales_ptr="*fp16",
-                 out_ptr=out_ty, partial_ptr="*fp32", lock_ptr="*i32", act_ptr=out_ty, res_ptr=out_ty,
-                 norm_w_ptr=out_ty, sum_ptr=out_ty, eps="fp32")
+                 out_ptr=out_ty, partial_ptr="*fp32", lock_ptr="*i32")
     if "s_desc" in fn.arg_names:  # awq_wgmma's scale and zero-point descriptors
         groups = k // consts["GROUP"]
         s_desc, z_desc = mod._param_descriptors(torch.zeros(groups, n, dtype=torch.float16),

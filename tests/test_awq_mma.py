@@ -143,8 +143,7 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtyp
     """The kernel compiles for an H100/H200 with this Triton (its layout changes are all asserted
     trivial), keeps its state in registers (no local memory) and feeds the tensor cores from its
     unpacked registers: no shared-memory store in the main loop, 40 mma.sync a 128-row tile."""
-    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, HALVES=halves, NUM_STAGES=2, X_MODE=mma.X_TMA, X_TILES=1,
-                  USE_PDL=True)
+    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, HALVES=halves, NUM_STAGES=2, USE_PDL=True)
     sass = compiled_sass("engine.kernels.awq_mma", "_awq_mma_kernel", block_t, [128 * halves], consts, dtype,
                          mma.WARPS)
     hmma = len(re.findall(r"HMMA\.16816", sass))
@@ -221,97 +220,3 @@ def test_mma_in_a_cuda_graph_and_through_awq_linear(monkeypatch: pytest.MonkeyPa
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
     assert not ARRIVALS[x.device].any()
-
-
-def test_prologue_slice_rule() -> None:
-    """One token's activation prologue holds its program's K tiles (rounded up to a power of two)
-    in shared memory: 4, 2, 16 and 8 tiles on Llama-3.1-8B's qkv, o, gate_up and down on 132
-    SMs; a slice over 32 KB (one program over all of a long K) is refused."""
-    tiles = {(k, n): mma._prologue_tiles(n, k, num_sms=132) for k, n in
-             [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (16384, 65536)]}
-    assert tiles == {(4096, 6144): 4, (4096, 4096): 2, (4096, 28672): 16, (14336, 4096): 8, (16384, 65536): 0}
-
-
-@pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
-@pytest.mark.parametrize("x_mode", [mma.X_SILU_MUL, mma.X_NORM, mma.X_ADD_NORM])
-def test_prologue_modes_compile_for_sm90_without_spills(x_mode: int) -> None:
-    """The activation prologues compile for sm_90 without local memory and leave the MMA loop
-    as it is (40 mma.sync a 128-row tile); they write the formed slice to shared memory."""
-    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=8, HALVES=1, NUM_STAGES=2, X_MODE=x_mode, X_TILES=8,
-                  USE_PDL=True)
-    sass = compiled_sass("engine.kernels.awq_mma", "_awq_mma_kernel", 8, [128], consts, torch.bfloat16, mma.WARPS)
-    assert len(re.findall(r"HMMA\.16816", sass)) == 40
-    assert re.search(r"\bSTSM\b", sass)
-
-
-@needs_hopper
-@pytest.mark.parametrize(("k", "n"), [(512, 256), (4096, 6144), (14336, 4096), (4096, 28672)])
-def test_silu_mul_prologue_equals_separate_launch(k: int, n: int) -> None:
-    """silu(gate) * up formed by the programs is bit-identical to activation.py's kernel followed
-    by awq_mma; split-K counters left at zero."""
-    from engine.kernels.activation import silu_and_mul
-    from engine.kernels.awq_mma import awq_mma_silu_mul
-
-    seed = _seed()
-    w = _random_weight(k, n, 128, seed)[:3]
-    gate_up = torch.randn(1, 2 * k, generator=torch.Generator().manual_seed(seed)).to("cuda", torch.bfloat16)
-    assert mma.prologue_supported(gate_up, w[0], 128)
-    assert torch.equal(awq_mma_silu_mul(gate_up, *w), awq_mma(silu_and_mul(gate_up), *w))
-    assert not ARRIVALS[gate_up.device].any()
-
-
-@needs_hopper
-@pytest.mark.parametrize("with_residual", [True, False])
-@pytest.mark.parametrize(("k", "n"), [(512, 256), (4096, 6144), (4096, 28672)])
-def test_norm_prologue_matches_separate_launch(k: int, n: int, with_residual: bool) -> None:
-    """rms_norm(x + residual) formed by the programs: the sum is rms_norm.py's exactly (stored
-    once, by the first column block's programs), and the product matches rms_norm.py's kernel
-    followed by awq_mma (the fp32 statistic may differ in its last bit: checked against the
-    float64 reference of the separately normed row, and equal in nearly every output)."""
-    from engine.kernels.awq_mma import awq_mma_rms_norm
-    from engine.kernels.rms_norm import fused_add_rms_norm, rms_norm
-
-    seed = _seed()
-    gen = torch.Generator().manual_seed(seed)
-    qweight, qzeros, scales, w64 = _random_weight(k, n, 128, seed)
-    x, residual = (torch.randn(1, k, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
-    norm_w = (torch.rand(k, generator=gen) + 0.5).to("cuda", torch.bfloat16)
-    out, total = awq_mma_rms_norm(x, residual if with_residual else None, norm_w, 1e-6, qweight, qzeros, scales)
-    if with_residual:
-        normed, expected_total = fused_add_rms_norm(x, residual.clone(), norm_w, 1e-6)
-        assert torch.equal(total, expected_total)
-    else:
-        normed = rms_norm(x, norm_w, 1e-6)
-        assert total is x
-    _check_matmul(out, normed, w64, seed)
-    assert (out == awq_mma(normed, qweight, qzeros, scales)).float().mean() > 0.99
-    assert not ARRIVALS[x.device].any()
-
-
-@needs_hopper
-def test_awq_layers_route_one_token_through_the_prologues() -> None:
-    """AWQLinearMethod's gated and normed forms take one token through the prologues (the same
-    results as the separate launches) and more tokens through the separate launches."""
-    from types import SimpleNamespace
-
-    from engine.layers.activation import SiluAndMul
-    from engine.layers.norm import RMSNorm
-    from engine.quantization.awq import AWQLinearMethod
-
-    seed = _seed()
-    qweight, qzeros, scales, _ = _random_weight(1024, 512, 128, seed)
-    layer = SimpleNamespace(qweight=qweight, qzeros=qzeros, scales=scales, bias=torch.randn(512, device="cuda"))
-    method = AWQLinearMethod(None)
-    norm = RMSNorm(1024, 1e-6).to("cuda", torch.bfloat16)
-    norm.weight.data.uniform_(0.5, 1.5)
-    gen = torch.Generator().manual_seed(seed)
-    for tokens in (1, 3):
-        gate_up = torch.randn(tokens, 2048, generator=gen).to("cuda", torch.bfloat16)
-        assert mma.prologue_supported(gate_up, qweight, 128) == (tokens == 1)
-        assert torch.equal(method.apply_gated(layer, gate_up, SiluAndMul()),
-                           method.apply(layer, SiluAndMul()(gate_up)))
-        x, residual = (torch.randn(tokens, 1024, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
-        out, total = method.apply_normed(layer, x, residual.clone(), norm)
-        normed, expected_total = norm(x, residual.clone())
-        assert torch.equal(total, expected_total)
-        assert (out == method.apply(layer, normed)).float().mean() > 0.99

@@ -131,113 +131,30 @@ def _descriptors(x: torch.Tensor, qweight: torch.Tensor, block_t: int, tile_k: i
     return x_desc, w_desc
 
 
-# How a program gets its activations (the kernel's X_MODE): TMA tiles of x along the pipeline
-# (X_TMA), or, for one token, its whole K slice formed once after the PDL wait from what the kernel
-# before it would otherwise have had to turn into x: silu(gate) * up (X_SILU_MUL), rms_norm(x)
-# (X_NORM) or rms_norm(x + residual) (X_ADD_NORM). That takes a launch (and its drain and wake-up
-# on the step's critical path) out of each decode layer twice.
-X_TMA, X_SILU_MUL, X_NORM, X_ADD_NORM = 0, 1, 2, 3
-# Shared memory a program may hold its formed slice in (BLOCK_T rows, its K tiles rounded up to a
-# power of two): Llama-3.1-8B's one-token shapes take 8-32 KB.
-PROLOGUE_MAX_BYTES = 32 * 1024
-
-
-def _geometry(m: int, k: int, cfg: MmaConfig) -> tuple[int, int, int, int]:
-    """(BLOCK_T, K rows a tile, K rows a program, programs along K) of ``cfg``."""
-    tile_k = BLOCK_K * cfg.halves
-    k_per_split = triton.cdiv(k // tile_k, cfg.split_k) * tile_k
-    return (8 if m <= 8 else 16), tile_k, k_per_split, triton.cdiv(k, k_per_split)
-
-
-def _prologue_tiles(n: int, k: int, num_sms: int) -> int:
-    """The K tiles a program's formed slice holds for one token (a power of two), or 0 where it
-    would take more than PROLOGUE_MAX_BYTES."""
-    block_t, tile_k, k_per_split, _ = _geometry(1, k, mma_config(1, n, k, num_sms))
-    tiles = triton.next_power_of_2(k_per_split // tile_k)
-    return tiles if tiles * block_t * tile_k * 2 <= PROLOGUE_MAX_BYTES else 0
-
-
-@functools.cache
-def _prologue_enabled() -> bool:
-    return os.environ.get("SLUICE_AWQ_MMA_PROLOGUE", "1") != "0"
-
-
-def prologue_supported(x: torch.Tensor, qweight: torch.Tensor, group_size: int) -> bool:
-    """Whether ``awq_mma_silu_mul`` and ``awq_mma_rms_norm`` take one token ``x`` (its K features,
-    or 2 K for the gated form) on this weight: ``mma_supported`` and the slice fits.
-    ``SLUICE_AWQ_MMA_PROLOGUE=0`` at start-up turns them off (separate norm and SiLU launches)."""
-    k, n = qweight.shape[0], qweight.shape[1] * 8
-    return (x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1 and _prologue_enabled()
-            and mma_supported(x, qweight, group_size) and _prologue_tiles(n, k, _num_sms(x.device)) > 0)
-
-
 def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
             config: MmaConfig | None = None) -> torch.Tensor:
     """``x`` [M, K] (fp16 or bf16, M <= 16) times the AWQ weight -> [M, N] in x's dtype, on the
     tensor cores (see the module docstring). Needs ``mma_supported``; ``config`` overrides
     ``mma_config``."""
     m, k_x = x.shape
-    k = qweight.shape[0]
+    k, n, group_size = _check_shapes(qweight, qzeros, scales)
     assert 1 <= m <= MMA_MAX_TOKENS, f"awq_mma takes 1 to {MMA_MAX_TOKENS} tokens, got {m}"
     assert k_x == k, f"x has {k_x} features, the weight {k}"
-    return _launch(x, x, qweight, qzeros, scales, config, X_TMA)
-
-
-def awq_mma_silu_mul(gate_up: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
-                     scales: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of one token ``gate_up`` [1, 2 K] = [gate | up] times the AWQ weight
-    -> [1, N]: engine/kernels/activation.py's math and rounding, formed by each program for its
-    K slice (X_SILU_MUL). Needs ``prologue_supported``."""
-    k = qweight.shape[0]
-    assert gate_up.shape == (1, 2 * k), f"gate_up must be [1, {2 * k}], got {tuple(gate_up.shape)}"
-    return _launch(gate_up, gate_up[:, :k], qweight, qzeros, scales, None, X_SILU_MUL)
-
-
-def awq_mma_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                     qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rms_norm(x + residual) @ W, x + residual)`` for one token ``x`` [1, K] (``residual``
-    None: ``(rms_norm(x) @ W, x)``): engine/kernels/rms_norm.py's math and roundings (its fp32
-    sum of squares adds in another order, so the statistic may differ in its last bit), formed
-    by each program for its K slice (X_NORM, X_ADD_NORM); the programs of the first column
-    block store the sum, a new tensor. Needs ``prologue_supported``."""
-    k = qweight.shape[0]
-    assert x.shape == (1, k) and norm_weight.shape == (k,) and norm_weight.is_contiguous()
-    if residual is None:
-        return _launch(x, x, qweight, qzeros, scales, None, X_NORM, norm=(norm_weight, eps)), x
-    assert residual.shape == x.shape and residual.dtype == x.dtype and residual.stride(1) == 1
-    total = torch.empty_like(x)
-    out = _launch(x, x, qweight, qzeros, scales, None, X_ADD_NORM, norm=(norm_weight, eps), residual=residual,
-                  total=total)
-    return out, total
-
-
-def _launch(act: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-            config: MmaConfig | None, x_mode: int, norm: tuple[torch.Tensor, float] | None = None,
-            residual: torch.Tensor | None = None, total: torch.Tensor | None = None) -> torch.Tensor:
-    """One awq_mma launch: ``act`` is what the programs read their activations from (x itself for
-    X_TMA), ``x`` the [M, K] view that sets the tokens and the activations' descriptor."""
-    m = x.shape[0]
-    k, n, group_size = _check_shapes(qweight, qzeros, scales)
     assert mma_supported(x, qweight, group_size), "awq_mma does not take this device, dtype or shape"
     cfg = MmaConfig(*config) if config else mma_config(m, n, k, _num_sms(x.device))
     assert cfg.halves in (1, 2) and k % (BLOCK_K * cfg.halves) == 0
-    block_t, tile_k, k_per_split, split_k = _geometry(m, k, cfg)
-    x_tiles = 1
-    if x_mode != X_TMA:
-        x_tiles = _prologue_tiles(n, k, _num_sms(x.device))
-        assert m == 1 and config is None and x_tiles and tile_k == 128 and x.element_size() == 2, \
-            "the activation prologue takes one token, 128-row tiles of 16-bit activations and a slice that fits"
+    block_t = 8 if m <= 8 else 16
+    tile_k = BLOCK_K * cfg.halves
+    k_per_split = triton.cdiv(k // tile_k, cfg.split_k) * tile_k
+    split_k = triton.cdiv(k, k_per_split)
     n_tiles = n // (64 * WARPS)
     x_desc, w_desc = _descriptors(x, qweight, block_t, tile_k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    norm_weight, eps = norm if norm is not None else (act, 0.0)  # not read without a norm
     _awq_mma_kernel[(n_tiles, split_k)](
         x_desc, w_desc, qzeros, scales, out, partial, arrival_counters(x.device, n_tiles), m, k_per_split, split_k,
-        act, act if residual is None else residual, norm_weight, act if total is None else total, eps,
         N=n, K=k, GROUP=group_size, BLOCK_T=block_t, HALVES=cfg.halves, NUM_STAGES=cfg.num_stages,
-        X_MODE=x_mode, X_TILES=x_tiles, num_warps=WARPS, **pdl_args(x.device),
+        num_warps=WARPS, **pdl_args(x.device),
     )
     return out
 
@@ -246,8 +163,6 @@ if HAVE_GLUON:
     # Triton 3.9 renamed the TMA load (its old name raises there) and the CTA barrier.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-    # ... and made a shared-memory view's reinterpretation public.
-    _PUBLIC_REINTERPRET = gl.constexpr(hasattr(gl.shared_memory_descriptor, "reinterpret"))
     _UNPACK_BF16 = gl.constexpr(UNPACK_BF16_PTX)
     _UNPACK_FP16 = gl.constexpr(UNPACK_FP16_PTX)
     _UNPACK_CONSTRAINTS = gl.constexpr(",".join(["=r"] * 8 + ["r"] * 16))
@@ -409,77 +324,11 @@ if HAVE_GLUON:
                         _sum_rows(out_ptr, partial_ptr, t0 + r, c0, M, N, split_k, R, C, UNROLL, RL)
                 gl.atomic_xchg(lock_ptr + lock, 0, sem="relaxed", scope="gpu")
 
-    @constexpr_function
-    def _rank3(layout):
-        """The tiles' NVMMA layout with the leading index dimension in it: the same bytes, seen so
-        that one rank-3 store writes every tile."""
-        return gl.NVMMASharedLayout(swizzle_byte_width=layout.swizzle_byte_width,
-                                    element_bitwidth=layout.element_bitwidth, rank=3)
-
-    @gluon.jit
-    def _form_x(x_smem, act_ptr, res_ptr, norm_w_ptr, sum_ptr, eps, k_lo, n_tiles, store_sum, K: gl.constexpr,
-                X_MODE: gl.constexpr, USE_PDL: gl.constexpr):
-        """One token's activations for K rows k_lo .. (n_tiles tiles) into ``x_smem`` [X_TILES,
-        BLOCK_T, TILE_K] (rows past the token zero), formed after the PDL wait: silu(gate) * up of
-        ``act`` = [gate | up] (X_SILU_MUL), or rms_norm(act [+ res]) with weight ``norm_w``
-        (X_NORM, X_ADD_NORM; the sum stored to ``sum_ptr`` where ``store_sum``), in the math and
-        roundings of engine/kernels/activation.py and rms_norm.py. Every load is issued before the
-        first use, so the slice costs about one round trip to L2, as the TMA tile it replaces."""
-        X_TILES: gl.constexpr = x_smem.shape[0]
-        BLOCK_T: gl.constexpr = x_smem.shape[1]
-        TILE_K: gl.constexpr = x_smem.shape[2]
-        W: gl.constexpr = gl.num_warps()
-        L3: gl.constexpr = gl.BlockedLayout([1, BLOCK_T, 2], [1, 1, 32], [1, 1, W], [2, 1, 0])
-        SL: gl.constexpr = gl.SliceLayout(1, L3)  # [X_TILES, TILE_K]: the slice, token 0
-        tile = gl.arange(0, X_TILES, layout=gl.SliceLayout(1, SL))
-        col = gl.arange(0, TILE_K, layout=gl.SliceLayout(0, SL))
-        k = k_lo + tile[:, None] * TILE_K + col[None, :]
-        ok = (tile < n_tiles)[:, None] & (col < TILE_K)[None, :]
-        if X_MODE >= 2:
-            # The norm's weight is never written by a step: requested before the wait.
-            nw = gl.load(norm_w_ptr + k, mask=ok, other=0.0)
-        if USE_PDL:
-            _pdl_wait()
-        a = gl.load(act_ptr + k, mask=ok, other=0.0)
-        dtype: gl.constexpr = a.dtype
-        if X_MODE == 1:
-            gate = a.to(gl.float32)
-            up = gl.load(act_ptr + K + k, mask=ok, other=0.0).to(gl.float32)
-            v = (gate / (1.0 + gl.exp(-gate)) * up).to(dtype)
-        else:
-            # The whole row's sum of squares, its loads issued with the slice's.
-            RL: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [1, W], [1, 0])
-            CH: gl.constexpr = 8 * 32 * W
-            R: gl.constexpr = triton.next_power_of_2(triton.cdiv(K, CH))
-            rk = gl.arange(0, R, layout=gl.SliceLayout(1, RL))[:, None] * CH + \
-                gl.arange(0, CH, layout=gl.SliceLayout(0, RL))[None, :]
-            rok = rk < K
-            row = gl.load(act_ptr + rk, mask=rok, other=0.0)
-            if X_MODE == 3:
-                row = (row.to(gl.float32) + gl.load(res_ptr + rk, mask=rok, other=0.0).to(gl.float32)).to(dtype)
-                a = (a.to(gl.float32) + gl.load(res_ptr + k, mask=ok, other=0.0).to(gl.float32)).to(dtype)
-                if store_sum:
-                    gl.store(sum_ptr + k, a, mask=ok)
-            rf = row.to(gl.float32)
-            rstd = gl.rsqrt(gl.sum(gl.sum(rf * rf, axis=1), axis=0) / K + eps)
-            v = ((a.to(gl.float32) * rstd).to(dtype).to(gl.float32) * nw.to(dtype).to(gl.float32)).to(dtype)
-        token = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
-        v3 = gl.where((token == 0)[None, :, None], gl.expand_dims(v, 1), gl.zeros_like(gl.expand_dims(v, 1)))
-        # A tile's 128-byte swizzle holds its 64-column halves one after the other, each
-        # [BLOCK_T, 64]: the same bytes as [2 X_TILES, BLOCK_T, 64], which one store writes.
-        v3 = gl.permute(v3.reshape([X_TILES, BLOCK_T, 2, 64]), (0, 2, 1, 3)).reshape([2 * X_TILES, BLOCK_T, 64])
-        if _PUBLIC_REINTERPRET:
-            x_smem.reinterpret(x_smem.dtype, v3.shape, _rank3(x_smem.layout)).store(v3)
-        else:
-            x_smem._reinterpret(x_smem.dtype, v3.shape, _rank3(x_smem.layout)).store(v3)
-        _cta_barrier()  # every warp's part of the slice is in shared memory before the MMAs read it
-
     @gluon.jit
     def _awq_mma_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
-                        M, k_per_split, split_k, act_ptr, res_ptr, norm_w_ptr, sum_ptr, eps,
+                        M, k_per_split, split_k,
                         N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
-                        HALVES: gl.constexpr, NUM_STAGES: gl.constexpr, X_MODE: gl.constexpr = 0,
-                        X_TILES: gl.constexpr = 1, USE_PDL: gl.constexpr = False):
+                        HALVES: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False):
         """Grid ``(N / 128, split_k)``, 2 warps a program. Program (p, s) owns output columns
         128 p .. 128 p + 127 (warp g the 64 from 128 p + 64 g) for up to BLOCK_T (8 or 16) tokens
         and the K rows s * k_per_split ..; K % (128 HALVES) == 0, and a 128-row tile lies in one
@@ -498,11 +347,7 @@ if HAVE_GLUON:
         to 4 tokens it loads their rows alone, 16 partials at a time (one round trip to L2
         instead of four at split-K 16: a layer's four linears at one token 50.0 -> 47.5 us on an
         H200, bench/results/awq_mma_s19_one_token_sum.json; at 4 tokens o 7.82 -> 6.27 us, down
-        14.21 -> 12.96, awq_split_k_sum_s20.json).
-
-        X_MODE (module constants): X_TMA loads activation tiles along the pipeline; the others
-        (one token, M == 1) form the program's whole K slice once after the PDL wait
-        (``_form_x``, X_TILES tiles of shared memory) and the stages carry weights alone."""
+        14.21 -> 12.96, awq_split_k_sum_s20.json)."""
         DTYPE: gl.constexpr = x_desc.dtype
         W: gl.constexpr = _WARPS
         MMA: gl.constexpr = _mma_layout(W)
@@ -511,8 +356,7 @@ if HAVE_GLUON:
         TILE_K: gl.constexpr = _BLOCK_K * HALVES
         # Two MMA chains a tile where registers allow (8 tokens, 128-row stages: 1-4% faster on an H200).
         KSPLIT: gl.constexpr = 2 if BLOCK_T == 8 and HALVES == 1 else 1
-        X_BYTES: gl.constexpr = BLOCK_T * TILE_K * 2 if X_MODE == 0 else 0
-        STAGE_BYTES: gl.constexpr = TILE_K * BLOCK_W * 4 + X_BYTES
+        STAGE_BYTES: gl.constexpr = TILE_K * BLOCK_W * 4 + BLOCK_T * TILE_K * 2
         pid_n = gl.program_id(0)
         pid_s = gl.program_id(1)
         w0 = pid_n * BLOCK_W
@@ -520,10 +364,7 @@ if HAVE_GLUON:
         n_tiles = (gl.minimum(k_lo + k_per_split, K) - k_lo) // TILE_K
 
         w_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, TILE_K, BLOCK_W], w_desc.layout)
-        if X_MODE == 0:
-            x_smem = gl.allocate_shared_memory(DTYPE, [NUM_STAGES, BLOCK_T, TILE_K], x_desc.layout)
-        else:
-            x_smem = gl.allocate_shared_memory(DTYPE, [X_TILES, BLOCK_T, TILE_K], x_desc.layout)
+        x_smem = gl.allocate_shared_memory(DTYPE, [NUM_STAGES, BLOCK_T, TILE_K], x_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(bars.index(i), count=1)
@@ -531,14 +372,10 @@ if HAVE_GLUON:
         for i in gl.static_range(NUM_STAGES - 1):
             mbarrier.expect(bars.index(i), STAGE_BYTES, pred=i < n_tiles)
             _tma_load(w_desc, [k_lo + i * TILE_K, w0], bars.index(i), w_smem.index(i), pred=i < n_tiles)
-        if X_MODE == 0:
-            if USE_PDL:
-                _pdl_wait()
-            for i in gl.static_range(NUM_STAGES - 1):
-                _tma_load(x_desc, [0, k_lo + i * TILE_K], bars.index(i), x_smem.index(i), pred=i < n_tiles)
-        else:
-            _form_x(x_smem, act_ptr, res_ptr, norm_w_ptr, sum_ptr, eps, k_lo, n_tiles, pid_n == 0, K, X_MODE,
-                    USE_PDL)
+        if USE_PDL:
+            _pdl_wait()
+        for i in gl.static_range(NUM_STAGES - 1):
+            _tma_load(x_desc, [0, k_lo + i * TILE_K], bars.index(i), x_smem.index(i), pred=i < n_tiles)
 
         rows = gl.arange(0, 64 * W, layout=gl.SliceLayout(1, MMA))
         word = w0 + 8 * ((rows // 16) % W) + rows % 8
@@ -560,9 +397,8 @@ if HAVE_GLUON:
             mbarrier.expect(bars.index(nt % NUM_STAGES), STAGE_BYTES, pred=nt < n_tiles)
             _tma_load(w_desc, [k_lo + nt * TILE_K, w0], bars.index(nt % NUM_STAGES), w_smem.index(nt % NUM_STAGES),
                       pred=nt < n_tiles)
-            if X_MODE == 0:
-                _tma_load(x_desc, [0, k_lo + nt * TILE_K], bars.index(nt % NUM_STAGES),
-                          x_smem.index(nt % NUM_STAGES), pred=nt < n_tiles)
+            _tma_load(x_desc, [0, k_lo + nt * TILE_K], bars.index(nt % NUM_STAGES), x_smem.index(nt % NUM_STAGES),
+                      pred=nt < n_tiles)
             za, sa, zb, sb = za_next, sa_next, zb_next, sb_next
             k_ahead = gl.minimum(k_lo + (t + 1) * TILE_K, K - TILE_K)  # in bounds; unused after the last
             za_next = gl.load(qzeros_ptr + (k_ahead // GROUP) * N_WORDS + word)
@@ -573,7 +409,7 @@ if HAVE_GLUON:
 
             mbarrier.wait(bars.index(t % NUM_STAGES), (t // NUM_STAGES) & 1)
             w_tile = w_smem.index(t % NUM_STAGES)
-            x_tile = x_smem.index(t % NUM_STAGES if X_MODE == 0 else t)
+            x_tile = x_smem.index(t % NUM_STAGES)
             acc = _group(acc, w_tile.slice(0, _BLOCK_K), x_tile.slice(0, _BLOCK_K, dim=1), za, sa, zero_shift, ones,
                          DTYPE, W, BLOCK_T, MMA, KSPLIT)
             if HALVES == 2:

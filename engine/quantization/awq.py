@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from engine.layers.activation import SiluAndMul
 from engine.layers.linear import (
     DenseLinearMethod,
     LinearMethod,
@@ -30,7 +28,6 @@ from engine.layers.linear import (
     register_quant_method,
     set_weight_attrs,
 )
-from engine.layers.norm import RMSNorm
 
 logger = logging.getLogger(__name__)
 
@@ -212,27 +209,6 @@ class AWQLinearMethod(LinearMethod):
     def release_cpu_weight(self, layer: nn.Module) -> None:
         layer.dense_weight = None  # the packed copy replaces it
 
-    def apply_gated(self, layer: nn.Module, gate_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
-                    ) -> torch.Tensor:
-        # One token on the tensor-core kernel: SiLU-and-mul formed by its programs (awq_mma.py's
-        # activation prologue), one launch fewer a layer.
-        if isinstance(act, SiluAndMul) and _prologue_applies(layer, gate_up):
-            from engine.kernels.awq_mma import awq_mma_silu_mul
-
-            return _add_bias(layer, awq_mma_silu_mul(gate_up, layer.qweight, layer.qzeros, layer.scales))
-        return self.apply(layer, act(gate_up))
-
-    def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # One token on the tensor-core kernel: the residual add and the norm formed by its programs.
-        if _prologue_applies(layer, x) and (residual is None or residual.stride(1) == 1):
-            from engine.kernels.awq_mma import awq_mma_rms_norm
-
-            out, residual = awq_mma_rms_norm(x, residual, norm.weight, norm.eps, layer.qweight, layer.qzeros,
-                                             layer.scales)
-            return _add_bias(layer, out), residual
-        return super().apply_normed(layer, x, residual, norm)
-
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             from engine.kernels.awq_gemm import awq_linear
@@ -241,19 +217,8 @@ class AWQLinearMethod(LinearMethod):
         w = layer.dense_weight
         if w is None:
             w = dequantize(layer.qweight, layer.qzeros, layer.scales)
-        return _add_bias(layer, torch.matmul(x, w.to(x.dtype)))
-
-
-def _prologue_applies(layer: nn.Module, x: torch.Tensor) -> bool:
-    if not x.is_cuda:
-        return False
-    from engine.kernels.awq_mma import prologue_supported
-
-    return prologue_supported(x, layer.qweight, layer.qweight.shape[0] // layer.scales.shape[0])
-
-
-def _add_bias(layer: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    return out if layer.bias is None else out + layer.bias
+        out = torch.matmul(x, w.to(x.dtype))
+        return out if layer.bias is None else out + layer.bias
 
 
 @dataclass(slots=True)
