@@ -33,24 +33,16 @@ from engine.kernels.pdl import pdl_args, pdl_prologue
 DEFAULT_NUM_SMS = 132
 
 
-# No split shorter than this many keys (rounded up to the kernel's tile), on the host
-# (``decode_num_splits``) and on the device, where a CUDA graph's launch serves every length.
-MIN_SPLIT_LEN = 128
-
-
 @triton.jit
-def _split_span(seq_lens_ptr, req, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
-                MIN_SPLIT: tl.constexpr):
+def _split_span(seq_lens_ptr, req, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr):
     # Request req's keys [kv_lo, seq_len) and the length of each of its splits (a multiple of
-    # BLOCK_N, at least MIN_SPLIT; 0 without keys): splits at or past cdiv(seq_len - kv_lo,
-    # split_len) are empty.
+    # BLOCK_N; 0 without keys): splits at or past cdiv(seq_len - kv_lo, split_len) are empty.
     seq_len = tl.load(seq_lens_ptr + req)
     if USE_WINDOW:
         kv_lo = tl.maximum(seq_len - window, 0)
     else:
         kv_lo = 0
-    split_len = tl.cdiv(tl.cdiv(seq_len - kv_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    return seq_len, kv_lo, tl.where(seq_len > kv_lo, tl.maximum(split_len, MIN_SPLIT), 0)
+    return seq_len, kv_lo, tl.cdiv(tl.cdiv(seq_len - kv_lo, NUM_SPLITS), BLOCK_N) * BLOCK_N
 
 
 @triton.jit
@@ -65,7 +57,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, MIXED: tl.constexpr, HAS_ORDER: tl.constexpr,
-    MIN_SPLIT: tl.constexpr, USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_reqs, num_kv_heads, NUM_SPLITS)``. Program p takes request p, or with HAS_ORDER
     request ``order[p]``: the GPU starts programs about in order, so an order by decreasing
@@ -100,7 +92,7 @@ def _decode_split_kernel(
             return
     else:
         row = req
-    seq_len, kv_lo, split_len = _split_span(seq_lens_ptr, req, window, NUM_SPLITS, BLOCK_N, USE_WINDOW, MIN_SPLIT)
+    seq_len, kv_lo, split_len = _split_span(seq_lens_ptr, req, window, NUM_SPLITS, BLOCK_N, USE_WINDOW)
     split_lo = kv_lo + split * split_len
     split_hi = tl.minimum(split_lo + split_len, seq_len)
     if NUM_SPLITS > 1:
@@ -174,7 +166,7 @@ def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
     num_heads, window, stride_o_row, stride_o_head,
     NUM_SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, MIXED: tl.constexpr, MIN_SPLIT: tl.constexpr, USE_PDL: tl.constexpr = False,
+    USE_WINDOW: tl.constexpr, MIXED: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_reqs, num_heads)``: weight each split that has keys (the split kernel's
     division of the request's length) by exp2(lse - max lse) and normalise; a request with no
@@ -189,7 +181,7 @@ def _decode_reduce_kernel(
             return
     else:
         row = req
-    seq_len, kv_lo, split_len = _split_span(seq_lens_ptr, req, window, NUM_SPLITS, BLOCK_N, USE_WINDOW, MIN_SPLIT)
+    seq_len, kv_lo, split_len = _split_span(seq_lens_ptr, req, window, NUM_SPLITS, BLOCK_N, USE_WINDOW)
     used = tl.cdiv(seq_len - kv_lo, tl.maximum(split_len, 1))
     pdl_prologue(USE_PDL)
     splits = tl.arange(0, SPLITS_P2)
@@ -219,7 +211,7 @@ def decode_num_splits(
     *,
     sms: int = DEFAULT_NUM_SMS,
     waves: int = 2,
-    min_split_len: int | None = None,
+    min_split_len: int = 128,
     max_splits: int = 16,
 ) -> int:
     """Splits per (request, kv head) so that about ``waves * sms`` programs run, at most
@@ -231,7 +223,7 @@ def decode_num_splits(
     programs = max(num_reqs * num_kv_heads, 1)
     splits = min(triton.cdiv(waves * sms, programs), max_splits)
     if max_seq_len is not None:
-        splits = min(splits, triton.cdiv(max(max_seq_len, 1), min_split_len or MIN_SPLIT_LEN))
+        splits = min(splits, triton.cdiv(max(max_seq_len, 1), min_split_len))
     return max(1, splits)
 
 
@@ -282,7 +274,6 @@ def decode_attention(
     # One split per program (big batches): long tiles, 2% faster than 64 on a mixed-length batch of 256
     # (bench/results/decode_attention_order_sweep_h200.json); split programs keep shorter ones.
     block_n = block_n or (32 if head_dim > 128 else 128 if num_splits == 1 else 64)
-    min_split = triton.cdiv(MIN_SPLIT_LEN, block_n) * block_n
     if num_splits > 1:
         part_out = query.new_empty((num_reqs, num_heads, num_splits, head_dim), dtype=torch.float32)
         part_lse = query.new_empty((num_reqs, num_heads, num_splits), dtype=torch.float32)
@@ -302,15 +293,14 @@ def decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
         USE_WINDOW=bool(sliding_window), DOT_PRECISION=dot_precision(query.dtype), MIXED=mixed,
-        HAS_ORDER=order is not None, MIN_SPLIT=min_split, num_warps=num_warps, num_stages=num_stages or 2,
+        HAS_ORDER=order is not None, num_warps=num_warps, num_stages=num_stages or 2,
         **pdl_args(query.device),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_heads)](
             part_out, part_lse, out, qsl, seq_lens, num_heads, sliding_window or 0, out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_N=block_n,
-            USE_WINDOW=bool(sliding_window), MIXED=mixed, MIN_SPLIT=min_split,
-            num_warps=4 if head_dim * num_splits >= 4096 else 1,
+            USE_WINDOW=bool(sliding_window), MIXED=mixed, num_warps=4 if head_dim * num_splits >= 4096 else 1,
             **pdl_args(part_out.device),
         )
     return out
