@@ -114,6 +114,19 @@ def test_unpack_ptx_gives_each_column_pair_in_awq_order(ptx: str, magic: int) ->
         assert np.array_equal(got >> 16, magic | q[1::2, c].numpy()), f"column {c}, row k + 1"
 
 
+@pytest.mark.parametrize("module", ["engine.kernels.awq_mma", "engine.kernels.awq_wgmma", "engine.kernels.awq_gemm"])
+def test_each_awq_kernel_module_imports_first(module: str) -> None:
+    """The three AWQ kernel modules import one another; each imports on its own in a fresh
+    process (awq_mma first once failed: awq_wgmma read its HAVE_GLUON mid-import)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_config_rule() -> None:
     """Splits stay within the K tiles; from 5 tokens 256-row stages where K and an even split allow."""
     for m in range(1, MMA_MAX_TOKENS + 1):
