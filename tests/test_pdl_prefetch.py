@@ -134,6 +134,30 @@ def test_trigger_before_wait_orders_the_prologue_of_kernels_launched_inside(monk
             assert pdl.pdl_args(device)["USE_PDL"] == pdl.TRIGGER_FIRST
             raise RuntimeError("inside")
     assert pdl.pdl_args(device)["USE_PDL"] == pdl.WAIT_FIRST
+    assert pdl.pdl_args(device, trigger_first=True)["USE_PDL"] == pdl.TRIGGER_FIRST
     monkeypatch.setattr(pdl, "_enabled", lambda device: False)
     with pdl.trigger_before_wait():
         assert pdl.pdl_args(device) == {}  # no PDL: plain launches either way
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 5])
+def test_rotary_places_decode_attention_ahead_for_one_token_only(monkeypatch, num_tokens: int) -> None:
+    """The rotary + cache write kernel lets the next kernel be placed before it waits on a step of
+    one token (a one-request decode: decode attention's loads before its wait then overlap the
+    qkv projection), and waits first on any other."""
+    from engine.kernels import pdl, rotary
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((grid, kwargs["USE_PDL"], kwargs["launch_pdl"]))
+
+    monkeypatch.setattr(pdl, "_enabled", lambda device: True)
+    monkeypatch.setattr(rotary, "_rope_and_cache_kernel", Recorder())
+    q, k, v = torch.zeros(num_tokens, 4, 8), torch.zeros(num_tokens, 2, 8), torch.zeros(num_tokens, 2, 8)
+    cache = torch.zeros(4, 16, 2, 8)
+    cos_sin = torch.zeros(32, 4)
+    positions = torch.arange(num_tokens)
+    rotary.rope_and_cache(positions, q, k, v, cos_sin, cos_sin, cache, cache.clone(), positions)
+    assert launches == [((num_tokens,), pdl.TRIGGER_FIRST if num_tokens == 1 else pdl.WAIT_FIRST, True)]

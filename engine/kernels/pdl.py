@@ -24,6 +24,14 @@ prologue orders its two instructions:
   placing ahead made Llama-3.1-8B's one-token step 6% slower in bf16 and 29% slower in AWQ;
   docs/benchmarks.md, session 22).
 
+One kernel places the next before it waits wherever it runs on one token: the rotary + cache
+write kernel of a one-request decode step. The decode attention kernel after it reads its block
+table and first keys and values before its wait (below); placed while rotary still waits for the
+qkv projection, it has those loads done when rotary finishes (Llama-3.1-8B AWQ's one-token step
+2.050 -> 2.007 ms on an H200, docs/benchmarks.md, session 26). Placing an AWQ linear's programs
+early that way made that step slower: after the SiLU 0.6%, after the input RMSNorm 1.8%, after
+the post-attention one 23%.
+
 That order holds along the chain only if every kernel has a program that waits: a program may
 exit before its wait (work it finds it has none of) only where another program of the same
 launch surely waits.
@@ -80,11 +88,13 @@ def _enabled(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def pdl_args(device: torch.device) -> dict[str, int | bool]:
-    """Launch options for a kernel that calls ``pdl_prologue``: PDL on GPUs that have it."""
+def pdl_args(device: torch.device, trigger_first: bool = False) -> dict[str, int | bool]:
+    """Launch options for a kernel that calls ``pdl_prologue``: PDL on GPUs that have it, the
+    prologue letting the next kernel be placed before it waits with ``trigger_first`` or inside
+    ``trigger_before_wait()``."""
     if not _enabled(device):
         return {}
-    return {"USE_PDL": TRIGGER_FIRST if _trigger_first else WAIT_FIRST, "launch_pdl": True}
+    return {"USE_PDL": TRIGGER_FIRST if trigger_first or _trigger_first else WAIT_FIRST, "launch_pdl": True}
 
 
 @contextlib.contextmanager

@@ -206,5 +206,7 @@ def rope_and_cache(
         NORM=norm, BLOCK_SIZE=key_cache.shape[1],
         BLOCK_HQ=triton.next_power_of_2(num_q_heads), BLOCK_HK=triton.next_power_of_2(num_kv_heads),
         BLOCK_HALF=triton.next_power_of_2(half_dim), num_warps=num_warps,
-        **pdl_args(positions.device),
+        # One token (a one-request decode step): decode attention is placed before this kernel
+        # waits, so that its loads before the wait overlap the qkv projection (pdl.py).
+        **pdl_args(positions.device, trigger_first=num_tokens == 1),
     )
