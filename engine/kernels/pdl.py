@@ -15,8 +15,8 @@ prologue orders its two instructions:
 - wait, then let the next kernel be placed (the default): only the kernel ahead can still be
   running while a kernel's programs start.
 - let the next kernel be placed, then wait (inside ``trigger_before_wait()``, or launched with
-  ``pdl_args(device, trigger_first=True)``): the placement runs
-  ahead through a chain of kernels as far as the SMs have room, each waiting at its prologue.
+  ``pdl_args(device, trigger_first=True)``): the placement runs ahead through a chain of kernels
+  as far as the SMs have room, each waiting at its prologue.
   This pays when every linear of the chain can request its whole weight before its wait (a
   small model's one-token decode, engine/kernels/gemv.py's slab): the weights then stream while
   the small kernels between the linears (norms, rotary, attention) run. Where a linear's weight
