@@ -25,10 +25,10 @@ prologue orders its two instructions:
   placing ahead made Llama-3.1-8B's one-token step 6% slower in bf16 and 29% slower in AWQ;
   docs/benchmarks.md, session 22).
 
-One kernel places the next before it waits wherever it runs on one token: the rotary + cache
-write kernel of a one-request decode step. The decode attention kernel after it reads its block
-table and first keys and values before its wait (below); placed while rotary still waits for the
-qkv projection, it has those loads done when rotary finishes (Llama-3.1-8B AWQ's one-token step
+On a step of one token (a one-request decode), graph or eager, the rotary + cache write kernel
+places the next before it waits. The decode attention kernel after it reads its block table and
+first keys and values before its wait (below); placed while rotary still waits for the qkv
+projection, it has those loads done when rotary finishes (Llama-3.1-8B AWQ's one-token step
 2.050 -> 2.007 ms on an H200, docs/benchmarks.md, session 26). Placing an AWQ linear's programs
 early that way made that step slower: after the SiLU 0.6%, after the input RMSNorm 1.8%, after
 the post-attention one 23%.
