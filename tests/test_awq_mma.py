@@ -137,7 +137,7 @@ def test_config_rule() -> None:
                 assert m > 4 and (k // 256) % cfg.split_k == 0
     picks = {(k, n): mma_config(16, n, k, num_sms=132)[:2] for k, n in [(4096, 6144), (4096, 4096), (14336, 4096)]}
     assert picks == {(4096, 6144): (1, 6), (4096, 4096): (2, 8), (14336, 4096): (2, 8)}
-    assert mma_config(1, 4096, 4096, num_sms=132) == (1, 16, 2, 0)  # 32 column blocks fill 132 SMs
+    assert mma_config(1, 4096, 4096, num_sms=132) == (1, 16, 2)  # 32 column blocks fill 132 SMs
 
 
 def compiled_sass(module: str, kernel: str, block_t: int, descriptor_args: list, consts: dict,
@@ -167,34 +167,11 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtyp
     assert len(re.findall(r"\bSTS\b", sass)) <= 1
 
 
-@pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
-def test_stream_k_kernel_compiles_for_sm90_without_spills() -> None:
-    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=8, UNITS=5, USE_PDL=True)
-    sass = compiled_sass("engine.kernels.awq_mma", "_awq_mma_stream_k_kernel", 8, [128], consts, torch.bfloat16,
-                         mma.WARPS)
-    assert len(re.findall(r"HMMA\.16816", sass)) == 40
-
-
-def test_stream_k_where_split_k_loads_the_sms_unevenly() -> None:
-    """Llama-3.1-8B's gate_up at 1-4 tokens: 224 column blocks in 2 splits are 448 programs of 16
-    tiles on 132 SMs, 4 on some and 3 on others; 14 tiles a program are 512 programs, the
-    busiest SMs streaming 56 tiles instead of 64. The other linears' grids are even already."""
-    assert mma_config(1, 28672, 4096, 132) == MmaConfig(1, 1, 2, 14)
-    assert mma_config(4, 28672, 4096, 132).stream_k == 14
-    for n, k in ((6144, 4096), (4096, 4096), (4096, 14336)):
-        assert mma_config(1, n, k, 132).stream_k == 0
-    assert mma_config(8, 28672, 4096, 132).stream_k == 0
-
-
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
     ("m", "k", "n", "group_size", "config"),
     [
-        (1, 1024, 512, 128, MmaConfig(1, 1, 2, 3)),  # stream-K: every block's tiles over 3-4 programs
-        (3, 512, 384, 128, MmaConfig(1, 1, 2, 3)),  # 3 of a block's 4 tiles in one program, 1 in the next
-        (4, 768, 256, 256, MmaConfig(1, 1, 2, 4)),  # groups of 256 rows
-        (1, 4096, 28672, 128, None),  # Llama-3.1-8B's gate_up as routed (stream-K, 14 tiles a program)
         (1, 512, 256, 128, None),
         (3, 512, 384, 128, MmaConfig(1, 1)),  # no split
         (8, 1024, 256, 128, MmaConfig(1, 3)),  # uneven split: 3 programs over 8 K tiles

@@ -83,7 +83,6 @@ class MmaConfig(NamedTuple):
     halves: int  # 128-row K tiles a pipeline stage holds (1 or 2)
     split_k: int  # programs along K
     num_stages: int = 2  # stages in flight: 3-4 measured slower on an H200
-    stream_k: int = 0  # if > 0: 128-row K tiles a program, counted across column blocks (``_awq_mma_stream_k_kernel``)
 
 
 def mma_config(m: int, n: int, k: int, num_sms: int) -> MmaConfig:
@@ -100,15 +99,6 @@ def mma_config(m: int, n: int, k: int, num_sms: int) -> MmaConfig:
     split_k = max(1, min(k // (BLOCK_K * halves), round(programs / blocks)))
     if halves == 2 and (k // (2 * BLOCK_K)) % split_k:
         halves, split_k = 1, max(1, min(k // BLOCK_K, round(programs / blocks)))
-    if m <= 4:
-        # The SM carrying the most programs sets the time (a program's stream is about as fast on
-        # an SM with 3 as with 4): where the split-K grid leaves SMs unevenly loaded, tiles
-        # counted across column blocks spread the K tiles evenly over the programs.
-        tiles = k // BLOCK_K
-        per_program = triton.cdiv(blocks * tiles, programs)
-        heaviest = triton.cdiv(blocks * split_k, num_sms) * triton.cdiv(tiles, split_k)
-        if triton.cdiv(triton.cdiv(blocks * tiles, per_program), num_sms) * per_program < 0.95 * heaviest:
-            return MmaConfig(1, 1, 2, per_program)
     return MmaConfig(halves, split_k)
 
 
@@ -154,8 +144,6 @@ def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
     cfg = MmaConfig(*config) if config else mma_config(m, n, k, _num_sms(x.device))
     assert cfg.halves in (1, 2) and k % (BLOCK_K * cfg.halves) == 0
     block_t = 8 if m <= 8 else 16
-    if cfg.stream_k:
-        return _stream_k(x, qweight, qzeros, scales, cfg, block_t, group_size)
     tile_k = BLOCK_K * cfg.halves
     k_per_split = triton.cdiv(k // tile_k, cfg.split_k) * tile_k
     split_k = triton.cdiv(k, k_per_split)
@@ -167,26 +155,6 @@ def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
         x_desc, w_desc, qzeros, scales, out, partial, arrival_counters(x.device, n_tiles), m, k_per_split, split_k,
         N=n, K=k, GROUP=group_size, BLOCK_T=block_t, HALVES=cfg.halves, NUM_STAGES=cfg.num_stages,
         num_warps=WARPS, **pdl_args(x.device),
-    )
-    return out
-
-
-def _stream_k(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, cfg: MmaConfig,
-              block_t: int, group_size: int) -> torch.Tensor:
-    """``awq_mma`` with ``cfg.stream_k`` K tiles a program (``_awq_mma_stream_k_kernel``)."""
-    assert cfg.halves == 1 and cfg.num_stages == 2, "stream-K runs 128-row stages, two of them"
-    m, k, n = x.shape[0], qweight.shape[0], qweight.shape[1] * 8
-    tiles, blocks = k // BLOCK_K, n // (64 * WARPS)
-    units = cfg.stream_k
-    assert units < tiles, "a program's tiles meet at most two column blocks"
-    # Programs a column block's K tiles meet: at most this many partials a block.
-    contributors = (tiles + units - 2) // units + 1
-    x_desc, w_desc = _descriptors(x, qweight, block_t, BLOCK_K)
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    partial = torch.empty((contributors, m, n), dtype=torch.float32, device=x.device)
-    _awq_mma_stream_k_kernel[(triton.cdiv(blocks * tiles, units),)](
-        x_desc, w_desc, qzeros, scales, out, partial, arrival_counters(x.device, blocks), m,
-        N=n, K=k, GROUP=group_size, BLOCK_T=block_t, UNITS=units, num_warps=WARPS, **pdl_args(x.device),
     )
     return out
 
@@ -324,14 +292,13 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _store_split_k(acc, out_ptr, partial_ptr, lock_ptr, lock, t0, c0, M, N, split, split_k, L: gl.constexpr,
-                       R: gl.constexpr, RL: gl.constexpr, UNROLL: gl.constexpr = 4, FEW_TOKENS: gl.constexpr = False,
-                       FEW_UNROLL: gl.constexpr = 16):
+                       R: gl.constexpr, RL: gl.constexpr, UNROLL: gl.constexpr = 4, FEW_TOKENS: gl.constexpr = False):
         """awq_gemm.py's _store_split_k, as Gluon needs it (its zeros take a layout): the fp32 tile
         ``acc`` (layout L) of tokens t0 .. and columns c0 .. to the output in its dtype, or with
         split_k > 1 to the partials at ``split``, the last program of the output block to arrive
         (counter ``lock_ptr[lock]``, reset by it) summing them in split order, R tokens at a time
         in layout RL with UNROLL partials in flight. FEW_TOKENS (t0 == 0): for up to 4 tokens,
-        those rows alone with FEW_UNROLL partials in flight (there the sum is a chain of round trips to
+        those rows alone with 16 partials in flight (there the sum is a chain of round trips to
         L2 on the kernel's critical path)."""
         T: gl.constexpr = acc.shape[0]
         C: gl.constexpr = acc.shape[1]
@@ -349,9 +316,9 @@ if HAVE_GLUON:
                 FL: gl.constexpr = gl.BlockedLayout([1, C // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()],
                                                     [1, 0])
                 if FEW_TOKENS and M == 1:
-                    _sum_rows(out_ptr, partial_ptr, 0, c0, M, N, split_k, 1, C, FEW_UNROLL, FL)
+                    _sum_rows(out_ptr, partial_ptr, 0, c0, M, N, split_k, 1, C, 16, FL)
                 elif FEW_TOKENS and M <= 4:
-                    _sum_rows(out_ptr, partial_ptr, 0, c0, M, N, split_k, 4, C, FEW_UNROLL, FL)
+                    _sum_rows(out_ptr, partial_ptr, 0, c0, M, N, split_k, 4, C, 16, FL)
                 else:
                     for r in gl.static_range(0, T, R):
                         _sum_rows(out_ptr, partial_ptr, t0 + r, c0, M, N, split_k, R, C, UNROLL, RL)
@@ -458,96 +425,3 @@ if HAVE_GLUON:
         out = gl.convert_layout(out, OUT_L, assert_trivial=True)
         _store_split_k(out, out_ptr, partial_ptr, lock_ptr, pid_n, 0, pid_n * 64 * W, M, N, pid_s, split_k, OUT_L,
                        BLOCK_T, OUT_L, FEW_TOKENS=True)
-
-    @gluon.jit
-    def _awq_mma_stream_k_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr, M,
-                                 N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
-                                 UNITS: gl.constexpr, USE_PDL: gl.constexpr = False):
-        """``_awq_mma_kernel`` with its work counted in 128-row K tiles of a column block (K / 128
-        of them a block, block after block): program i takes tiles UNITS i .. UNITS (i + 1) - 1,
-        which may end one column block's K and start the next's, so every program streams the
-        same number of tiles. A column block's partials come from the programs its tiles meet
-        (the first of them, j = 0, upward); the last to arrive sums them in that order, as the
-        split-K kernel sums its splits. The pipeline (two stages, the next tile requested at the
-        top of each step, the first weight tile before the PDL wait) runs on across the blocks,
-        and a program stores both its partials after its last tile. UNITS < K / 128: a program's
-        tiles meet at most two column blocks."""
-        DTYPE: gl.constexpr = x_desc.dtype
-        W: gl.constexpr = _WARPS
-        MMA: gl.constexpr = _mma_layout(W)
-        N_WORDS: gl.constexpr = N // 8
-        BLOCK_W: gl.constexpr = 8 * W
-        TILES: gl.constexpr = K // _BLOCK_K
-        STAGE_BYTES: gl.constexpr = _BLOCK_K * BLOCK_W * 4 + BLOCK_T * _BLOCK_K * 2
-        pid = gl.program_id(0)
-        u0 = pid * UNITS
-        u1 = gl.minimum(u0 + UNITS, (N // (64 * W)) * TILES)
-
-        w_smem = gl.allocate_shared_memory(gl.int32, [2, _BLOCK_K, BLOCK_W], w_desc.layout)
-        x_smem = gl.allocate_shared_memory(DTYPE, [2, BLOCK_T, _BLOCK_K], x_desc.layout)
-        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(bars.index(i), count=1)
-        fence_async_shared()
-        mbarrier.expect(bars.index(0), STAGE_BYTES)
-        _tma_load(w_desc, [(u0 % TILES) * _BLOCK_K, (u0 // TILES) * BLOCK_W], bars.index(0), w_smem.index(0))
-        if USE_PDL:
-            _pdl_wait()
-        _tma_load(x_desc, [0, (u0 % TILES) * _BLOCK_K], bars.index(0), x_smem.index(0))
-
-        rows = gl.arange(0, 64 * W, layout=gl.SliceLayout(1, MMA))
-        word_in_block = 8 * ((rows // 16) % W) + rows % 8
-        c = (rows // 8) % 2 + 2 * (rows // (16 * W))
-        zero_shift = 4 * (c // 2 + 4 * (c % 2))
-        ones = gl.full([16 * W, _BLOCK_K // 2], 1.0, DTYPE, layout=_operand_layout(W, 0))
-
-        k_grp = ((u0 % TILES) * _BLOCK_K) // GROUP
-        w0 = (u0 // TILES) * BLOCK_W
-        z_next = gl.load(qzeros_ptr + k_grp * N_WORDS + w0 + word_in_block)
-        s_next = _load_scales(scales_ptr, k_grp * N + 8 * w0, W, MMA)
-        acc = gl.zeros([64 * W, BLOCK_T], gl.float32, layout=MMA)
-        first_acc = acc  # the first column block's sum, where the program's tiles cross into a second
-        for u in range(u0, u1):
-            t = u - u0
-            nu = u + 1
-            fence_async_shared()  # this slot's last reads (a step ago) before the async write
-            mbarrier.expect(bars.index((t + 1) % 2), STAGE_BYTES, pred=nu < u1)
-            _tma_load(w_desc, [(nu % TILES) * _BLOCK_K, (nu // TILES) * BLOCK_W], bars.index((t + 1) % 2),
-                      w_smem.index((t + 1) % 2), pred=nu < u1)
-            _tma_load(x_desc, [0, (nu % TILES) * _BLOCK_K], bars.index((t + 1) % 2), x_smem.index((t + 1) % 2),
-                      pred=nu < u1)
-            z_cur, s_cur = z_next, s_next
-            ua = gl.minimum(nu, u1 - 1)  # in bounds; unused after the last
-            k_grp = ((ua % TILES) * _BLOCK_K) // GROUP
-            w_ahead = (ua // TILES) * BLOCK_W
-            z_next = gl.load(qzeros_ptr + k_grp * N_WORDS + w_ahead + word_in_block)
-            s_next = _load_scales(scales_ptr, k_grp * N + 8 * w_ahead, W, MMA)
-
-            mbarrier.wait(bars.index(t % 2), (t // 2) & 1)
-            acc = _group(acc, w_smem.index(t % 2), x_smem.index(t % 2), z_cur, s_cur, zero_shift, ones, DTYPE, W,
-                         BLOCK_T, MMA, 2 if BLOCK_T == 8 else 1)
-            if (nu % TILES == 0) & (nu < u1):  # into the next column block: its sum starts from zero
-                first_acc = acc
-                acc = gl.zeros([64 * W, BLOCK_T], gl.float32, layout=MMA)
-        for i in gl.static_range(2):
-            mbarrier.invalidate(bars.index(i))
-
-        # The partials after the stream, not between its tiles: the first block's, then the last's.
-        b_last = (u1 - 1) // TILES
-        if b_last > u0 // TILES:
-            _stream_k_store(first_acc, out_ptr, partial_ptr, lock_ptr, u0 // TILES, pid, M, N, TILES, UNITS, BLOCK_T)
-        _stream_k_store(acc, out_ptr, partial_ptr, lock_ptr, b_last, pid, M, N, TILES, UNITS, BLOCK_T)
-
-    @gluon.jit
-    def _stream_k_store(acc, out_ptr, partial_ptr, lock_ptr, b, pid, M, N: gl.constexpr, TILES: gl.constexpr,
-                        UNITS: gl.constexpr, BLOCK_T: gl.constexpr):
-        """Program ``pid``'s sum over column block b's tiles, as partial j of the programs the
-        block's tiles meet (``_store_split_k``)."""
-        W: gl.constexpr = _WARPS
-        OUT_L: gl.constexpr = _out_layout(W, BLOCK_T)
-        first = (b * TILES) // UNITS
-        last = (b * TILES + TILES - 1) // UNITS
-        out = gl.permute(acc.reshape([4, W, 2, 8, BLOCK_T]), (4, 1, 3, 0, 2)).reshape([BLOCK_T, 64 * W])
-        out = gl.convert_layout(out, OUT_L, assert_trivial=True)
-        _store_split_k(out, out_ptr, partial_ptr, lock_ptr, b, 0, b * 64 * W, M, N, pid - first, last - first + 1,
-                       OUT_L, BLOCK_T, OUT_L, FEW_TOKENS=True, FEW_UNROLL=(TILES + UNITS - 2) // UNITS + 1)
