@@ -114,7 +114,19 @@ def environment() -> dict[str, object]:
         "python": sys.version.split()[0],
         "packages": versions,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "engine": _engine_dir(),
     }
+
+
+def _engine_dir() -> str | None:
+    """Where the ``engine`` package that ran was imported from (relative to this tree when inside
+    it): an A/B against another copy (bench/with_engine.py) says which side a file is."""
+    engine = sys.modules.get("engine")
+    if engine is None or engine.__file__ is None:
+        return None
+    path = Path(engine.__file__).resolve().parent
+    root = Path(__file__).resolve().parents[1]
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def write_result(path: Path, result: dict) -> None:

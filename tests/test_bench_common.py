@@ -134,3 +134,31 @@ def test_bench_offline_single_stream_records_the_host_wait_with_async_scheduling
         else:
             assert not any("host_wait_ms_per_token" in run for run in result["runs"])
         assert PendingOutput.result is original
+
+
+def test_with_engine_runs_a_module_against_another_engine_copy(tmp_path: Path) -> None:
+    """bench/with_engine.py imports ``engine`` from the given copy (not from this tree, which
+    ``python -m`` would put first) and result files name the engine that ran."""
+    import subprocess
+    import sys
+
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "__init__.py").write_text("MARK = 'the copy'\n")
+    (tmp_path / "probe.py").write_text(
+        "import sys, engine\nfrom bench.common import environment\n"
+        "print(engine.MARK, environment()['engine'], sys.argv[1:])\n")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "bench/with_engine.py", str(tmp_path), "probe", "--x", "1"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"the copy {tmp_path / 'engine'} ['--x', '1']"
+    missing = subprocess.run([sys.executable, "bench/with_engine.py", str(tmp_path / "none"), "probe"], cwd=root,
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode != 0 and "holds no engine/ package" in missing.stderr
+
+
+def test_environment_names_the_engine_of_this_tree() -> None:
+    import engine  # noqa: F401
+    from bench.common import environment
+
+    assert environment()["engine"] == "engine"
