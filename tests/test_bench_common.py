@@ -151,7 +151,7 @@ def test_with_engine_runs_a_module_against_another_engine_copy(tmp_path: Path) -
     done = subprocess.run([sys.executable, "bench/with_engine.py", str(tmp_path), "probe", "--x", "1"], cwd=root,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines()[-1] == f"the copy {tmp_path / 'engine'} ['--x', '1']"
+    assert done.stdout.splitlines()[-1] == f"the copy {(tmp_path / 'engine').resolve()} ['--x', '1']"
     missing = subprocess.run([sys.executable, "bench/with_engine.py", str(tmp_path / "none"), "probe"], cwd=root,
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode != 0 and "holds no engine/ package" in missing.stderr
