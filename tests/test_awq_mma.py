@@ -17,14 +17,10 @@ import torch
 
 import engine.kernels.awq_gemm as awq_kernels
 import engine.kernels.awq_mma as mma
-from engine.kernels.activation import silu_and_mul
 from engine.kernels.awq_gemm import awq_linear
 from engine.kernels.awq_mma import MMA_MAX_TOKENS, MmaConfig, awq_mma, mma_config
 from engine.kernels.counters import ARRIVALS
-from engine.layers.activation import SiluAndMul
-from engine.layers.linear import FusedLinear
-from engine.layers.norm import RMSNorm
-from engine.quantization.awq import AWQConfig, pack_int4
+from engine.quantization.awq import pack_int4
 from tests.sm90_compile import sm90_sass
 from tests.test_awq_kernels import _check_matmul, _random_weight, _seed
 
@@ -155,15 +151,12 @@ def compiled_sass(module: str, kernel: str, block_t: int, descriptor_args: list,
 
 
 @pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
-@pytest.mark.parametrize(("block_t", "halves", "dtype", "gated"),
-                         [(8, 1, torch.bfloat16, False), (16, 2, torch.float16, False), (8, 1, torch.bfloat16, True),
-                          (16, 2, torch.bfloat16, True)])
-def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtype: torch.dtype, gated: bool) -> None:
+@pytest.mark.parametrize(("block_t", "halves", "dtype"), [(8, 1, torch.bfloat16), (16, 2, torch.float16)])
+def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtype: torch.dtype) -> None:
     """The kernel compiles for an H100/H200 with this Triton (its layout changes are all asserted
     trivial), keeps its state in registers (no local memory) and feeds the tensor cores from its
-    unpacked registers: no shared-memory store in the main loop, 40 mma.sync a 128-row tile; with
-    the SiLU-and-mul epilogue too."""
-    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, HALVES=halves, NUM_STAGES=2, GATED=gated, USE_PDL=True)
+    unpacked registers: no shared-memory store in the main loop, 40 mma.sync a 128-row tile."""
+    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, HALVES=halves, NUM_STAGES=2, USE_PDL=True)
     sass = compiled_sass("engine.kernels.awq_mma", "_awq_mma_kernel", block_t, [128 * halves], consts, dtype,
                          mma.WARPS)
     hmma = len(re.findall(r"HMMA\.16816", sass))
@@ -202,69 +195,6 @@ def check_kernel(fn, m: int, k: int, n: int, group_size: int, config, dtype: tor
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
     _check_matmul(fn(x, qweight, qzeros, scales, config), x, w64, seed)
     assert not ARRIVALS[x.device].any()
-
-
-@needs_hopper
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(
-    ("m", "k", "n", "config"),
-    [
-        (1, 512, 512, None),
-        (2, 512, 768, MmaConfig(1, 1)),  # no split: the partials still go through the pair's counter
-        (4, 1024, 256, MmaConfig(1, 3)),  # uneven split, one block a half
-        (7, 1024, 512, MmaConfig(2, 2)),
-        (16, 768, 512, None),
-        (1, 4096, 256, MmaConfig(1, 32)),  # 16 partials at a time, twice
-        (3, 4096, 512, MmaConfig(1, 32)),
-    ],
-)
-def test_mma_silu_mul_equals_the_two_launches(m, k, n, config, dtype) -> None:
-    """``silu_mul=True`` gives the bits of awq_mma then silu_and_mul (each half's sum rounded to
-    the dtype, then the activation kernel's arithmetic), counters left at zero; the unfused output
-    is itself checked against the float64 reference."""
-    seed = _seed()
-    qweight, qzeros, scales, w64 = _random_weight(k, n, 128, seed)
-    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
-    plain = awq_mma(x, qweight, qzeros, scales, config)
-    _check_matmul(plain, x, w64, seed)
-    fused = awq_mma(x, qweight, qzeros, scales, config, silu_mul=True)
-    assert fused.shape == (m, n // 2)
-    assert torch.equal(fused, silu_and_mul(plain)), f"seed {seed}"
-    assert not ARRIVALS[x.device].any()
-
-
-@needs_hopper
-def test_silu_mul_through_awq_linear_and_the_layer_in_a_cuda_graph() -> None:
-    """awq_linear(silu_mul=True) and a gate/up layer's ``forward_normed(act=...)`` equal the
-    unfused path at 1-16 tokens (awq_mma's epilogue) and above (the separate kernel), and CUDA
-    graph replays equal eager calls."""
-    seed = _seed()
-    k, d = 512, 512
-    qweight, qzeros, scales, _ = _random_weight(k, 2 * d, 128, seed)
-    for m in (1, 5, 16, 17, 40):
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + m)).to("cuda", torch.bfloat16)
-        assert torch.equal(awq_linear(x, qweight, qzeros, scales, silu_mul=True),
-                           silu_and_mul(awq_linear(x, qweight, qzeros, scales))), f"m {m} seed {seed}"
-
-    layer = FusedLinear(k, {0: d, 1: d}, quantization_config=AWQConfig(group_size=128).to_dict(),
-                        prefix="mlp.gate_up_proj").to("cuda")
-    for name, value in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
-        getattr(layer, name).data = value
-    assert layer.quant_method.activates_output
-    norm = RMSNorm(k, 1e-6).to("cuda", torch.bfloat16)
-    hidden = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
-    residual = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
-    plain, plain_sum = layer.forward_normed(hidden, residual.clone(), norm)
-    fused, fused_sum = layer.forward_normed(hidden, residual.clone(), norm, act=SiluAndMul())
-    assert torch.equal(fused, silu_and_mul(plain)) and torch.equal(fused_sum, plain_sum)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = awq_mma(hidden, qweight, qzeros, scales, silu_mul=True)
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(out, awq_mma(hidden, qweight, qzeros, scales, silu_mul=True))
-    assert not ARRIVALS[hidden.device].any()
 
 
 @needs_hopper

@@ -132,18 +132,15 @@ def _descriptors(x: torch.Tensor, qweight: torch.Tensor, block_t: int, tile_k: i
 
 
 def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-            config: MmaConfig | None = None, silu_mul: bool = False) -> torch.Tensor:
+            config: MmaConfig | None = None) -> torch.Tensor:
     """``x`` [M, K] (fp16 or bf16, M <= 16) times the AWQ weight -> [M, N] in x's dtype, on the
     tensor cores (see the module docstring). Needs ``mma_supported``; ``config`` overrides
-    ``mma_config``. ``silu_mul``: the output is ``silu(gate) * up`` [M, N / 2] of its two halves
-    (a fused gate/up projection; N % 256 == 0), formed where the split-K sum is, with the values
-    of ``silu_and_mul`` on this kernel's output."""
+    ``mma_config``."""
     m, k_x = x.shape
     k, n, group_size = _check_shapes(qweight, qzeros, scales)
     assert 1 <= m <= MMA_MAX_TOKENS, f"awq_mma takes 1 to {MMA_MAX_TOKENS} tokens, got {m}"
     assert k_x == k, f"x has {k_x} features, the weight {k}"
     assert mma_supported(x, qweight, group_size), "awq_mma does not take this device, dtype or shape"
-    assert not silu_mul or n % (2 * 64 * WARPS) == 0, f"silu_mul needs N % {2 * 64 * WARPS} == 0, got {n}"
     cfg = MmaConfig(*config) if config else mma_config(m, n, k, _num_sms(x.device))
     assert cfg.halves in (1, 2) and k % (BLOCK_K * cfg.halves) == 0
     block_t = 8 if m <= 8 else 16
@@ -152,11 +149,11 @@ def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
     split_k = triton.cdiv(k, k_per_split)
     n_tiles = n // (64 * WARPS)
     x_desc, w_desc = _descriptors(x, qweight, block_t, tile_k)
-    out = torch.empty((m, n // 2 if silu_mul else n), dtype=x.dtype, device=x.device)
-    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 or silu_mul else out
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     _awq_mma_kernel[(n_tiles, split_k)](
         x_desc, w_desc, qzeros, scales, out, partial, arrival_counters(x.device, n_tiles), m, k_per_split, split_k,
-        N=n, K=k, GROUP=group_size, BLOCK_T=block_t, HALVES=cfg.halves, NUM_STAGES=cfg.num_stages, GATED=silu_mul,
+        N=n, K=k, GROUP=group_size, BLOCK_T=block_t, HALVES=cfg.halves, NUM_STAGES=cfg.num_stages,
         num_warps=WARPS, **pdl_args(x.device),
     )
     return out
@@ -271,22 +268,17 @@ if HAVE_GLUON:
 
 
     @gluon.jit
-    def _pdl_launch_dependents():
+    def _pdl_wait():
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
 
     @gluon.jit
-    def _pdl_wait(LAUNCH_DEPENDENTS: gl.constexpr = True):
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-        if LAUNCH_DEPENDENTS:
-            _pdl_launch_dependents()
-
-    @gluon.jit
-    def _partials_sum(partial_ptr, t0, c0, M, N, split_k, R: gl.constexpr, C: gl.constexpr, UNROLL: gl.constexpr,
-                      RL: gl.constexpr):
-        """Tokens t0 .. t0 + R - 1 (those below M; 0 past it) of columns c0 .. c0 + C - 1: the sum
-        of the split_k fp32 partials (``partial_ptr`` [split_k, M, N]) in split order, UNROLL loads
-        in flight, in layout RL."""
+    def _sum_rows(out_ptr, partial_ptr, t0, c0, M, N, split_k, R: gl.constexpr, C: gl.constexpr,
+                  UNROLL: gl.constexpr, RL: gl.constexpr):
+        """Tokens t0 .. t0 + R - 1 (those below M) of output columns c0 .. c0 + C - 1: the sum of
+        the split_k fp32 partials (``partial_ptr`` [split_k, M, N]) in split order, UNROLL loads
+        in flight, stored to the output in its dtype (layout RL)."""
         rt = t0 + gl.arange(0, R, layout=gl.SliceLayout(1, RL))
         rc = c0 + gl.arange(0, C, layout=gl.SliceLayout(0, RL))
         offs = rt[:, None] * N + rc[None, :]
@@ -296,77 +288,34 @@ if HAVE_GLUON:
             for j in gl.static_range(UNROLL):
                 total += gl.load(partial_ptr + (s0 + j) * M * N + offs, mask=ok & (s0 + j < split_k), other=0.0,
                                  cache_modifier=".cg")
-        return total
-
-    @gluon.jit
-    def _store_rows(out_ptr, values, t0, c0, M, row_stride, R: gl.constexpr, C: gl.constexpr, RL: gl.constexpr):
-        """``values`` [R, C] (layout RL) to rows t0 .. (those below M) and columns c0 .. of the
-        output, in its dtype."""
-        rt = t0 + gl.arange(0, R, layout=gl.SliceLayout(1, RL))
-        rc = c0 + gl.arange(0, C, layout=gl.SliceLayout(0, RL))
-        gl.store(out_ptr + rt[:, None] * row_stride + rc[None, :], values.to(out_ptr.dtype.element_ty),
-                 mask=(rt < M)[:, None] & (rc < row_stride)[None, :])
-
-    @gluon.jit
-    def _sum_rows(out_ptr, partial_ptr, t0, c0, M, N, split_k, R: gl.constexpr, C: gl.constexpr,
-                  UNROLL: gl.constexpr, RL: gl.constexpr):
-        """The split-K sum (``_partials_sum``) of tokens t0 .. t0 + R - 1 and columns c0 .., stored."""
-        total = _partials_sum(partial_ptr, t0, c0, M, N, split_k, R, C, UNROLL, RL)
-        _store_rows(out_ptr, total, t0, c0, M, N, R, C, RL)
-
-    @gluon.jit
-    def _silu_mul_rows(out_ptr, partial_ptr, t0, c0, M, N, split_k, R: gl.constexpr, C: gl.constexpr,
-                       UNROLL: gl.constexpr, RL: gl.constexpr):
-        """silu(gate) * up of tokens t0 .. t0 + R - 1 and features c0 .. c0 + C - 1, gate and up
-        being the split-K sums of output columns c0 .. and N / 2 + c0 .., each rounded to the
-        output dtype first, then the arithmetic of engine/kernels/activation.py: the values the
-        two launches (this kernel, then silu_and_mul) give."""
-        DTYPE: gl.constexpr = out_ptr.dtype.element_ty
-        gate = _partials_sum(partial_ptr, t0, c0, M, N, split_k, R, C, UNROLL, RL).to(DTYPE).to(gl.float32)
-        up = _partials_sum(partial_ptr, t0, N // 2 + c0, M, N, split_k, R, C, UNROLL, RL).to(DTYPE).to(gl.float32)
-        _store_rows(out_ptr, gate / (1.0 + gl.exp(-gate)) * up, t0, c0, M, N // 2, R, C, RL)
+        gl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
 
     @gluon.jit
     def _store_split_k(acc, out_ptr, partial_ptr, lock_ptr, lock, t0, c0, M, N, split, split_k, L: gl.constexpr,
-                       R: gl.constexpr, RL: gl.constexpr, UNROLL: gl.constexpr = 4, FEW_TOKENS: gl.constexpr = False,
-                       GATED: gl.constexpr = False):
+                       R: gl.constexpr, RL: gl.constexpr, UNROLL: gl.constexpr = 4, FEW_TOKENS: gl.constexpr = False):
         """awq_gemm.py's _store_split_k, as Gluon needs it (its zeros take a layout): the fp32 tile
         ``acc`` (layout L) of tokens t0 .. and columns c0 .. to the output in its dtype, or with
         split_k > 1 to the partials at ``split``, the last program of the output block to arrive
         (counter ``lock_ptr[lock]``, reset by it) summing them in split order, R tokens at a time
         in layout RL with UNROLL partials in flight. FEW_TOKENS (t0 == 0): for up to 4 tokens,
         those rows alone with 16 partials in flight (there the sum is a chain of round trips to
-        L2 on the kernel's critical path).
-
-        GATED (t0 == 0, FEW_TOKENS): the output is silu(gate) * up of the two halves of the N
-        columns (``_silu_mul_rows``), [M, N / 2]. Every program stores its partials (split_k 1
-        too); the blocks c0 and N / 2 + c0 share the counter ``lock_ptr[lock]`` and the last of
-        their 2 split_k programs forms the C features from c0."""
+        L2 on the kernel's critical path)."""
         T: gl.constexpr = acc.shape[0]
         C: gl.constexpr = acc.shape[1]
         ot = t0 + gl.arange(0, T, layout=gl.SliceLayout(1, L))
         oc = c0 + gl.arange(0, C, layout=gl.SliceLayout(0, L))
         offs = ot[:, None] * N + oc[None, :]
         ok = (ot < M)[:, None] & (oc < N)[None, :]
-        if split_k == 1 and not GATED:
+        if split_k == 1:
             gl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
         else:
             gl.store(partial_ptr + split * M * N + offs, acc, mask=ok)
             _cta_barrier()  # every warp's partials are written before the release below
             arrived = gl.atomic_add(lock_ptr + lock, 1, sem="acq_rel", scope="gpu")
-            if arrived == (2 * split_k if GATED else split_k) - 1:
+            if arrived == split_k - 1:
                 FL: gl.constexpr = gl.BlockedLayout([1, C // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()],
                                                     [1, 0])
-                if GATED:
-                    f0 = c0 % (N // 2)
-                    if M == 1:
-                        _silu_mul_rows(out_ptr, partial_ptr, 0, f0, M, N, split_k, 1, C, 16, FL)
-                    elif M <= 4:
-                        _silu_mul_rows(out_ptr, partial_ptr, 0, f0, M, N, split_k, 4, C, 16, FL)
-                    else:
-                        for r in gl.static_range(0, T, 8):
-                            _silu_mul_rows(out_ptr, partial_ptr, r, f0, M, N, split_k, 8, C, UNROLL, FL)
-                elif FEW_TOKENS and M == 1:
+                if FEW_TOKENS and M == 1:
                     _sum_rows(out_ptr, partial_ptr, 0, c0, M, N, split_k, 1, C, 16, FL)
                 elif FEW_TOKENS and M <= 4:
                     _sum_rows(out_ptr, partial_ptr, 0, c0, M, N, split_k, 4, C, 16, FL)
@@ -379,8 +328,7 @@ if HAVE_GLUON:
     def _awq_mma_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
                         M, k_per_split, split_k,
                         N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
-                        HALVES: gl.constexpr, NUM_STAGES: gl.constexpr, GATED: gl.constexpr = False,
-                        USE_PDL: gl.constexpr = False):
+                        HALVES: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False):
         """Grid ``(N / 128, split_k)``, 2 warps a program. Program (p, s) owns output columns
         128 p .. 128 p + 127 (warp g the 64 from 128 p + 64 g) for up to BLOCK_T (8 or 16) tokens
         and the K rows s * k_per_split ..; K % (128 HALVES) == 0, and a 128-row tile lies in one
@@ -425,7 +373,7 @@ if HAVE_GLUON:
             mbarrier.expect(bars.index(i), STAGE_BYTES, pred=i < n_tiles)
             _tma_load(w_desc, [k_lo + i * TILE_K, w0], bars.index(i), w_smem.index(i), pred=i < n_tiles)
         if USE_PDL:
-            _pdl_wait(LAUNCH_DEPENDENTS=not GATED)
+            _pdl_wait()
         for i in gl.static_range(NUM_STAGES - 1):
             _tma_load(x_desc, [0, k_lo + i * TILE_K], bars.index(i), x_smem.index(i), pred=i < n_tiles)
 
@@ -469,14 +417,11 @@ if HAVE_GLUON:
                              zero_shift, ones, DTYPE, W, BLOCK_T, MMA, KSPLIT)
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(bars.index(i))
-        if USE_PDL and GATED:
-            _pdl_launch_dependents()
 
         # Back in column order, each thread 8 consecutive columns of a token: the output and the
         # split-K partials move in 16- and 32-byte runs.
         OUT_L: gl.constexpr = _out_layout(W, BLOCK_T)
         out = gl.permute(acc.reshape([4, W, 2, 8, BLOCK_T]), (4, 1, 3, 0, 2)).reshape([BLOCK_T, 64 * W])
         out = gl.convert_layout(out, OUT_L, assert_trivial=True)
-        lock = pid_n % (gl.num_programs(0) // 2) if GATED else pid_n
-        _store_split_k(out, out_ptr, partial_ptr, lock_ptr, lock, 0, pid_n * 64 * W, M, N, pid_s, split_k, OUT_L,
-                       BLOCK_T, OUT_L, FEW_TOKENS=True, GATED=GATED)
+        _store_split_k(out, out_ptr, partial_ptr, lock_ptr, pid_n, 0, pid_n * 64 * W, M, N, pid_s, split_k, OUT_L,
+                       BLOCK_T, OUT_L, FEW_TOKENS=True)
