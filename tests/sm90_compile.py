@@ -21,7 +21,7 @@ import torch
 def compile_sass(module: str, kernel: str, block_t: int, descriptor_args: list, consts: dict, dtype: str,
                  num_warps: int) -> tuple[str, str]:
     """(PTX, SASS) of ``module.kernel`` (arguments x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr,
-    partial_ptr, lock_ptr, then integers and ``consts``; or awq_mlp's), its descriptors from
+    partial_ptr, lock_ptr, then integers and ``consts``), its descriptors from
     ``module._descriptors(x [block_t, K], qweight, *descriptor_args)``."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -32,24 +32,12 @@ def compile_sass(module: str, kernel: str, block_t: int, descriptor_args: list, 
     mod = importlib.import_module(module)
     fn = getattr(mod, kernel)
     torch_dtype = getattr(torch, dtype)
+    k, n = consts["K"], consts["N"]
+    x_desc, w_desc = mod._descriptors(torch.zeros(block_t, k, dtype=torch_dtype),
+                                      torch.zeros(k, n // 8, dtype=torch.int32), block_t, *descriptor_args)
     out_ty = "*bf16" if torch_dtype == torch.bfloat16 else "*fp16"
-    if "wg_desc" in fn.arg_names:  # awq_mlp: two weights, its input and the SiLU-and-mul's output
-        k, n = consts["HIDDEN"], consts["INTER"]
-        x_desc, wg_desc = mod._descriptors(torch.zeros(block_t, k, dtype=torch_dtype),
-                                           torch.zeros(k, 2 * n // 8, dtype=torch.int32), block_t, *descriptor_args)
-        act_desc, wd_desc = mod._descriptors(torch.zeros(block_t, n, dtype=torch_dtype),
-                                             torch.zeros(n, consts["N_OUT"] // 8, dtype=torch.int32), block_t,
-                                             *descriptor_args)
-        types = dict(x_desc=mangle_type(x_desc), act_desc=mangle_type(act_desc), wg_desc=mangle_type(wg_desc),
-                     wd_desc=mangle_type(wd_desc), gz_ptr="*i32", gs_ptr="*fp16", dz_ptr="*i32", ds_ptr="*fp16",
-                     gu_ptr=out_ty, gu_partial_ptr="*fp32", act_ptr=out_ty, out_ptr=out_ty, d_partial_ptr="*fp32",
-                     counters_ptr="*i32")
-    else:
-        k, n = consts["K"], consts["N"]
-        x_desc, w_desc = mod._descriptors(torch.zeros(block_t, k, dtype=torch_dtype),
-                                          torch.zeros(k, n // 8, dtype=torch.int32), block_t, *descriptor_args)
-        types = dict(x_desc=mangle_type(x_desc), w_desc=mangle_type(w_desc), qzeros_ptr="*i32", scales_ptr="*fp16",
-                     out_ptr=out_ty, partial_ptr="*fp32", lock_ptr="*i32")
+    types = dict(x_desc=mangle_type(x_desc), w_desc=mangle_type(w_desc), qzeros_ptr="*i32", scales_ptr="*fp16",
+                 out_ptr=out_ty, partial_ptr="*fp32", lock_ptr="*i32")
     if "s_desc" in fn.arg_names:  # awq_wgmma's scale and zero-point descriptors
         groups = k // consts["GROUP"]
         s_desc, z_desc = mod._param_descriptors(torch.zeros(groups, n, dtype=torch.float16),

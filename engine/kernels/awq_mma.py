@@ -299,23 +299,20 @@ if HAVE_GLUON:
         (counter ``lock_ptr[lock]``, reset by it) summing them in split order, R tokens at a time
         in layout RL with UNROLL partials in flight. FEW_TOKENS (t0 == 0): for up to 4 tokens,
         those rows alone with 16 partials in flight (there the sum is a chain of round trips to
-        L2 on the kernel's critical path). Returns whether this program stored the output (with
-        split_k > 1: whether it summed the partials)."""
+        L2 on the kernel's critical path)."""
         T: gl.constexpr = acc.shape[0]
         C: gl.constexpr = acc.shape[1]
         ot = t0 + gl.arange(0, T, layout=gl.SliceLayout(1, L))
         oc = c0 + gl.arange(0, C, layout=gl.SliceLayout(0, L))
         offs = ot[:, None] * N + oc[None, :]
         ok = (ot < M)[:, None] & (oc < N)[None, :]
-        last = split_k == 1
         if split_k == 1:
             gl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
         else:
             gl.store(partial_ptr + split * M * N + offs, acc, mask=ok)
             _cta_barrier()  # every warp's partials are written before the release below
             arrived = gl.atomic_add(lock_ptr + lock, 1, sem="acq_rel", scope="gpu")
-            last = arrived == split_k - 1
-            if last:
+            if arrived == split_k - 1:
                 FL: gl.constexpr = gl.BlockedLayout([1, C // (32 * gl.num_warps())], [1, 32], [1, gl.num_warps()],
                                                     [1, 0])
                 if FEW_TOKENS and M == 1:
@@ -326,7 +323,6 @@ if HAVE_GLUON:
                     for r in gl.static_range(0, T, R):
                         _sum_rows(out_ptr, partial_ptr, t0 + r, c0, M, N, split_k, R, C, UNROLL, RL)
                 gl.atomic_xchg(lock_ptr + lock, 0, sem="relaxed", scope="gpu")
-        return last
 
     @gluon.jit
     def _awq_mma_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,

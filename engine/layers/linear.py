@@ -68,14 +68,6 @@ class LinearMethod(ABC):
         """``LinearBase.forward_normed`` on the device; a method may fuse the norm into its matmul."""
         return normed_then(lambda h: self.apply(layer, h), x, residual, norm)
 
-    def apply_mlp(self, gate_up: nn.Module, down: nn.Module, act: Callable[[torch.Tensor], torch.Tensor],
-                  x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A gated MLP whose gate_up layer this method holds, on the device: ``(down(act(gate_up(
-        norm(x + residual)))), x + residual)`` where the method runs the whole MLP its own way, else
-        None (the layers then run one after the other)."""
-        return None
-
     def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
         """The dense ``[out_features, in_features]`` weight on the CPU, if the layer holds one."""
         return None

@@ -104,11 +104,6 @@ class LlamaMLP(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLP of ``norm(hidden + residual)``, as attention's; returns the output and the sum."""
-        if hidden.is_cuda:
-            fused = self.gate_up_proj.quant_method.apply_mlp(self.gate_up_proj, self.down_proj, self.act, hidden,
-                                                             residual, norm)
-            if fused is not None:
-                return fused
         gate_up, residual = self.gate_up_proj.forward_normed(hidden, residual, norm)
         return self.down_proj.forward_gated(gate_up, self.act), residual
 

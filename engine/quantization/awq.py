@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from engine.layers.activation import SiluAndMul
 from engine.layers.linear import (
     DenseLinearMethod,
     LinearMethod,
-    normed_then,
     register_bias,
     register_quant_method,
     set_weight_attrs,
 )
-from engine.layers.norm import RMSNorm
 
 logger = logging.getLogger(__name__)
 
@@ -206,21 +202,6 @@ class AWQLinearMethod(LinearMethod):
         nbytes = layer.qweight.shape[0] * layer.scales.shape[1] * layer.awq_dtype.itemsize
         if _cpu_memory_allows(nbytes):
             layer.dense_weight = dequantize(layer.qweight, layer.qzeros, layer.scales).to(layer.awq_dtype)
-
-    def apply_mlp(self, gate_up: nn.Module, down: nn.Module, act: Callable[[torch.Tensor], torch.Tensor],
-                  x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
-                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        # Up to 4 tokens, both linears AWQ: one persistent launch for gate_up, SiLU-and-mul and down.
-        from engine.kernels.awq_mlp import awq_mlp, mlp_supported
-
-        gate_up_weight = (gate_up.qweight, gate_up.qzeros, gate_up.scales)
-        if not (isinstance(act, SiluAndMul) and isinstance(down.quant_method, AWQLinearMethod)
-                and gate_up.bias is None and down.bias is None):
-            return None
-        down_weight = (down.qweight, down.qzeros, down.scales)
-        if not mlp_supported(x, gate_up_weight, down_weight):
-            return None
-        return normed_then(lambda h: awq_mlp(h, gate_up_weight, down_weight), x, residual, norm)
 
     def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
         return None if layer.dense_weight is None else layer.dense_weight.t()
