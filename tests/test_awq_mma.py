@@ -17,10 +17,14 @@ import torch
 
 import engine.kernels.awq_gemm as awq_kernels
 import engine.kernels.awq_mma as mma
+from engine.kernels.activation import silu_and_mul, silu_and_mul_partials
 from engine.kernels.awq_gemm import awq_linear
 from engine.kernels.awq_mma import MMA_MAX_TOKENS, MmaConfig, awq_mma, mma_config
 from engine.kernels.counters import ARRIVALS
-from engine.quantization.awq import pack_int4
+from engine.layers.activation import SiluAndMul
+from engine.layers.linear import FusedLinear
+from engine.layers.norm import RMSNorm
+from engine.quantization.awq import AWQConfig, pack_int4
 from tests.sm90_compile import sm90_sass
 from tests.test_awq_kernels import _check_matmul, _random_weight, _seed
 
@@ -151,12 +155,15 @@ def compiled_sass(module: str, kernel: str, block_t: int, descriptor_args: list,
 
 
 @pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
-@pytest.mark.parametrize(("block_t", "halves", "dtype"), [(8, 1, torch.bfloat16), (16, 2, torch.float16)])
-def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("block_t", "halves", "dtype", "partials"),
+                         [(8, 1, torch.bfloat16, False), (16, 2, torch.float16, False), (8, 1, torch.bfloat16, True)])
+def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtype: torch.dtype,
+                                                 partials: bool) -> None:
     """The kernel compiles for an H100/H200 with this Triton (its layout changes are all asserted
     trivial), keeps its state in registers (no local memory) and feeds the tensor cores from its
     unpacked registers: no shared-memory store in the main loop, 40 mma.sync a 128-row tile."""
-    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, HALVES=halves, NUM_STAGES=2, USE_PDL=True)
+    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=block_t, HALVES=halves, NUM_STAGES=2, PARTIALS_ONLY=partials,
+                  USE_PDL=True)
     sass = compiled_sass("engine.kernels.awq_mma", "_awq_mma_kernel", block_t, [128 * halves], consts, dtype,
                          mma.WARPS)
     hmma = len(re.findall(r"HMMA\.16816", sass))
@@ -195,6 +202,71 @@ def check_kernel(fn, m: int, k: int, n: int, group_size: int, config, dtype: tor
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
     _check_matmul(fn(x, qweight, qzeros, scales, config), x, w64, seed)
     assert not ARRIVALS[x.device].any()
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("m", "k", "n", "config"),
+    [
+        (1, 512, 512, None),
+        (2, 512, 768, MmaConfig(1, 1)),  # no split: one partial
+        (4, 1024, 256, MmaConfig(1, 3)),  # uneven split
+        (7, 1024, 512, MmaConfig(2, 2)),
+        (16, 768, 512, None),
+        (3, 4096, 512, MmaConfig(1, 32)),
+    ],
+)
+def test_mma_partials_sum_to_the_output(m, k, n, config, dtype) -> None:
+    """``return_partials=True``: the split-K partials, which summed in split order and rounded are
+    the bits of the kernel's own output; ``silu_and_mul_partials`` of them equals
+    ``silu_and_mul`` of that output."""
+    seed = _seed()
+    qweight, qzeros, scales, _ = _random_weight(k, n, 128, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
+    out = awq_mma(x, qweight, qzeros, scales, config)
+    partials = awq_mma(x, qweight, qzeros, scales, config, return_partials=True)
+    total = torch.zeros(m, n, device="cuda")
+    for p in partials:
+        total = total + p
+    assert torch.equal(total.to(dtype), out), f"seed {seed}"
+    assert torch.equal(silu_and_mul_partials(partials, dtype), silu_and_mul(out)), f"seed {seed}"
+    assert not ARRIVALS[x.device].any()
+
+
+@needs_hopper
+def test_silu_mul_through_awq_linear_and_the_layer_in_a_cuda_graph() -> None:
+    """awq_linear(silu_mul=True) and a gate/up layer's ``forward_normed(act=...)`` equal the
+    unfused path at 1-16 tokens (awq_mma's partials summed by the activation kernel) and above
+    (the activation kernel after the projection), and CUDA graph replays equal eager calls."""
+    seed = _seed()
+    k, d = 512, 512
+    qweight, qzeros, scales, _ = _random_weight(k, 2 * d, 128, seed)
+    for m in (1, 5, 16, 17, 40):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + m)).to("cuda", torch.bfloat16)
+        assert torch.equal(awq_linear(x, qweight, qzeros, scales, silu_mul=True),
+                           silu_and_mul(awq_linear(x, qweight, qzeros, scales))), f"m {m} seed {seed}"
+
+    layer = FusedLinear(k, {0: d, 1: d}, quantization_config=AWQConfig(group_size=128).to_dict(),
+                        prefix="mlp.gate_up_proj").to("cuda")
+    for name, value in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+        getattr(layer, name).data = value
+    assert layer.quant_method.activates_output
+    norm = RMSNorm(k, 1e-6).to("cuda", torch.bfloat16)
+    hidden = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
+    plain, plain_sum = layer.forward_normed(hidden, residual.clone(), norm)
+    fused, fused_sum = layer.forward_normed(hidden, residual.clone(), norm, act=SiluAndMul())
+    assert torch.equal(fused, silu_and_mul(plain)) and torch.equal(fused_sum, plain_sum)
+    eager = awq_linear(hidden, qweight, qzeros, scales, silu_mul=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = awq_linear(hidden, qweight, qzeros, scales, silu_mul=True)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    assert not ARRIVALS[hidden.device].any()
 
 
 @needs_hopper

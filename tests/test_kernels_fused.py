@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.kernels.activation import silu_and_mul
+from engine.kernels.activation import silu_and_mul, silu_and_mul_partials
 from engine.kernels.rms_norm import fused_add_rms_norm, rms_norm
 from engine.kernels.rotary import rotary_embedding
 from engine.layers.activation import SiluAndMul
@@ -209,6 +209,26 @@ def test_silu_and_mul_matches_layer_and_float64(shape: tuple[int, ...], row_pad:
     assert out.shape == (*shape[:-1], shape[-1] // 2)
     _assert_within(out, gate * torch.sigmoid(gate) * up, dtype, 1, msg)
     _assert_within(out, SiluAndMul()(x.cpu()).double(), dtype, 3, msg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("split_k", "tokens", "d"), [(1, 1, 128), (2, 3, 96), (11, 2, 1000)])
+def test_silu_and_mul_partials_equals_sum_then_silu_and_mul(split_k: int, tokens: int, d: int,
+                                                            dtype: torch.dtype) -> None:
+    """Summing a projection's split-K partials while loading them gives the bits of summing them
+    in split order (what the projection itself does), rounding, then ``silu_and_mul`` (Triton's
+    interpreter rounds fp32 to bf16 toward zero, so there the sum is rounded that way)."""
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    partials = _randn(gen, split_k, tokens, 2 * d, dtype=torch.float32)
+    total = torch.zeros(tokens, 2 * d, dtype=torch.float32, device=DEVICE)
+    for p in partials:
+        total = total + p
+    out = silu_and_mul_partials(partials, dtype)
+    assert out.shape == (tokens, d) and out.dtype == dtype
+    if INTERPRETED and dtype == torch.bfloat16:
+        total = (total.view(torch.int32) & -65536).view(torch.float32)  # toward zero: exact in bf16
+    assert torch.equal(out, silu_and_mul(total.to(dtype))), f"seed {seed}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the layers use the kernels on CUDA only")

@@ -132,10 +132,13 @@ def _descriptors(x: torch.Tensor, qweight: torch.Tensor, block_t: int, tile_k: i
 
 
 def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-            config: MmaConfig | None = None) -> torch.Tensor:
+            config: MmaConfig | None = None, return_partials: bool = False) -> torch.Tensor:
     """``x`` [M, K] (fp16 or bf16, M <= 16) times the AWQ weight -> [M, N] in x's dtype, on the
     tensor cores (see the module docstring). Needs ``mma_supported``; ``config`` overrides
-    ``mma_config``."""
+    ``mma_config``. ``return_partials``: the split-K partial sums instead, fp32 [split_k, M, N]
+    (split_k may be 1), for a next kernel that adds them in split order as it loads its input
+    (``silu_and_mul_partials``): the linear then ends with its last main loop, without the
+    last-arriving program's sum."""
     m, k_x = x.shape
     k, n, group_size = _check_shapes(qweight, qzeros, scales)
     assert 1 <= m <= MMA_MAX_TOKENS, f"awq_mma takes 1 to {MMA_MAX_TOKENS} tokens, got {m}"
@@ -150,13 +153,14 @@ def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
     n_tiles = n // (64 * WARPS)
     x_desc, w_desc = _descriptors(x, qweight, block_t, tile_k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) \
+        if split_k > 1 or return_partials else out
     _awq_mma_kernel[(n_tiles, split_k)](
         x_desc, w_desc, qzeros, scales, out, partial, arrival_counters(x.device, n_tiles), m, k_per_split, split_k,
         N=n, K=k, GROUP=group_size, BLOCK_T=block_t, HALVES=cfg.halves, NUM_STAGES=cfg.num_stages,
-        num_warps=WARPS, **pdl_args(x.device),
+        PARTIALS_ONLY=return_partials, num_warps=WARPS, **pdl_args(x.device),
     )
-    return out
+    return partial if return_partials else out
 
 
 if HAVE_GLUON:
@@ -328,7 +332,8 @@ if HAVE_GLUON:
     def _awq_mma_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
                         M, k_per_split, split_k,
                         N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
-                        HALVES: gl.constexpr, NUM_STAGES: gl.constexpr, USE_PDL: gl.constexpr = False):
+                        HALVES: gl.constexpr, NUM_STAGES: gl.constexpr, PARTIALS_ONLY: gl.constexpr = False,
+                        USE_PDL: gl.constexpr = False):
         """Grid ``(N / 128, split_k)``, 2 warps a program. Program (p, s) owns output columns
         128 p .. 128 p + 127 (warp g the 64 from 128 p + 64 g) for up to BLOCK_T (8 or 16) tokens
         and the K rows s * k_per_split ..; K % (128 HALVES) == 0, and a 128-row tile lies in one
@@ -423,5 +428,11 @@ if HAVE_GLUON:
         OUT_L: gl.constexpr = _out_layout(W, BLOCK_T)
         out = gl.permute(acc.reshape([4, W, 2, 8, BLOCK_T]), (4, 1, 3, 0, 2)).reshape([BLOCK_T, 64 * W])
         out = gl.convert_layout(out, OUT_L, assert_trivial=True)
-        _store_split_k(out, out_ptr, partial_ptr, lock_ptr, pid_n, 0, pid_n * 64 * W, M, N, pid_s, split_k, OUT_L,
-                       BLOCK_T, OUT_L, FEW_TOKENS=True)
+        if PARTIALS_ONLY:  # the next kernel sums them
+            ot = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, OUT_L))
+            oc = pid_n * 64 * W + gl.arange(0, 64 * W, layout=gl.SliceLayout(0, OUT_L))
+            gl.store(partial_ptr + pid_s * M * N + ot[:, None] * N + oc[None, :], out,
+                     mask=(ot < M)[:, None] & (oc < N)[None, :])
+        else:
+            _store_split_k(out, out_ptr, partial_ptr, lock_ptr, pid_n, 0, pid_n * 64 * W, M, N, pid_s, split_k, OUT_L,
+                           BLOCK_T, OUT_L, FEW_TOKENS=True)

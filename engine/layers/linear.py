@@ -58,15 +58,27 @@ class LinearMethod(ABC):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         return None
 
+    # A gated MLP's activation: True where ``apply_activated`` forms it inside the gate/up
+    # projection (the MLP then hands it there), False where the down projection's
+    # ``apply_gated`` may take it into its loads.
+    activates_output = False
+
     def apply_gated(self, layer: nn.Module, gate_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
                     ) -> torch.Tensor:
         """``apply(layer, act(gate_up))``; a method may fuse the activation into its matmul."""
         return self.apply(layer, act(gate_up))
 
-    def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def apply_activated(self, layer: nn.Module, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
+                        ) -> torch.Tensor:
+        """``act(apply(layer, x))``; a method may fuse the activation into its matmul's output."""
+        return act(self.apply(layer, x))
+
+    def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                     act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``LinearBase.forward_normed`` on the device; a method may fuse the norm into its matmul."""
-        return normed_then(lambda h: self.apply(layer, h), x, residual, norm)
+        if act is None:
+            return normed_then(lambda h: self.apply(layer, h), x, residual, norm)
+        return normed_then(lambda h: self.apply_activated(layer, h, act), x, residual, norm)
 
     def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
         """The dense ``[out_features, in_features]`` weight on the CPU, if the layer holds one."""
@@ -98,13 +110,14 @@ class DenseLinearMethod(LinearMethod):
             return _gemv(layer, gate_up, silu_mul=True)
         return self.apply(layer, act(gate_up))
 
-    def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                     act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         # One token through a one-slab GEMV: the residual add and the norm inside its loads.
         from engine.kernels.gemv import gemv_rms_norm, slab_fits
 
-        if not (_gemv_applies(x, layer.weight) and slab_fits(*layer.weight.shape) and x.stride(1) == 1):
-            return super().apply_normed(layer, x, residual, norm)
+        if act is not None or not (_gemv_applies(x, layer.weight) and slab_fits(*layer.weight.shape)
+                                   and x.stride(1) == 1):
+            return super().apply_normed(layer, x, residual, norm, act)
         out, residual = gemv_rms_norm(x, residual, norm.weight, norm.eps, layer.weight)
         return (out if layer.bias is None else out + layer.bias), residual
 
@@ -230,14 +243,16 @@ class LinearBase(nn.Module):
             return self.forward(act(gate_up))
         return self.quant_method.apply_gated(self, gate_up, act)
 
-    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                       act: Callable[[torch.Tensor], torch.Tensor] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(forward(norm(x + residual)), x + residual)`` (without a residual, ``x`` is the
         input to normalize and comes back as the residual), with the add and the norm fused into
-        the matmul where the method can: a decoder block's first linear and the norm before it."""
+        the matmul where the method can: a decoder block's first linear and the norm before it.
+        With ``act``, the first is ``act`` of that output (fused where ``activates_output``)."""
         if not x.is_cuda:
-            return normed_then(self.forward, x, residual, norm)
-        return self.quant_method.apply_normed(self, x, residual, norm)
+            return normed_then(self.forward if act is None else lambda h: act(self.forward(h)), x, residual, norm)
+        return self.quant_method.apply_normed(self, x, residual, norm, act)
 
     def pack_for_cpu(self) -> None:
         """Run this layer through oneDNN with a packed fp32 weight (engine/layers/cpu_linear.py)."""

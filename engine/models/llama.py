@@ -103,7 +103,12 @@ class LlamaMLP(nn.Module):
         self.act = SiluAndMul()
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MLP of ``norm(hidden + residual)``, as attention's; returns the output and the sum."""
+        """The MLP of ``norm(hidden + residual)``, as attention's; returns the output and the sum.
+        The activation goes where the linears fuse it: into the gate/up projection's output
+        (AWQ) or the down projection's loads (a one-token GEMV)."""
+        if self.gate_up_proj.quant_method.activates_output:
+            activated, residual = self.gate_up_proj.forward_normed(hidden, residual, norm, act=self.act)
+            return self.down_proj(activated), residual
         gate_up, residual = self.gate_up_proj.forward_normed(hidden, residual, norm)
         return self.down_proj.forward_gated(gate_up, self.act), residual
 

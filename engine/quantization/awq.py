@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from engine.layers.activation import SiluAndMul
 from engine.layers.linear import (
     DenseLinearMethod,
     LinearMethod,
@@ -208,6 +210,18 @@ class AWQLinearMethod(LinearMethod):
 
     def release_cpu_weight(self, layer: nn.Module) -> None:
         layer.dense_weight = None  # the packed copy replaces it
+
+    # SiLU-and-mul summing awq_mma's split-K partials as it loads them (few tokens): gate_up then
+    # ends without its own sum.
+    activates_output = True
+
+    def apply_activated(self, layer: nn.Module, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
+                        ) -> torch.Tensor:
+        if x.is_cuda and isinstance(act, SiluAndMul):
+            from engine.kernels.awq_gemm import awq_linear
+
+            return awq_linear(x, layer.qweight, layer.qzeros, layer.scales, layer.bias, silu_mul=True)
+        return act(self.apply(layer, x))
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
