@@ -21,9 +21,12 @@ from engine.kernels.activation import silu_and_mul, silu_and_mul_partials
 from engine.kernels.awq_gemm import awq_linear
 from engine.kernels.awq_mma import MMA_MAX_TOKENS, MmaConfig, awq_mma, mma_config
 from engine.kernels.counters import ARRIVALS
+from engine.kernels.rotary import rope_and_cache, rope_and_cache_partials
 from engine.layers.activation import SiluAndMul
 from engine.layers.linear import FusedLinear
 from engine.layers.norm import RMSNorm
+from engine.layers.partials import SplitKPartials
+from engine.layers.rotary import RotaryEmbedding
 from engine.quantization.awq import AWQConfig, pack_int4
 from tests.sm90_compile import sm90_sass
 from tests.test_awq_kernels import _check_matmul, _random_weight, _seed
@@ -234,39 +237,106 @@ def test_mma_partials_sum_to_the_output(m, k, n, config, dtype) -> None:
     assert not ARRIVALS[x.device].any()
 
 
-@needs_hopper
-def test_silu_mul_through_awq_linear_and_the_layer_in_a_cuda_graph() -> None:
-    """awq_linear(silu_mul=True) and a gate/up layer's ``forward_normed(act=...)`` equal the
-    unfused path at 1-16 tokens (awq_mma's partials summed by the activation kernel) and above
-    (the activation kernel after the projection), and CUDA graph replays equal eager calls."""
-    seed = _seed()
-    k, d = 512, 512
-    qweight, qzeros, scales, _ = _random_weight(k, 2 * d, 128, seed)
-    for m in (1, 5, 16, 17, 40):
-        x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + m)).to("cuda", torch.bfloat16)
-        assert torch.equal(awq_linear(x, qweight, qzeros, scales, silu_mul=True),
-                           silu_and_mul(awq_linear(x, qweight, qzeros, scales))), f"m {m} seed {seed}"
-
-    layer = FusedLinear(k, {0: d, 1: d}, quantization_config=AWQConfig(group_size=128).to_dict(),
-                        prefix="mlp.gate_up_proj").to("cuda")
+def _awq_layer(k: int, sizes: dict, seed: int, bias: bool = False) -> FusedLinear:
+    layer = FusedLinear(k, sizes, bias=bias, quantization_config=AWQConfig(group_size=128).to_dict(),
+                        prefix="layer").to("cuda", torch.bfloat16)
+    qweight, qzeros, scales, _ = _random_weight(k, sum(sizes.values()), 128, seed)
     for name, value in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
         getattr(layer, name).data = value
-    assert layer.quant_method.activates_output
+    if bias:
+        layer.bias.data = torch.randn_like(layer.bias)
+    return layer
+
+
+@needs_hopper
+def test_layer_partials_through_silu_and_mul_and_rope_and_cache() -> None:
+    """``forward_normed(partials=True)`` of an AWQ layer gives awq_mma's split-K partials at 1-16
+    tokens (a tensor above 16, and with a bias); SiluAndMul of a gate/up layer's partials and
+    ``rope_and_cache_partials`` of a q/k/v layer's give the bits of the plain output through
+    ``silu_and_mul`` and ``rope_and_cache``; CUDA graph replays give the eager bits."""
+    seed = _seed()
+    k, d, heads, kv_heads, head_dim = 512, 512, 4, 2, 128
     norm = RMSNorm(k, 1e-6).to("cuda", torch.bfloat16)
+    gate_up = _awq_layer(k, {0: d, 1: d}, seed)
+    for m, bias in ((1, False), (5, False), (16, False), (17, False), (40, False), (3, True)):
+        layer = _awq_layer(k, {0: d, 1: d}, seed, bias=True) if bias else gate_up
+        hidden, residual = torch.randn(2, m, k, device="cuda", dtype=torch.bfloat16)
+        plain, plain_sum = layer.forward_normed(hidden, residual.clone(), norm)
+        got, got_sum = layer.forward_normed(hidden, residual.clone(), norm, partials=True)
+        assert isinstance(got, SplitKPartials) == (m <= MMA_MAX_TOKENS and not bias), f"m {m}"
+        assert torch.equal(SiluAndMul()(got), silu_and_mul(plain)), f"m {m} seed {seed}"
+        assert torch.equal(got_sum, plain_sum)
+
+    qkv_layer = _awq_layer(k, {"q": heads * head_dim, "k": kv_heads * head_dim, "v": kv_heads * head_dim}, seed)
+    rotary = RotaryEmbedding(head_dim, 4096, 10000.0, None).to("cuda")
+    for m in (1, 7):
+        hidden = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        positions = torch.randint(0, 4096, (m,), device="cuda")
+        slots = torch.randperm(64, device="cuda")[:m]
+        caches = [torch.zeros(4, 16, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+        qkv, _ = qkv_layer.forward_normed(hidden, None, norm)
+        q, k_, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+        q = q.view(m, heads, head_dim)
+        rope_and_cache(positions, q, k_.view(m, kv_heads, head_dim), v.view(m, kv_heads, head_dim),
+                       rotary.cos_cache, rotary.sin_cache, caches[0], caches[1], slots)
+        partials, _ = qkv_layer.forward_normed(hidden, None, norm, partials=True)
+        got_q = rope_and_cache_partials(positions, partials.partials, partials.dtype, heads, kv_heads,
+                                        rotary.cos_cache, rotary.sin_cache, caches[2], caches[3], slots)
+        assert torch.equal(got_q, q) and torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1]), \
+            f"m {m} seed {seed}"
+
     hidden = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
-    residual = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
-    plain, plain_sum = layer.forward_normed(hidden, residual.clone(), norm)
-    fused, fused_sum = layer.forward_normed(hidden, residual.clone(), norm, act=SiluAndMul())
-    assert torch.equal(fused, silu_and_mul(plain)) and torch.equal(fused_sum, plain_sum)
-    eager = awq_linear(hidden, qweight, qzeros, scales, silu_mul=True)
+    eager = SiluAndMul()(gate_up.forward_normed(hidden, None, norm, partials=True)[0])
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = awq_linear(hidden, qweight, qzeros, scales, silu_mul=True)
+        out = SiluAndMul()(gate_up.forward_normed(hidden, None, norm, partials=True)[0])
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
     assert not ARRIVALS[hidden.device].any()
+
+
+@needs_hopper
+def test_awq_model_greedy_tokens_the_same_with_partials(tmp_path, monkeypatch) -> None:
+    """A Llama-shape AWQ model (random packed weights, bf16, triton attention) decodes three
+    requests (steps of 1-3 tokens through awq_mma) to the same greedy tokens whether its gate/up
+    and q/k/v projections hand their split-K partials to SiLU-and-mul and rotary + cache write
+    (with CUDA graphs) or sum them themselves (``apply_partials`` off, eager)."""
+    import transformers
+
+    from engine.config import EngineArgs
+    from engine.layers.linear import LinearMethod
+    from engine.model_config import ModelConfig
+    from engine.model_runner import ModelRunner
+    from engine.quantization.awq import AWQLinearMethod
+    from tests.test_model_runner import Driver
+
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=128, vocab_size=512,
+                                      bos_token_id=0, eos_token_id=1)
+    config.architectures = ["LlamaForCausalLM"]
+    config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+                                  "version": "gemm"}
+    config.save_pretrained(tmp_path)
+    prompts = {"a": [(7 * i) % 500 + 2 for i in range(27)], "b": list(range(2, 9)), "c": [5] * 40}
+    outputs = {}
+    for partials in (True, False):
+        if not partials:
+            monkeypatch.setattr(AWQLinearMethod, "apply_partials", LinearMethod.apply_partials)
+        args = EngineArgs(model=str(tmp_path), load_format="dummy", dtype="bfloat16", block_size=16,
+                          num_kv_blocks=64, attention_backend="triton", enforce_eager=not partials, max_num_seqs=8)
+        runner = ModelRunner(ModelConfig.from_pretrained(tmp_path, dtype="bfloat16", device="cuda"), args)
+        runner.load_model()
+        runner.initialize_kv_cache()
+        driver = Driver(runner, budget=64, seed=1)
+        for rid, prompt in prompts.items():
+            driver.add(rid, prompt)
+        while any(len(out) < 12 for out in driver.outputs.values()):
+            driver.step()
+        outputs[partials] = {rid: out[:12] for rid, out in driver.outputs.items()}
+    assert outputs[True] == outputs[False]
+    assert len({tuple(out) for out in outputs[True].values()}) > 1, "the random model says one thing"
 
 
 @needs_hopper

@@ -277,6 +277,17 @@ def test_model_through_the_kernels_matches_its_cpu_path(
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+def _assert_normed_heads_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, msg: str) -> None:
+    """Heads normalized (a per-head RMSNorm) and rotated by two kernels whose norms sum their
+    squares in different orders: rstd agrees to fp32 rounding, the normed halves within a unit of
+    the dtype, and a rotated element, a sum of two of them that may cancel, within a unit of the
+    larger term: bounded per head ``[..., D]`` by its largest value."""
+    ref = ref.cpu().double()
+    scale = ref.abs().amax(dim=-1, keepdim=True)
+    tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    assert ((got.cpu().double() - ref).abs() <= tol * scale).all(), msg
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("qk_norm", [False, True])
 @pytest.mark.parametrize(("num_tokens", "heads", "kv_heads", "head_dim"), [(1, 4, 2, 64), (19, 6, 3, 128)])
@@ -315,12 +326,53 @@ def test_rope_and_cache_equals_the_kernels_it_fuses(num_tokens, heads, kv_heads,
     if not qk_norm:
         assert torch.equal(q, ref_q) and torch.equal(k, ref_k) and torch.equal(caches[2], caches[0]), msg
     else:
-        # The norm sums the squares of the two halves separately: rstd agrees to fp32 rounding, the
-        # normed halves within a unit of the dtype, and a rotated element, a sum of two of them
-        # that may cancel, within a unit of the larger term: bounded per head by its largest value.
+        # The norm sums the squares of the two halves separately: rstd agrees to fp32 rounding.
         for got, ref in ((q, ref_q), (k, ref_k), (caches[2], caches[0])):
-            ref = ref.cpu().double()
-            scale = ref.abs().amax(dim=-1, keepdim=True)
-            tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
-            assert ((got.cpu().double() - ref).abs() <= tol * scale).all(), msg
+            _assert_normed_heads_close(got, ref, dtype, msg)
+    assert (caches[2].abs().sum() > 0) == (num_tokens > 1), "cached a padded token, or nothing"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize(("split_k", "num_tokens", "heads", "kv_heads", "head_dim"),
+                         [(1, 1, 4, 2, 64), (11, 3, 6, 3, 128)])
+def test_rope_and_cache_partials_equals_sum_then_rope_and_cache(split_k, num_tokens, heads, kv_heads, head_dim,
+                                                                qk_norm, dtype) -> None:
+    """A q/k/v projection's split-K partials summed while loaded, then rope_and_cache's work, give
+    the bits of summing them in split order (the projection's own sum), rounding, then
+    rope_and_cache (Triton's interpreter rounds fp32 to bf16 toward zero, so there the sum is
+    rounded that way); with the q/k norm, within its rounding (its squares summed per head)."""
+    from engine.kernels.rotary import rope_and_cache, rope_and_cache_partials
+
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    width = (heads + 2 * kv_heads) * head_dim
+    partials = _randn(gen, split_k, num_tokens, width, dtype=torch.float32)
+    total = torch.zeros(num_tokens, width, dtype=torch.float32, device=DEVICE)
+    for p in partials:
+        total = total + p
+    if INTERPRETED and dtype == torch.bfloat16:
+        total = (total.view(torch.int32) & -65536).view(torch.float32)  # toward zero: exact in bf16
+    q, k, v = total.to(dtype).split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = (t.view(num_tokens, -1, head_dim) for t in (q, k, v))
+    positions = torch.randint(0, MAX_POSITION, (num_tokens,), generator=gen).to(DEVICE)
+    slots = torch.randperm(8 * 16, generator=gen)[:num_tokens]
+    slots[-1] = -1  # a padded token: rotated, never cached
+    slots = slots.to(DEVICE)
+    rotary = RotaryEmbedding(head_dim, MAX_POSITION, 10000.0, None)
+    cos, sin = rotary.cos_cache.to(DEVICE), rotary.sin_cache.to(DEVICE)
+    weights = [(torch.rand(head_dim, generator=gen) + 0.5).to(DEVICE) for _ in range(2)] if qk_norm else [None] * 2
+    caches = [torch.zeros(8, 16, kv_heads, head_dim, dtype=dtype, device=DEVICE) for _ in range(4)]
+
+    rope_and_cache(positions, q, k, v, cos, sin, caches[0], caches[1], slots, *weights, EPS)
+    got_q = rope_and_cache_partials(positions, partials, dtype, heads, kv_heads, cos, sin, caches[2], caches[3], slots,
+                                    *weights, EPS)
+    msg = f"seed {seed}"
+    assert got_q.shape == q.shape and got_q.dtype == dtype
+    assert torch.equal(caches[3], caches[1]), msg  # v
+    if qk_norm:
+        _assert_normed_heads_close(got_q, q, dtype, msg)
+        _assert_normed_heads_close(caches[2], caches[0], dtype, msg)
+    else:
+        assert torch.equal(got_q, q) and torch.equal(caches[2], caches[0]), msg
     assert (caches[2].abs().sum() > 0) == (num_tokens > 1), "cached a padded token, or nothing"

@@ -39,7 +39,6 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from engine.kernels.activation import silu_and_mul, silu_and_mul_partials
 from engine.kernels.counters import arrival_counters
 from engine.kernels.pdl import pdl_args, pdl_prologue
 
@@ -598,11 +597,8 @@ def awq_linear(
     qzeros: torch.Tensor,
     scales: torch.Tensor,
     bias: torch.Tensor | None = None,
-    silu_mul: bool = False,
 ) -> torch.Tensor:
-    """``x @ W (+ bias)`` for x [..., K] (``silu_mul``: then ``silu_and_mul`` of that, a fused
-    gate/up projection's activation, which sums awq_mma's split-K partials as it loads them where
-    that kernel runs and the layer has no bias): the tensor-core kernel of awq_mma.py for up to
+    """``x @ W (+ bias)`` for x [..., K]: the tensor-core kernel of awq_mma.py for up to
     ``MMA_MAX_TOKENS`` where it runs; on Hopper the wgmma kernel of awq_wgmma.py for the token
     counts and weight sizes where it is the fastest (``wgmma_preferred``); else the gemv for one or
     two tokens, the fused kernel for up to ``FUSED_MAX_TOKENS``, dequantize + dense matmul above,
@@ -613,9 +609,6 @@ def awq_linear(
     tokens, tma = x2.shape[0], tma_supported(qweight.shape[1] * 8)
     group_size = qweight.shape[0] // scales.shape[0]
     if tokens <= _awq_mma.MMA_MAX_TOKENS and _awq_mma.mma_supported(x2, qweight, group_size):
-        if silu_mul and bias is None:
-            partials = _awq_mma.awq_mma(x2, qweight, qzeros, scales, return_partials=True)
-            return silu_and_mul_partials(partials, x.dtype).reshape(*x.shape[:-1], -1)
         out = _awq_mma.awq_mma(x2, qweight, qzeros, scales)
     elif (_awq_wgmma.wgmma_preferred(tokens, qweight.shape[1] * 8, qweight.shape[0], _num_sms(x.device))
           and _awq_wgmma.wgmma_supported(x2, qweight, group_size)):
@@ -628,9 +621,18 @@ def awq_linear(
         out = torch.matmul(x2, awq_dequantize(qweight, qzeros, scales, dtype=x.dtype))
     if bias is not None:
         out = out + bias
-    if silu_mul:
-        out = silu_and_mul(out)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def awq_linear_partials(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
+                        ) -> torch.Tensor | None:
+    """Where ``awq_linear`` of a 2-D ``x`` runs the tensor-core kernel: that kernel's split-K
+    partial sums of ``x @ W``, fp32 [split_k, M, N], for a next kernel to add up in split order
+    (``awq_mma(..., return_partials=True)``); else None."""
+    if (x.dim() == 2 and x.stride(1) == 1 and 0 < x.shape[0] <= _awq_mma.MMA_MAX_TOKENS
+            and _awq_mma.mma_supported(x, qweight, qweight.shape[0] // scales.shape[0])):
+        return _awq_mma.awq_mma(x, qweight, qzeros, scales, return_partials=True)
+    return None
 
 
 # At the end: the Gluon kernels take their helpers from this module (the imports resolve either way round).

@@ -26,6 +26,7 @@ from torch import nn
 from engine.layers.activation import SiluAndMul
 from engine.layers.cpu_linear import pack, packed_linear
 from engine.layers.norm import RMSNorm
+from engine.layers.partials import SplitKPartials
 
 # One token through a 16-bit weight up to this size goes through our GEMV kernel
 # (engine/kernels/gemv.py): on an H200 it streamed every decoder linear of Qwen3-0.6B and
@@ -58,27 +59,21 @@ class LinearMethod(ABC):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         return None
 
-    # A gated MLP's activation: True where ``apply_activated`` forms it inside the gate/up
-    # projection (the MLP then hands it there), False where the down projection's
-    # ``apply_gated`` may take it into its loads.
-    activates_output = False
-
     def apply_gated(self, layer: nn.Module, gate_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
                     ) -> torch.Tensor:
         """``apply(layer, act(gate_up))``; a method may fuse the activation into its matmul."""
         return self.apply(layer, act(gate_up))
 
-    def apply_activated(self, layer: nn.Module, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
-                        ) -> torch.Tensor:
-        """``act(apply(layer, x))``; a method may fuse the activation into its matmul's output."""
-        return act(self.apply(layer, x))
+    def apply_partials(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
+        """``apply``, or where the method can, its output left as split-K partial sums for the
+        kernel after it to add up (engine/layers/partials.py)."""
+        return self.apply(layer, x)
 
     def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                     act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     partials: bool = False) -> tuple[torch.Tensor | SplitKPartials, torch.Tensor]:
         """``LinearBase.forward_normed`` on the device; a method may fuse the norm into its matmul."""
-        if act is None:
-            return normed_then(lambda h: self.apply(layer, h), x, residual, norm)
-        return normed_then(lambda h: self.apply_activated(layer, h, act), x, residual, norm)
+        apply = self.apply_partials if partials else self.apply
+        return normed_then(lambda h: apply(layer, h), x, residual, norm)
 
     def cpu_weight(self, layer: nn.Module) -> torch.Tensor | None:
         """The dense ``[out_features, in_features]`` weight on the CPU, if the layer holds one."""
@@ -111,13 +106,12 @@ class DenseLinearMethod(LinearMethod):
         return self.apply(layer, act(gate_up))
 
     def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                     act: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     partials: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         # One token through a one-slab GEMV: the residual add and the norm inside its loads.
         from engine.kernels.gemv import gemv_rms_norm, slab_fits
 
-        if act is not None or not (_gemv_applies(x, layer.weight) and slab_fits(*layer.weight.shape)
-                                   and x.stride(1) == 1):
-            return super().apply_normed(layer, x, residual, norm, act)
+        if not (_gemv_applies(x, layer.weight) and slab_fits(*layer.weight.shape) and x.stride(1) == 1):
+            return super().apply_normed(layer, x, residual, norm)
         out, residual = gemv_rms_norm(x, residual, norm.weight, norm.eps, layer.weight)
         return (out if layer.bias is None else out + layer.bias), residual
 
@@ -243,16 +237,16 @@ class LinearBase(nn.Module):
             return self.forward(act(gate_up))
         return self.quant_method.apply_gated(self, gate_up, act)
 
-    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
-                       act: Callable[[torch.Tensor], torch.Tensor] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_normed(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, partials: bool = False
+                       ) -> tuple[torch.Tensor | SplitKPartials, torch.Tensor]:
         """``(forward(norm(x + residual)), x + residual)`` (without a residual, ``x`` is the
         input to normalize and comes back as the residual), with the add and the norm fused into
         the matmul where the method can: a decoder block's first linear and the norm before it.
-        With ``act``, the first is ``act`` of that output (fused where ``activates_output``)."""
+        ``partials``: the first may come back as ``SplitKPartials``, for a caller whose next
+        kernel adds them up (``LinearMethod.apply_partials``)."""
         if not x.is_cuda:
-            return normed_then(self.forward if act is None else lambda h: act(self.forward(h)), x, residual, norm)
-        return self.quant_method.apply_normed(self, x, residual, norm, act)
+            return normed_then(self.forward, x, residual, norm)
+        return self.quant_method.apply_normed(self, x, residual, norm, partials)
 
     def pack_for_cpu(self) -> None:
         """Run this layer through oneDNN with a packed fp32 weight (engine/layers/cpu_linear.py)."""

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from engine.attention.metadata import get_forward_context
-from engine.kernels.rotary import rope_and_cache
+from engine.kernels.rotary import rope_and_cache, rope_and_cache_partials
 from engine.layers.activation import SiluAndMul
 from engine.layers.linear import FusedLinear, LinearBase
 from engine.layers.norm import RMSNorm
+from engine.layers.partials import SplitKPartials
 from engine.layers.rotary import RotaryEmbedding
 
 if TYPE_CHECKING:
@@ -59,23 +60,31 @@ class LlamaAttention(nn.Module):
         """Attention of ``norm(hidden + residual)`` (the first layer: ``norm(hidden)``), the add and
         the norm inside the qkv projection where it can; returns the output and the residual sum."""
         num_tokens = hidden.shape[0]
-        qkv, residual = self.qkv_proj.forward_normed(hidden, residual, norm)
-        q, k, v = qkv.split(list(self.qkv_proj.output_sizes.values()), dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         assert self.kv_cache is not None, "KV cache not bound: call bind_kv_cache() first"
         context = get_forward_context()
-        if q.is_cuda and context.backend.accepts_cached_kv:
-            # One kernel: q/k norm, rotary, and the cache write the backend would do.
-            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
-            rope_and_cache(positions, q, k, v, self.rotary.cos_cache, self.rotary.sin_cache, *self.kv_cache,
-                           context.metadata.slot_mapping, *norms)
+        # On CUDA with a backend that takes the cache written for it, one kernel does the q/k
+        # norm, rotary and that write; it also adds up the projection's split-K partials.
+        fused = hidden.is_cuda and context.backend.accepts_cached_kv
+        qkv, residual = self.qkv_proj.forward_normed(hidden, residual, norm, partials=fused)
+        norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
+        if isinstance(qkv, SplitKPartials):
+            q = rope_and_cache_partials(positions, qkv.partials, qkv.dtype, self.num_heads, self.num_kv_heads,
+                                        self.rotary.cos_cache, self.rotary.sin_cache, *self.kv_cache,
+                                        context.metadata.slot_mapping, *norms)
             k = v = None
         else:
-            if self.qk_norm:
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k = self.rotary(positions, q, k)
+            q, k, v = qkv.split(list(self.qkv_proj.output_sizes.values()), dim=-1)
+            q = q.view(num_tokens, self.num_heads, self.head_dim)
+            k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+            if fused:
+                rope_and_cache(positions, q, k, v, self.rotary.cos_cache, self.rotary.sin_cache, *self.kv_cache,
+                               context.metadata.slot_mapping, *norms)
+                k = v = None
+            else:
+                if self.qk_norm:
+                    q, k = self.q_norm(q), self.k_norm(k)
+                q, k = self.rotary(positions, q, k)
         out = context.backend.forward(
             self, q, k, v, self.kv_cache, context.metadata, self.scale, self.sliding_window
         )
@@ -104,12 +113,11 @@ class LlamaMLP(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
         """The MLP of ``norm(hidden + residual)``, as attention's; returns the output and the sum.
-        The activation goes where the linears fuse it: into the gate/up projection's output
-        (AWQ) or the down projection's loads (a one-token GEMV)."""
-        if self.gate_up_proj.quant_method.activates_output:
-            activated, residual = self.gate_up_proj.forward_normed(hidden, residual, norm, act=self.act)
-            return self.down_proj(activated), residual
-        gate_up, residual = self.gate_up_proj.forward_normed(hidden, residual, norm)
+        The activation goes where the linears fuse it: summing the gate/up projection's split-K
+        partials (AWQ, 1-16 tokens) or into the down projection's loads (a one-token GEMV)."""
+        gate_up, residual = self.gate_up_proj.forward_normed(hidden, residual, norm, partials=True)
+        if isinstance(gate_up, SplitKPartials):
+            return self.down_proj(self.act(gate_up)), residual
         return self.down_proj.forward_gated(gate_up, self.act), residual
 
 

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from engine.layers.activation import SiluAndMul
 from engine.layers.linear import (
     DenseLinearMethod,
     LinearMethod,
@@ -30,6 +28,7 @@ from engine.layers.linear import (
     register_quant_method,
     set_weight_attrs,
 )
+from engine.layers.partials import SplitKPartials
 
 logger = logging.getLogger(__name__)
 
@@ -211,17 +210,16 @@ class AWQLinearMethod(LinearMethod):
     def release_cpu_weight(self, layer: nn.Module) -> None:
         layer.dense_weight = None  # the packed copy replaces it
 
-    # SiLU-and-mul summing awq_mma's split-K partials as it loads them (few tokens): gate_up then
-    # ends without its own sum.
-    activates_output = True
+    def apply_partials(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | SplitKPartials:
+        # 1-16 tokens through awq_mma without a bias: its split-K partials, its sum left to the
+        # kernel after it.
+        if x.is_cuda and layer.bias is None:
+            from engine.kernels.awq_gemm import awq_linear_partials
 
-    def apply_activated(self, layer: nn.Module, x: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
-                        ) -> torch.Tensor:
-        if x.is_cuda and isinstance(act, SiluAndMul):
-            from engine.kernels.awq_gemm import awq_linear
-
-            return awq_linear(x, layer.qweight, layer.qzeros, layer.scales, layer.bias, silu_mul=True)
-        return act(self.apply(layer, x))
+            partials = awq_linear_partials(x, layer.qweight, layer.qzeros, layer.scales)
+            if partials is not None:
+                return SplitKPartials(partials, x.dtype)
+        return self.apply(layer, x)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
