@@ -58,7 +58,7 @@ def _silu_and_mul_partials_kernel(p_ptr, out_ptr, d, num_tokens, stride_out_tok,
     tl.store(out_ptr + tok * stride_out_tok + cols, out.to(dtype), mask=mask)
 
 
-def silu_and_mul_partials(partials: torch.Tensor, dtype: torch.dtype, *, block: int = 1024,
+def silu_and_mul_partials(partials: torch.Tensor, dtype: torch.dtype, *, block: int = 512,
                           num_warps: int = 4) -> torch.Tensor:
     """``partials`` fp32 [S, T, 2 d] (the split-K partial sums of a gate/up projection's output) ->
     ``silu_and_mul`` of their sum in ``dtype``, [T, d]: the bits of summing them in split order,
