@@ -114,6 +114,22 @@ def rotary_embedding(
 
 
 @triton.jit
+def _store_kv(key_cache_ptr, value_cache_ptr, slot, heads, dims, mask, half_dim, k1, k2, v1, v2,
+              stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
+              BLOCK_SIZE: tl.constexpr):
+    # A token's rotated k halves and its v halves, of the kv heads at ``heads``, into the paged
+    # caches at ``slot`` (< 0: padding, nothing written).
+    if slot >= 0:
+        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        kc = key_cache_ptr + block * stride_kc_block + offset * stride_kc_slot + heads * stride_kc_head + dims
+        tl.store(kc, k1.to(key_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(kc + half_dim, k2.to(key_cache_ptr.dtype.element_ty), mask=mask)
+        vc = value_cache_ptr + block * stride_vc_block + offset * stride_vc_slot + heads * stride_vc_head + dims
+        tl.store(vc, v1.to(value_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(vc + half_dim, v2.to(value_cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_and_cache_kernel(
     positions_ptr, q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr,
     key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
@@ -153,14 +169,9 @@ def _rope_and_cache_kernel(
                        qw1, qw2, eps, NORM, BLOCK_HQ)
     k1, k2 = _norm_rotate_heads(k_ptr + tok * stride_k_tok, num_kv_heads, stride_k_head, half_dim, cos, sin,
                                 dims, kw1, kw2, eps, NORM, BLOCK_HK)
-    if slot >= 0:
-        block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-        kc = key_cache_ptr + block * stride_kc_block + offset * stride_kc_slot + heads * stride_kc_head + dims
-        tl.store(kc, k1.to(key_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(kc + half_dim, k2.to(key_cache_ptr.dtype.element_ty), mask=mask)
-        vc = value_cache_ptr + block * stride_vc_block + offset * stride_vc_slot + heads * stride_vc_head + dims
-        tl.store(vc, v1.to(value_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(vc + half_dim, v2.to(value_cache_ptr.dtype.element_ty), mask=mask)
+    _store_kv(key_cache_ptr, value_cache_ptr, slot, heads, dims, mask, half_dim, k1, k2, v1, v2,
+              stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
+              BLOCK_SIZE)
 
 
 def rope_and_cache(
@@ -276,15 +287,9 @@ def _rope_and_cache_partials_kernel(
         v1 = _sum_partials(v_col, stride_split, dims, mask, dtype, SPLIT_K)
         v2 = _sum_partials(v_col + half_dim, stride_split, dims, mask, dtype, SPLIT_K)
         k1, k2 = _norm_rotate(x1, x2, cos, sin, w1, w2, eps, half_dim, NORM, dtype)
-        if slot >= 0:
-            kv = head - num_q_heads
-            block, offset = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-            kc = key_cache_ptr + block * stride_kc_block + offset * stride_kc_slot + kv * stride_kc_head + dims
-            tl.store(kc, k1.to(key_cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(kc + half_dim, k2.to(key_cache_ptr.dtype.element_ty), mask=mask)
-            vc = value_cache_ptr + block * stride_vc_block + offset * stride_vc_slot + kv * stride_vc_head + dims
-            tl.store(vc, v1.to(value_cache_ptr.dtype.element_ty), mask=mask)
-            tl.store(vc + half_dim, v2.to(value_cache_ptr.dtype.element_ty), mask=mask)
+        _store_kv(key_cache_ptr, value_cache_ptr, slot, head - num_q_heads, dims, mask, half_dim, k1, k2, v1, v2,
+                  stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
+                  BLOCK_SIZE)
 
 
 def rope_and_cache_partials(
