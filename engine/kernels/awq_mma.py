@@ -137,8 +137,8 @@ def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
     tensor cores (see the module docstring). Needs ``mma_supported``; ``config`` overrides
     ``mma_config``. ``return_partials``: the split-K partial sums instead, fp32 [split_k, M, N]
     (split_k may be 1), for a next kernel that adds them in split order as it loads its input
-    (``silu_and_mul_partials``): the linear then ends with its last main loop, without the
-    last-arriving program's sum."""
+    (``silu_and_mul_partials``, ``rope_and_cache_partials``; engine/layers/partials.py): the
+    linear then ends with its last main loop, without the last-arriving program's sum."""
     m, k_x = x.shape
     k, n, group_size = _check_shapes(qweight, qzeros, scales)
     assert 1 <= m <= MMA_MAX_TOKENS, f"awq_mma takes 1 to {MMA_MAX_TOKENS} tokens, got {m}"
