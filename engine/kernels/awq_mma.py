@@ -83,7 +83,6 @@ class MmaConfig(NamedTuple):
     halves: int  # 128-row K tiles a pipeline stage holds (1 or 2)
     split_k: int  # programs along K
     num_stages: int = 2  # stages in flight: 3-4 measured slower on an H200
-    consumers: int = 1  # warp pairs taking a program's tiles in turn (2: warp-specialized, a TMA warp feeding them)
 
 
 def mma_config(m: int, n: int, k: int, num_sms: int) -> MmaConfig:
@@ -156,14 +155,6 @@ def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) \
         if split_k > 1 or return_partials else out
-    if cfg.consumers == 2:
-        assert cfg.halves == 1 and cfg.num_stages >= 3
-        _awq_mma_ws_kernel[(n_tiles, split_k)](
-            x_desc, w_desc, qzeros, scales, out, partial, arrival_counters(x.device, n_tiles), m, k_per_split,
-            split_k, N=n, K=k, GROUP=group_size, BLOCK_T=block_t, NUM_STAGES=cfg.num_stages,
-            PARTIALS_ONLY=return_partials, num_warps=4, maxnreg=64, **pdl_args(x.device),
-        )
-        return partial if return_partials else out
     _awq_mma_kernel[(n_tiles, split_k)](
         x_desc, w_desc, qzeros, scales, out, partial, arrival_counters(x.device, n_tiles), m, k_per_split, split_k,
         N=n, K=k, GROUP=group_size, BLOCK_T=block_t, HALVES=cfg.halves, NUM_STAGES=cfg.num_stages,
@@ -338,26 +329,6 @@ if HAVE_GLUON:
                 gl.atomic_xchg(lock_ptr + lock, 0, sem="relaxed", scope="gpu")
 
     @gluon.jit
-    def _store_acc(acc, out_ptr, partial_ptr, lock_ptr, M, N, pid_n, pid_s, split_k, BLOCK_T: gl.constexpr,
-                   PARTIALS_ONLY: gl.constexpr):
-        """A program's accumulator (MMA layout) to its output columns, its split-K partials (and the
-        last-arriving sum), or with PARTIALS_ONLY its partials alone."""
-        W: gl.constexpr = _WARPS
-        # Back in column order, each thread 8 consecutive columns of a token: the output and the
-        # split-K partials move in 16- and 32-byte runs.
-        OUT_L: gl.constexpr = _out_layout(W, BLOCK_T)
-        out = gl.permute(acc.reshape([4, W, 2, 8, BLOCK_T]), (4, 1, 3, 0, 2)).reshape([BLOCK_T, 64 * W])
-        out = gl.convert_layout(out, OUT_L, assert_trivial=True)
-        if PARTIALS_ONLY:  # the next kernel sums them
-            ot = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, OUT_L))
-            oc = pid_n * 64 * W + gl.arange(0, 64 * W, layout=gl.SliceLayout(0, OUT_L))
-            gl.store(partial_ptr + pid_s * M * N + ot[:, None] * N + oc[None, :], out,
-                     mask=(ot < M)[:, None] & (oc < N)[None, :])
-        else:
-            _store_split_k(out, out_ptr, partial_ptr, lock_ptr, pid_n, 0, pid_n * 64 * W, M, N, pid_s, split_k, OUT_L,
-                           BLOCK_T, OUT_L, FEW_TOKENS=True)
-
-    @gluon.jit
     def _awq_mma_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
                         M, k_per_split, split_k,
                         N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
@@ -452,107 +423,16 @@ if HAVE_GLUON:
         for i in gl.static_range(NUM_STAGES):
             mbarrier.invalidate(bars.index(i))
 
-        _store_acc(acc, out_ptr, partial_ptr, lock_ptr, M, N, pid_n, pid_s, split_k, BLOCK_T, PARTIALS_ONLY)
-
-    @gluon.jit
-    def _ws_producer(x_desc, w_desc, w_smem, x_smem, ready, empty, k_lo, w0, n_tiles, NUM_STAGES: gl.constexpr,
-                     USE_PDL: gl.constexpr):
-        """One warp: the TMA loads of a program's n_tiles 128-row stages, each once its consumer has
-        released the slot; the first NUM_STAGES - 1 weight tiles before the PDL wait."""
-        STAGE_BYTES: gl.constexpr = _BLOCK_K * w_smem.shape[2] * 4 + x_smem.shape[1] * _BLOCK_K * 2
-        for i in gl.static_range(NUM_STAGES - 1):
-            mbarrier.expect(ready.index(i), STAGE_BYTES, pred=i < n_tiles)
-            _tma_load(w_desc, [k_lo + i * _BLOCK_K, w0], ready.index(i), w_smem.index(i), pred=i < n_tiles)
-        if USE_PDL:
-            _pdl_wait()
-        for i in gl.static_range(NUM_STAGES - 1):
-            _tma_load(x_desc, [0, k_lo + i * _BLOCK_K], ready.index(i), x_smem.index(i), pred=i < n_tiles)
-        for t in range(NUM_STAGES - 1, n_tiles):
-            slot = t % NUM_STAGES
-            mbarrier.wait(empty.index(slot), ((t // NUM_STAGES) & 1) ^ 1, pred=t >= NUM_STAGES)
-            mbarrier.expect(ready.index(slot), STAGE_BYTES)
-            _tma_load(w_desc, [k_lo + t * _BLOCK_K, w0], ready.index(slot), w_smem.index(slot))
-            _tma_load(x_desc, [0, k_lo + t * _BLOCK_K], ready.index(slot), x_smem.index(slot))
-
-    @gluon.jit
-    def _ws_consumer(H: gl.constexpr, w_smem, x_smem, ready, empty, done, acc_smem, qzeros_ptr, scales_ptr, out_ptr,
-                     partial_ptr, lock_ptr, M, k_lo, w0, pid_n, pid_s, n_tiles, split_k, N: gl.constexpr,
-                     K: gl.constexpr, GROUP: gl.constexpr, NUM_STAGES: gl.constexpr, PARTIALS_ONLY: gl.constexpr,
-                     USE_PDL: gl.constexpr):
-        """Warp pair H: the program's tiles H, H + 2, ..; pair 1 hands its sum to pair 0 through
-        shared memory, which adds it and stores."""
-        DTYPE: gl.constexpr = x_smem.dtype
-        BLOCK_T: gl.constexpr = x_smem.shape[1]
-        W: gl.constexpr = _WARPS
-        MMA: gl.constexpr = _mma_layout(W)
-        N_WORDS: gl.constexpr = N // 8
-        KSPLIT: gl.constexpr = 2 if BLOCK_T == 8 else 1
-        if USE_PDL:
-            _pdl_wait()
-        rows = gl.arange(0, 64 * W, layout=gl.SliceLayout(1, MMA))
-        word = w0 + 8 * ((rows // 16) % W) + rows % 8
-        c = (rows // 8) % 2 + 2 * (rows // (16 * W))
-        zero_shift = 4 * (c // 2 + 4 * (c % 2))
-        ones = gl.full([16 * W, _BLOCK_K // KSPLIT], 1.0, DTYPE, layout=_operand_layout(W, 0))
-        k0 = gl.minimum(k_lo + H * _BLOCK_K, K - _BLOCK_K)
-        z_next = gl.load(qzeros_ptr + (k0 // GROUP) * N_WORDS + word)
-        s_next = _load_scales(scales_ptr, (k0 // GROUP) * N + 8 * w0, W, MMA)
-        acc = gl.zeros([64 * W, BLOCK_T], gl.float32, layout=MMA)
-        for t in range(H, n_tiles, 2):
-            z, s = z_next, s_next
-            k_ahead = gl.minimum(k_lo + (t + 2) * _BLOCK_K, K - _BLOCK_K)  # in bounds; unused after the last
-            z_next = gl.load(qzeros_ptr + (k_ahead // GROUP) * N_WORDS + word)
-            s_next = _load_scales(scales_ptr, (k_ahead // GROUP) * N + 8 * w0, W, MMA)
-            slot = t % NUM_STAGES
-            mbarrier.wait(ready.index(slot), (t // NUM_STAGES) & 1)
-            acc = _group(acc, w_smem.index(slot), x_smem.index(slot), z, s, zero_shift, ones, DTYPE, W, BLOCK_T, MMA,
-                         KSPLIT)
-            _cta_barrier()  # both warps' reads of the slot are done
-            mbarrier.arrive(empty.index(slot), count=1)
-        if H == 1:
-            acc_smem.store(acc)
-            _cta_barrier()
-            mbarrier.arrive(done.index(0), count=1)
+        # Back in column order, each thread 8 consecutive columns of a token: the output and the
+        # split-K partials move in 16- and 32-byte runs.
+        OUT_L: gl.constexpr = _out_layout(W, BLOCK_T)
+        out = gl.permute(acc.reshape([4, W, 2, 8, BLOCK_T]), (4, 1, 3, 0, 2)).reshape([BLOCK_T, 64 * W])
+        out = gl.convert_layout(out, OUT_L, assert_trivial=True)
+        if PARTIALS_ONLY:  # the next kernel sums them
+            ot = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, OUT_L))
+            oc = pid_n * 64 * W + gl.arange(0, 64 * W, layout=gl.SliceLayout(0, OUT_L))
+            gl.store(partial_ptr + pid_s * M * N + ot[:, None] * N + oc[None, :], out,
+                     mask=(ot < M)[:, None] & (oc < N)[None, :])
         else:
-            mbarrier.wait(done.index(0), 0)
-            acc = acc + acc_smem.load(MMA)
-            _store_acc(acc, out_ptr, partial_ptr, lock_ptr, M, N, pid_n, pid_s, split_k, BLOCK_T, PARTIALS_ONLY)
-
-    @gluon.jit(do_not_specialize=["M", "split_k"])
-    def _awq_mma_ws_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
-                           M, k_per_split, split_k,
-                           N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
-                           NUM_STAGES: gl.constexpr, PARTIALS_ONLY: gl.constexpr = False,
-                           USE_PDL: gl.constexpr = False):
-        """``_awq_mma_kernel``'s grid, tiles and results with its 128-row tiles taken in turn by two
-        warp pairs (warp-specialized: the default pair and a worker pair, each computing as that
-        kernel's two warps do) fed by a one-warp TMA producer through a ring of NUM_STAGES slots
-        (``ready`` / ``empty`` barriers): two tiles are dequantized at once. Pair 1's sum is added to
-        pair 0's at the end (fixed order: deterministic)."""
-        W: gl.constexpr = _WARPS
-        BLOCK_W: gl.constexpr = 8 * W
-        pid_n = gl.program_id(0)
-        pid_s = gl.program_id(1)
-        w0 = pid_n * BLOCK_W
-        k_lo = pid_s * k_per_split
-        n_tiles = (gl.minimum(k_lo + k_per_split, K) - k_lo) // _BLOCK_K
-        w_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, _BLOCK_K, BLOCK_W], w_desc.layout)
-        x_smem = gl.allocate_shared_memory(x_desc.dtype, [NUM_STAGES, BLOCK_T, _BLOCK_K], x_desc.layout)
-        acc_smem = gl.allocate_shared_memory(gl.float32, [64 * W, BLOCK_T],
-                                             gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
-        done = gl.allocate_shared_memory(gl.int64, [1, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=1)
-        mbarrier.init(done.index(0), count=1)
-        fence_async_shared()
-        consumer_args = (w_smem, x_smem, ready, empty, done, acc_smem, qzeros_ptr, scales_ptr, out_ptr, partial_ptr,
-                         lock_ptr, M, k_lo, w0, pid_n, pid_s, n_tiles, split_k, N, K, GROUP, NUM_STAGES, PARTIALS_ONLY,
-                         USE_PDL)
-        gl.warp_specialize(
-            [(_ws_producer, (x_desc, w_desc, w_smem, x_smem, ready, empty, k_lo, w0, n_tiles, NUM_STAGES, USE_PDL)),
-             (_ws_consumer, (gl.constexpr(0),) + consumer_args),
-             (_ws_consumer, (gl.constexpr(1),) + consumer_args)],
-            [W, W], [104, 104])
+            _store_split_k(out, out_ptr, partial_ptr, lock_ptr, pid_n, 0, pid_n * 64 * W, M, N, pid_s, split_k, OUT_L,
+                           BLOCK_T, OUT_L, FEW_TOKENS=True)
