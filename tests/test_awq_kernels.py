@@ -60,7 +60,7 @@ def _seed() -> int:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("k", "n", "group_size"), [(64, 48, 32), (256, 128, 128), (72, 40, 72)])
+@pytest.mark.parametrize(("k", "n", "group_size"), [(64, 48, 32), (256, 128, 128), (72, 40, 72), (96, 640, 32)])
 def test_dequantize_kernel_is_exact(k: int, n: int, group_size: int, dtype: torch.dtype) -> None:
     seed = _seed()
     qweight, qzeros, scales, w64 = _random_weight(k, n, group_size, seed)

@@ -501,7 +501,9 @@ def awq_dequantize(
     """The dense weight [K, N] ``(q - z) * s`` in ``dtype`` (default: the scales' dtype)."""
     k, n, group_size = _check_shapes(qweight, qzeros, scales)
     out = torch.empty((k, n), dtype=dtype or scales.dtype, device=qweight.device)
-    block_k, block_n = 32, min(128, triton.next_power_of_2(n))  # 32 divides every group size
+    # 32 divides every group size. 256 columns a program: on an H200 (session 30, Llama-3.1-8B shapes) qkv
+    # 30.3 -> 20.7 us, down 48.1 -> 44.0, gate_up 87.5 -> 84.9 against 128 (3.0-3.5 TB/s read + written).
+    block_k, block_n = 32, min(256, triton.next_power_of_2(n))
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
     _awq_dequantize_kernel[grid](qweight, qzeros, scales, out, n, k, group_size,
                                  BLOCK_K=block_k, BLOCK_N=block_n, **pdl_args(qweight.device))
