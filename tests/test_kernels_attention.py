@@ -240,62 +240,6 @@ def test_decode_in_any_request_order_gives_the_same_rows(num_splits: int) -> Non
         assert torch.equal(out, natural), f"seed {seed}, order {order}"
 
 
-@pytest.mark.parametrize(("num_splits", "dtype", "qk_norm", "sliding_window"),
-                         [(1, torch.float32, False, None), (2, torch.bfloat16, True, None),
-                          (3, torch.float32, True, 40), (16, torch.float16, False, None)])
-def test_decode_from_qkv_partials_equals_rope_and_cache_partials_then_decode(
-    num_splits: int, dtype: torch.dtype, qk_norm: bool, sliding_window: int | None
-) -> None:
-    """The split kernel that sums a q/k/v projection's split-K partials itself, applies the q/k
-    norm and rotary and writes the new key and value gives the bits of ``rope_and_cache_partials``
-    then ``decode_attention`` (float32 on CPU: within its matmul's rounding): its output and both
-    caches (whose new slots hold NaN until written),
-    with the new token in a split's first tile, in a later one, and alone; and a padded row (no
-    keys, slot -1) gets zeros and writes nothing."""
-    from engine.kernels.decode_attention import decode_attention_qkv_partials
-    from engine.kernels.rotary import rope_and_cache_partials
-    from engine.layers.rotary import RotaryEmbedding
-
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    kv_heads, group, head_dim, split_k = 2, 2, 32, 3
-    seq_lens = [1, 1, 17, 33, rng.randint(60, 140)]
-    b = make_batch(rng, [n - 1 for n in seq_lens], [1] * len(seq_lens), num_kv_heads=kv_heads, group=group,
-                   head_dim=head_dim, block_size=16, dtype=dtype, fill_new_tokens=False)
-    gen = torch.Generator().manual_seed(seed)
-    heads = kv_heads * group
-    partials = torch.randn(split_k, len(seq_lens), (heads + 2 * kv_heads) * head_dim, generator=gen).to(DEVICE)
-    positions = (b.seq_lens - 1).to(torch.int64)
-    slots = b.slot_mapping.clone()
-    slots[0], b.seq_lens[0] = -1, 0  # a CUDA graph's padded row
-    rotary = RotaryEmbedding(head_dim, 256, 10000.0, None)
-    cos, sin = rotary.cos_cache.to(DEVICE), rotary.sin_cache.to(DEVICE)
-    norms = [(torch.rand(head_dim, generator=gen) + 0.5).to(DEVICE) for _ in range(2)] if qk_norm else [None] * 2
-    for cache in (b.key_cache, b.value_cache):
-        cache.view(-1, *cache.shape[2:])[b.slot_mapping] = float("nan")
-    caches = [c.clone() for c in (b.key_cache, b.value_cache)]
-    split = dict(num_splits=num_splits, block_n=16)
-
-    q = rope_and_cache_partials(positions, partials, dtype, heads, kv_heads, cos, sin, b.key_cache, b.value_cache,
-                                slots, *norms, 1e-6)
-    ref = decode_attention(q, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, 0.2, sliding_window, **split)
-    out = decode_attention_qkv_partials(partials, heads, positions, slots, cos, sin, *caches, b.block_tables,
-                                        b.seq_lens, 0.2, sliding_window, *norms, 1e-6, **split)
-    msg = f"seed {seed}"
-    assert out.dtype == dtype and not out[0].any(), msg
-    if dtype == torch.float32 and DEVICE == "cpu":
-        # The kernel's q rows sit at other rows of the dot, and the interpreter's float32 matmul
-        # (numpy's) may round a row differently by where it sits.
-        assert_close(out[1:], ref[1:].double().cpu(), 1e-6, seed)
-    else:
-        assert torch.equal(out, ref), msg
-    for got, want in zip(caches, (b.key_cache, b.value_cache), strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True, msg=msg)
-    new_slots = slots[1:]
-    for cache in caches:  # every new key and value written, none left NaN
-        assert not cache.view(-1, *cache.shape[2:])[new_slots].isnan().any(), msg
-
-
 @pytest.mark.parametrize("sliding_window", [None, 20])
 def test_decode_splits_outnumbering_keys_leave_empty_splits_harmless(
     sliding_window: int | None, monkeypatch: pytest.MonkeyPatch

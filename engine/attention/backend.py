@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from engine.attention.metadata import AttentionMetadata
-from engine.layers.partials import SplitKPartials
 
 # name -> "module:Class"; imported on first use so that optional packages load only when chosen.
 _BACKENDS: dict[str, str] = {
@@ -67,25 +66,6 @@ class AttentionBackend(ABC):
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor: ...
-
-    def forward_qkv_partials(
-        self,
-        qkv: SplitKPartials,
-        num_heads: int,
-        positions: torch.Tensor,
-        rotary_caches: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        metadata: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None,
-        qk_norm: tuple[torch.Tensor, torch.Tensor, float] | tuple[()] = (),
-    ) -> torch.Tensor | None:
-        """Optionally, ``forward`` of a fused q/k/v projection's output given as its split-K
-        partials ``[S, T, (H + 2 Hkv) * D]`` (engine/layers/partials.py), doing the model's part
-        too: the q/k norm weights and eps (``qk_norm``, Qwen3), neox rotary by the float32 cos/sin
-        ``rotary_caches`` at ``positions``, and the cache write. None where the backend does not
-        (the model then does that part itself and calls ``forward``)."""
-        return None
 
 
 def attention_backend_names() -> list[str]:

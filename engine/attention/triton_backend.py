@@ -2,9 +2,7 @@
 
 ::
 
-    every request has 1 new token      -> split-KV decode kernel (+ split reduction); given the
-                                          q/k/v projection's split-K partials, the split kernel
-                                          also sums them, rotates q and k and writes the cache
+    every request has 1 new token      -> split-KV decode kernel (+ split reduction)
     otherwise (prefill, chunks, verify) -> prefill-with-prefix kernel for requests with > 1 new
                                            token, and the decode kernel (reading its rows through
                                            query_start_loc) for those with exactly 1
@@ -21,10 +19,9 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
-from engine.kernels.decode_attention import decode_attention, decode_attention_qkv_partials
+from engine.kernels.decode_attention import decode_attention
 from engine.kernels.prefill_attention import prefill_attention
 from engine.kernels.reshape_and_cache import reshape_and_cache
-from engine.layers.partials import SplitKPartials
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -67,24 +64,3 @@ class TritonAttentionBackend(AttentionBackend):
                 query_start_loc=metadata.query_start_loc, max_seq_len=max_seq_len, order=metadata.decode_order,
             )
         return out
-
-    def forward_qkv_partials(
-        self,
-        qkv: SplitKPartials,
-        num_heads: int,
-        positions: torch.Tensor,
-        rotary_caches: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: tuple[torch.Tensor, torch.Tensor],
-        metadata: AttentionMetadata,
-        scale: float,
-        sliding_window: int | None,
-        qk_norm: tuple[torch.Tensor, torch.Tensor, float] | tuple[()] = (),
-    ) -> torch.Tensor | None:
-        if not (metadata.max_query_len == 1 and metadata.num_tokens == metadata.num_reqs):
-            return None
-        assert qkv.dtype == kv_cache[0].dtype, "the projection's dtype must be the cache's"
-        return decode_attention_qkv_partials(
-            qkv.partials, num_heads, positions, metadata.slot_mapping, *rotary_caches, *kv_cache,
-            metadata.block_tables, metadata.seq_lens, scale, sliding_window, *qk_norm,
-            max_seq_len=metadata.max_seq_len, order=metadata.decode_order,
-        )

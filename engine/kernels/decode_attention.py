@@ -28,7 +28,6 @@ from engine.kernels.paged_attention import (
     load_kv_tile,
 )
 from engine.kernels.pdl import pdl_args, pdl_prologue
-from engine.kernels.rotary import _norm_rotate, _norm_weight, _store_kv, _sum_partials
 
 # Hopper H200/H100 SXM; used when there is no CUDA device to ask (the interpreter).
 DEFAULT_NUM_SMS = 132
@@ -47,41 +46,6 @@ def _split_span(seq_lens_ptr, req, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _summed_halves(row_ptr, cols, mask, stride_split, HALF: tl.constexpr, dtype: tl.constexpr,
-                   SPLIT_K: tl.constexpr):
-    # The two halves of heads whose first halves' columns are ``cols`` ([R, HALF]) in a row of
-    # split-K partials: each the sum from zero in split order, rounded to dtype (held in fp32).
-    return (_sum_partials(row_ptr, stride_split, cols, mask, dtype, SPLIT_K),
-            _sum_partials(row_ptr + HALF, stride_split, cols, mask, dtype, SPLIT_K))
-
-
-@triton.jit
-def _whole_heads(x1, x2):
-    # Halves [R, HALF] -> heads [R, 2 HALF].
-    return tl.reshape(tl.permute(tl.join(x1, x2), (0, 2, 1)), (x1.shape[0], 2 * x1.shape[1]))
-
-
-@triton.jit
-def _zero_rows_between(x):
-    # [R, C] -> [2 R, C]: row 2 r is x's row r, row 2 r + 1 zeros.
-    return tl.reshape(tl.permute(tl.join(x, tl.zeros_like(x)), (0, 2, 1)), (2 * x.shape[0], x.shape[1]))
-
-
-@triton.jit
-def _spread_rows(x, REP: tl.constexpr):
-    # [R, C] -> [REP R, C]: row REP r is x's row r, the others zeros (REP a power of two <= 16).
-    if REP >= 2:
-        x = _zero_rows_between(x)
-    if REP >= 4:
-        x = _zero_rows_between(x)
-    if REP >= 8:
-        x = _zero_rows_between(x)
-    if REP >= 16:
-        x = _zero_rows_between(x)
-    return x
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, order_ptr,
@@ -90,11 +54,10 @@ def _decode_split_kernel(
     stride_kc_block, stride_kc_slot, stride_kc_head,
     stride_vc_block, stride_vc_slot, stride_vc_head,
     stride_bt_req,
-    positions_ptr, slot_mapping_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, eps, stride_q_split, stride_cache_pos,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, MIXED: tl.constexpr, HAS_ORDER: tl.constexpr,
-    SPLIT_K: tl.constexpr = 0, NORM: tl.constexpr = False, GROUP_P2: tl.constexpr = 16, USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_reqs, num_kv_heads, NUM_SPLITS)``. Program p takes request p, or with HAS_ORDER
     request ``order[p]``: the GPU starts programs about in order, so an order by decreasing
@@ -111,14 +74,6 @@ def _decode_split_kernel(
     ``[num_reqs, num_heads, NUM_SPLITS, HEAD_DIM]`` and ``part_lse`` ``[num_reqs, num_heads,
     NUM_SPLITS]``; a split without keys exits at once, writing nothing (the reduction reads only
     the splits that have keys).
-
-    With SPLIT_K > 0 (one token a request, not MIXED) ``q_ptr`` is a q/k/v projection's fp32
-    split-K partials ``[SPLIT_K, num_reqs, (H + 2 Hkv) * HEAD_DIM]`` (strides ``stride_q_split``,
-    ``stride_q_row``; ``stride_q_head`` = HEAD_DIM) and the program does
-    ``rope_and_cache_partials``' work itself: its GROUP q heads summed, (normed,) rotated at
-    ``positions[req]``; and the program whose split holds the new token forms its key and value
-    the same way and writes them at ``slot_mapping[req]`` before it reads any tile past its first.
-    The bits of ``rope_and_cache_partials`` followed by this kernel.
     """
     # Up to the PDL wait the program reads only what this step's host-to-device copies wrote (the
     # order, rows, lengths and block tables) and what earlier steps wrote to the cache (every key
@@ -153,69 +108,23 @@ def _decode_split_kernel(
     k, v = load_kv_tile(key_cache_ptr, value_cache_ptr, block_table_ptr, split_lo, split_lo,
                         tl.minimum(first_hi, new), kv_head, stride_kc_block, stride_kc_slot, stride_kc_head,
                         stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_N, HEAD_DIM, BLOCK_SIZE, True)
-    ROPE: tl.constexpr = SPLIT_K > 0
-    HALF: tl.constexpr = HEAD_DIM // 2
-    rows = tl.arange(0, BLOCK_H)
-    if ROPE:
-        # q is formed GROUP_P2 heads tall, then spread to every REP-th row of the BLOCK_H the dot
-        # takes: summing the partials of padding rows would hold 16 / GROUP_P2 times the registers.
-        REP: tl.constexpr = BLOCK_H // GROUP_P2
-        head = kv_head * GROUP + rows // REP
-        row_ok = (rows % REP == 0) & (rows // REP < GROUP)
-    else:
-        head = kv_head * GROUP + rows
-        row_ok = rows < GROUP
-    offs_d = tl.arange(0, HEAD_DIM)
-    if ROPE:
-        # This program writes the new token's key and value where its split holds them; in its
-        # first tile (read before the wait) it takes them from its registers.
-        holds_new = (new >= split_lo) & (new < split_hi)
-        pos = tl.load(positions_ptr + row).to(tl.int64)
-        slot = tl.load(slot_mapping_ptr + row).to(tl.int64)
-        halves = tl.arange(0, HALF)[None, :]
-        cos = tl.load(cos_ptr + pos * stride_cache_pos + halves)
-        sin = tl.load(sin_ptr + pos * stride_cache_pos + halves)
-        qw1, qw2, kw1, kw2 = cos, cos, cos, cos
-        if NORM:
-            qw1, qw2 = _norm_weight(q_norm_ptr, HALF, halves, key_cache_ptr.dtype.element_ty)
-            kw1, kw2 = _norm_weight(k_norm_ptr, HALF, halves, key_cache_ptr.dtype.element_ty)
-    else:
-        holds_new = (new >= split_lo) & (new < first_hi)
-        new_block = tl.load(block_table_ptr + tl.where(holds_new, new, 0) // BLOCK_SIZE).to(tl.int64)
+    holds_new = (new >= split_lo) & (new < first_hi)
+    new_block = tl.load(block_table_ptr + tl.where(holds_new, new, 0) // BLOCK_SIZE).to(tl.int64)
 
     pdl_prologue(USE_PDL)
-    if ROPE:
-        dtype = key_cache_ptr.dtype.element_ty
-        row_p = q_ptr + row * stride_q_row
-        g = tl.arange(0, GROUP_P2)
-        q_cols = (kv_head * GROUP + g)[:, None] * HEAD_DIM + halves
-        q1, q2 = _summed_halves(row_p, q_cols, (g < GROUP)[:, None] & (halves < HALF), stride_q_split, HALF, dtype,
-                                SPLIT_K)
-        q1, q2 = _norm_rotate(q1, q2, cos, sin, qw1, qw2, eps, HALF, NORM, dtype)
-        q = _spread_rows(_whole_heads(q1, q2), REP)
-        num_kv_heads = num_heads // GROUP
-        new_mask = halves < tl.where(holds_new, HALF, 0)  # all of the head, or none
-        k_cols = (num_heads + kv_head) * HEAD_DIM + halves
-        k1, k2 = _summed_halves(row_p, k_cols, new_mask, stride_q_split, HALF, dtype, SPLIT_K)
-        k1, k2 = _norm_rotate(k1, k2, cos, sin, kw1, kw2, eps, HALF, NORM, dtype)
-        v1, v2 = _summed_halves(row_p, k_cols + num_kv_heads * HEAD_DIM, new_mask, stride_q_split, HALF, dtype,
-                                SPLIT_K)
-        _store_kv(key_cache_ptr, value_cache_ptr, tl.where(holds_new, slot, -1), kv_head, halves, new_mask, HALF,
-                  k1, k2, v1, v2, stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot,
-                  stride_vc_head, BLOCK_SIZE)
-        tl.debug_barrier()  # the writes land before any thread of the program reads a later tile
-        k_new = tl.reshape(_whole_heads(k1, k2), (HEAD_DIM,))
-        v_new = tl.reshape(_whole_heads(v1.to(dtype), v2.to(dtype)), (HEAD_DIM,))
-    else:
-        q_rows = row * stride_q_row + head * stride_q_head
-        q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        new_slot = new % BLOCK_SIZE
-        new_d = offs_d < tl.where(holds_new, HEAD_DIM, 0)  # all of the row, or none
-        k_new = tl.load(key_cache_ptr + new_block * stride_kc_block + new_slot * stride_kc_slot
-                        + kv_head * stride_kc_head + offs_d, mask=new_d, other=0.0)
-        v_new = tl.load(value_cache_ptr + new_block * stride_vc_block + new_slot * stride_vc_slot
-                        + kv_head * stride_vc_head + offs_d, mask=new_d, other=0.0)
+    rows = tl.arange(0, BLOCK_H)
+    head = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = row * stride_q_row + head * stride_q_head
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + new
+    new_slot = new % BLOCK_SIZE
+    new_d = offs_d < tl.where(holds_new, HEAD_DIM, 0)  # all of the row, or none
+    k_new = tl.load(key_cache_ptr + new_block * stride_kc_block + new_slot * stride_kc_slot + kv_head * stride_kc_head
+                    + offs_d, mask=new_d, other=0.0)
+    v_new = tl.load(value_cache_ptr + new_block * stride_vc_block + new_slot * stride_vc_slot
+                    + kv_head * stride_vc_head + offs_d, mask=new_d, other=0.0)
     is_new = split_lo + tl.arange(0, BLOCK_N) == new
     k = tl.where(is_new[None, :], k_new[:, None], k)
     v = tl.where(is_new[:, None], v_new[None, :], v)
@@ -345,114 +254,47 @@ def decode_attention(
     ``[num_reqs]``, a permutation) is the order in which requests' programs start: longest first
     balances a batch of mixed lengths. No host syncs."""
     check_paged_shapes(query, key_cache, value_cache)
-    num_heads = query.shape[1]
-    mixed = query_start_loc is not None
-    if mixed:
-        assert query_start_loc.shape == (seq_lens.shape[0] + 1,)
-    else:
-        assert query.shape[0] == seq_lens.shape[0]
-    if out is None:
-        out = torch.empty_like(query)
-    return _launch(query, None, num_heads, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, out,
-                   query_start_loc, max_seq_len, num_splits, block_n, num_warps, num_stages, order)
-
-
-def decode_attention_qkv_partials(
-    partials: torch.Tensor,
-    num_heads: int,
-    positions: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    cos_cache: torch.Tensor,
-    sin_cache: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    sliding_window: int | None = None,
-    q_norm_weight: torch.Tensor | None = None,
-    k_norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    *,
-    max_seq_len: int | None = None,
-    order: torch.Tensor | None = None,
-    num_splits: int | None = None,
-    block_n: int | None = None,
-) -> torch.Tensor:
-    """``rope_and_cache_partials`` then ``decode_attention`` in the split kernel's launch, for one
-    new token per request: ``partials`` fp32 ``[S, num_reqs, (num_heads + 2 Hkv) * head_dim]``
-    are a q/k/v projection's split-K partial sums (``awq_mma(..., return_partials=True)``); each
-    split program sums its q heads' (and, where it holds the new token, its key's and value's)
-    in split order, rounds them to the caches' dtype, applies the q/k norm weights (Qwen3, given
-    both) and rotary at ``positions``, writes the new key and value at ``slot_mapping`` (< 0:
-    not written) and attends. Returns ``[num_reqs, num_heads, head_dim]`` in the caches' dtype:
-    the bits of the two calls (``num_splits``, ``block_n``, ``order`` as there). No host syncs."""
-    assert partials.dim() == 3 and partials.dtype == torch.float32 and partials.is_contiguous()
-    num_reqs = seq_lens.shape[0]
-    head_dim, num_kv_heads = key_cache.shape[3], key_cache.shape[2]
-    assert partials.shape[1:] == (num_reqs, (num_heads + 2 * num_kv_heads) * head_dim), \
-        "partials must be [S, num_reqs, (H + 2 Hkv) * D]"
-    assert positions.shape == slot_mapping.shape == (num_reqs,)
-    assert cos_cache.shape[1] == head_dim // 2 and sin_cache.stride() == cos_cache.stride()
-    assert cos_cache.stride(1) == 1
-    assert (q_norm_weight is None) == (k_norm_weight is None)
-    out = torch.empty(num_reqs, num_heads, head_dim, dtype=key_cache.dtype, device=key_cache.device)
-    rope = (partials, positions, slot_mapping, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps)
-    return _launch(out, rope, num_heads, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, out,
-                   None, max_seq_len, num_splits, block_n, None, None, order)
-
-
-def _launch(query, rope, num_heads, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window, out,
-            query_start_loc, max_seq_len, num_splits, block_n, num_warps, num_stages, order) -> torch.Tensor:
-    # The split kernel and the reduction, q from ``query`` or, with ``rope`` (the arguments of
-    # decode_attention_qkv_partials), from the q/k/v partials there.
-    head_dim = key_cache.shape[3]
+    num_heads, head_dim = query.shape[1:]
     num_reqs = seq_lens.shape[0]
     num_kv_heads = key_cache.shape[2]
     group = num_heads // num_kv_heads
     mixed = query_start_loc is not None
     assert block_tables.shape[0] == num_reqs
+    if mixed:
+        assert query_start_loc.shape == (num_reqs + 1,)
+    else:
+        assert query.shape[0] == num_reqs
+    if out is None:
+        out = torch.empty_like(query)
     if num_reqs == 0:
         return out
-    sms = num_sms(key_cache.device)
+    sms = num_sms(query.device)
     if num_splits is None:
         num_splits = decode_num_splits(num_reqs, num_kv_heads, max_seq_len, sms=sms)
     # One split per program (big batches): long tiles, 2% faster than 64 on a mixed-length batch of 256
     # (bench/results/decode_attention_order_sweep_h200.json); split programs keep shorter ones.
     block_n = block_n or (32 if head_dim > 128 else 128 if num_splits == 1 else 64)
     if num_splits > 1:
-        part_out = out.new_empty((num_reqs, num_heads, num_splits, head_dim), dtype=torch.float32)
-        part_lse = out.new_empty((num_reqs, num_heads, num_splits), dtype=torch.float32)
+        part_out = query.new_empty((num_reqs, num_heads, num_splits, head_dim), dtype=torch.float32)
+        part_lse = query.new_empty((num_reqs, num_heads, num_splits), dtype=torch.float32)
     else:
         part_out = part_lse = out  # not read: the split kernel writes ``out`` itself
     qsl = query_start_loc if mixed else seq_lens  # not read unless MIXED
-    if rope is None:
-        q_args = (query, query.stride(0), query.stride(1))
-        rope_args = (seq_lens,) * 6 + (0.0, 0, 0)  # not read
-        split_k, norm = 0, False
-    else:
-        partials, positions, slot_mapping, cos_cache, sin_cache, q_norm_weight, k_norm_weight, eps = rope
-        norm = q_norm_weight is not None
-        q_args = (partials, partials.stride(1), head_dim)
-        rope_args = (positions, slot_mapping, cos_cache, sin_cache, q_norm_weight if norm else cos_cache,
-                     k_norm_weight if norm else cos_cache, eps, partials.stride(0), cos_cache.stride(0))
-        split_k = partials.shape[0]
     # At most one program an SM (batch 1): 8 warps share its tile's loads and dots.
     num_warps = num_warps or (8 if num_reqs * num_kv_heads * num_splits <= sms else 4)
     _decode_split_kernel[(num_reqs, num_kv_heads, num_splits)](
-        q_args[0], key_cache, value_cache, out, part_out, part_lse,
+        query, key_cache, value_cache, out, part_out, part_lse,
         block_tables, seq_lens, qsl, seq_lens if order is None else order,
         num_heads, scale * LOG2E, sliding_window or 0,
-        q_args[1], q_args[2], out.stride(0), out.stride(1),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         value_cache.stride(0), value_cache.stride(1), value_cache.stride(2),
-        block_tables.stride(0), *rope_args,
+        block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
-        USE_WINDOW=bool(sliding_window), DOT_PRECISION=dot_precision(out.dtype), MIXED=mixed,
-        HAS_ORDER=order is not None, SPLIT_K=split_k, NORM=norm, GROUP_P2=triton.next_power_of_2(group),
-        num_warps=num_warps, num_stages=num_stages or 2,
-        **pdl_args(out.device),
+        USE_WINDOW=bool(sliding_window), DOT_PRECISION=dot_precision(query.dtype), MIXED=mixed,
+        HAS_ORDER=order is not None, num_warps=num_warps, num_stages=num_stages or 2,
+        **pdl_args(query.device),
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_reqs, num_heads)](

@@ -68,12 +68,6 @@ class LlamaAttention(nn.Module):
         qkv, residual = self.qkv_proj.forward_normed(hidden, residual, norm, partials=fused)
         norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else ()
         if isinstance(qkv, SplitKPartials):
-            # A decode step's attention kernel may sum the partials and rotate and cache itself.
-            out = context.backend.forward_qkv_partials(
-                qkv, self.num_heads, positions, (self.rotary.cos_cache, self.rotary.sin_cache), self.kv_cache,
-                context.metadata, self.scale, self.sliding_window, norms)
-            if out is not None:
-                return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)), residual
             q = rope_and_cache_partials(positions, qkv.partials, qkv.dtype, self.num_heads, self.num_kv_heads,
                                         self.rotary.cos_cache, self.rotary.sin_cache, *self.kv_cache,
                                         context.metadata.slot_mapping, *norms)
