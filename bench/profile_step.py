@@ -34,7 +34,7 @@ import torch
 
 from bench.common import recorded_host_waits, timed_single_stream, write_shape_dir
 from engine.config import EngineArgs
-from engine.cuda_graph import GraphShape
+from engine.cuda_graph import ONE_REQUEST_DECODE
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
@@ -299,11 +299,11 @@ def single_stream(engine: LLMEngine) -> None:
     replay_ms = launch_ms = float("nan")
     if graphs is not None:
         replays, begin, end = 100, torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        graphs.replay(GraphShape(1, 1))
+        graphs.replay(ONE_REQUEST_DECODE)
         begin.record()
         start = time.perf_counter()
         for i in range(replays):
-            graphs.replay(GraphShape(1, 1))
+            graphs.replay(ONE_REQUEST_DECODE)
             if i == 19:  # the first 20 launches, well ahead of the device
                 launch_ms = 1000 * (time.perf_counter() - start) / 20
         end.record()

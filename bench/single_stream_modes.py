@@ -19,7 +19,7 @@ import torch
 
 from bench.common import timed_single_stream, write_result, write_shape_dir
 from engine.config import EngineArgs
-from engine.cuda_graph import GraphShape
+from engine.cuda_graph import ONE_REQUEST_DECODE
 from engine.llm_engine import LLMEngine
 
 
@@ -41,11 +41,11 @@ def main() -> None:
             print(f"run {i}: {run['step_ms']:.3f} ms a step, host waited {run['host_wait_ms']:.3f}", flush=True)
         graphs = engine.runner.graphs
         assert graphs is not None, "needs CUDA graphs"
-        graphs.replay(GraphShape(1, 1))
+        graphs.replay(ONE_REQUEST_DECODE)
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
         for _ in range(args.replays):
-            graphs.replay(GraphShape(1, 1))
+            graphs.replay(ONE_REQUEST_DECODE)
         end.record()
         torch.cuda.synchronize()
         graph_ms = begin.elapsed_time(end) / args.replays

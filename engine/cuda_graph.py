@@ -12,6 +12,14 @@ dropped)::
     sizes: 1 2 4 8 16 32 48 ... max      batch of 37 -> graph 48, requests 37..47 padding
     verify (k = 4): 5 tokens per request, sizes up to the largest batch that still speculates
 
+Decode graphs of up to SHORT_GRAPH_MAX_BATCH requests are also captured with the attention
+metadata's length bound ``max_seq_len`` at SHORT_SEQ_LEN instead of the block tables' full length,
+and serve steps whose requests are all that short: their attention kernels take a tiling for
+short contexts (decode_attention.py)::
+
+    decode, 1 request at 300 tokens  -> graph (1, 1, max_seq_len=2048)
+    decode, 1 request at 3000 tokens -> graph (1, 1)
+
 A step of one request with 2..``max_prefill_tokens`` new tokens (a short prompt, or a chunk of
 one, at low load) replays a prefill graph of the next larger token count: its tokens after the
 real ones are padding (slot -1, outside the request's ``query_start_loc`` span, so attention
@@ -42,6 +50,7 @@ from torch import nn
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import set_forward_context
 from engine.input_buffers import InputBuffers, StepInputs
+from engine.kernels.decode_attention import SHORT_SEQ_LEN
 from engine.kernels.pdl import pdl_args, trigger_before_wait
 from engine.layers.linear import one_token_weights_ahead
 from scheduler.outputs import ScheduledRequest
@@ -55,6 +64,18 @@ class GraphShape(NamedTuple):
     # One request with up to ``tokens_per_request`` new tokens, the rest padding; logits of its
     # last real token only.
     prefill: bool = False
+    # A decode graph for requests of at most this many tokens (its attention's length bound); 0: any.
+    max_seq_len: int = 0
+
+
+# Decode graphs of up to this many requests come twice: for any length, and for requests of at
+# most SHORT_SEQ_LEN tokens, whose attention then takes the short-context tiling of the Triton
+# kernels (engine/kernels/decode_attention.py: where the keys are cut into its MAX_SPLITS, as at
+# batch 1 and 2 with 8 kv heads). Llama-3.1-8B AWQ on an H200, 128 + 256 tokens: 1.941 -> 1.915 ms
+# a token (docs/benchmarks.md, session 31).
+SHORT_GRAPH_MAX_BATCH = 2
+# The graph that one request's decode replays while it is at most SHORT_SEQ_LEN tokens long.
+ONE_REQUEST_DECODE = GraphShape(1, 1, max_seq_len=SHORT_SEQ_LEN)
 
 
 def capture_sizes(max_batch_size: int) -> list[int]:
@@ -95,8 +116,10 @@ class StepGraphs:
 
     @property
     def shapes(self) -> list[GraphShape]:
+        short = [GraphShape(size, 1, max_seq_len=SHORT_SEQ_LEN) for size in self.sizes[1]
+                 if size <= SHORT_GRAPH_MAX_BATCH]
         return [GraphShape(size, per_request) for per_request, sizes in self.sizes.items() for size in sizes] + [
-            GraphShape(1, tokens, prefill=True) for tokens in self.prefill_sizes]
+            GraphShape(1, tokens, prefill=True) for tokens in self.prefill_sizes] + short
 
     def shape_for(self, scheduled: list[ScheduledRequest]) -> GraphShape | None:
         """The graph that serves this step, or None when it is not a plain decode step, a verify
@@ -112,7 +135,10 @@ class StepGraphs:
                 len(r.token_ids) != per_request or not r.sample or len(r.draft_token_ids) != per_request - 1
                 for r in scheduled):
             return None
-        return GraphShape(sizes[bisect.bisect_left(sizes, len(scheduled))], per_request)
+        size = sizes[bisect.bisect_left(sizes, len(scheduled))]
+        short = per_request == 1 and size <= SHORT_GRAPH_MAX_BATCH and all(
+            r.start_position + 1 <= SHORT_SEQ_LEN for r in scheduled)
+        return GraphShape(size, per_request, max_seq_len=SHORT_SEQ_LEN if short else 0)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -123,7 +149,7 @@ class StepGraphs:
         self.one_token_ahead = bool(pdl_args(self.buffers.device)) and one_token_weights_ahead(self.model)
         # Largest first, so that smaller graphs reuse the pool's blocks.
         for shape in sorted(self.shapes, key=lambda s: s.batch_size * s.tokens_per_request, reverse=True):
-            size, per_request, prefill = shape
+            size, per_request, prefill, _ = shape
             num_blocks = -(-per_request // self.buffers.block_size)
             drafts = [] if prefill else [0] * (per_request - 1)
             dummy = [ScheduledRequest(f"graph-{i}", [0] * per_request, 0, [0] * num_blocks, True, None, [], [],
@@ -131,7 +157,7 @@ class StepGraphs:
             inputs = self.buffers.prepare(dummy, graph_shape=shape)
             # Slot -1: capture writes nothing into the KV cache.
             inputs.metadata.slot_mapping.fill_(-1)
-            ahead = trigger_before_wait() if shape == (1, 1, False) and self.one_token_ahead else nullcontext()
+            ahead = trigger_before_wait() if self.places_ahead(shape) else nullcontext()
             with set_forward_context(inputs.metadata, self.backend), ahead:
                 self._forward(inputs, prefill)  # an eager run first compiles every kernel outside the capture
                 torch.cuda.synchronize()
@@ -142,6 +168,9 @@ class StepGraphs:
         torch.cuda.synchronize()
         kinds = [f"{'decode' if per_request == 1 else f'verify ({per_request} tokens)'} batch sizes {sizes}"
                  for per_request, sizes in self.sizes.items()]
+        short = [s.batch_size for s in self.shapes if s.max_seq_len]
+        if short:
+            kinds[0] += f" (sizes {short} also for requests of at most {SHORT_SEQ_LEN} tokens)"
         if self.prefill_sizes:
             kinds.append(f"one request's prefill up to {self.prefill_sizes} tokens")
         logger.info("captured %d CUDA graphs in %.1f s: %s", len(self._graphs), time.perf_counter() - start,
@@ -149,6 +178,12 @@ class StepGraphs:
         if self.one_token_ahead:
             logger.info("decode graph of one request: every linear's weight is requested before its PDL wait, "
                         "kernels placed ahead")
+
+    def places_ahead(self, shape: GraphShape) -> bool:
+        """Whether the graph of ``shape`` is captured with its kernels placed ahead: a decode graph
+        of one request (for any length bound) of a model whose every linear requests its whole
+        weight before its wait (``one_token_ahead``)."""
+        return self.one_token_ahead and (shape.batch_size, shape.tokens_per_request, shape.prefill) == (1, 1, False)
 
     def _forward(self, inputs: StepInputs, prefill: bool) -> torch.Tensor:
         # Placeholder ids (asynchronous scheduling) from the previous step's sampler, in the graph.

@@ -92,7 +92,7 @@ class InputBuffers:
                 d32[:r + 1], d32[seq:seq + r], d32[order:order + r], d32[bt:].reshape(r, self.max_blocks))
 
     # ------------------------------------------------------------------ filling
-    def prepare(self, scheduled: Sequence[ScheduledRequest], graph_shape: tuple[int, int, bool] | None = None,
+    def prepare(self, scheduled: Sequence[ScheduledRequest], graph_shape: tuple[int, int, bool, int] | None = None,
                 sampled_rows: Mapping[str, int] | None = None) -> StepInputs:
         """Lay out ``scheduled`` on the host, copy it to the device and return device views.
 
@@ -100,11 +100,12 @@ class InputBuffers:
         at its last 1 + k tokens (one row per verified position, in order).
 
         With ``graph_shape`` = (a CUDA graph's batch size, its tokens per request: 1 for a decode
-        step, 1 + k for a verify step, False), requests past the batch are padding with that many
-        tokens each: slot -1 (nothing written), seq_len 0 (decode) or 1 + k (verify, reading
-        block 0); and ``max_seq_len`` is the bound every replay shares, the longest block table's
-        length. With (1, n, True), a prefill graph's, the one request's tokens are padded to n:
-        ids and positions 0, slot -1, outside its ``query_start_loc`` span.
+        step, 1 + k for a verify step, False, its requests' length bound or 0), requests past the
+        batch are padding with that many tokens each: slot -1 (nothing written), seq_len 0 (decode)
+        or 1 + k (verify, reading block 0); and ``max_seq_len`` is the bound every replay shares:
+        the graph's, or the longest block table's length. With (1, n, True, 0), a prefill graph's,
+        the one request's tokens are padded to n: ids and positions 0, slot -1, outside its
+        ``query_start_loc`` span.
 
         A token with a negative id is a placeholder for the id the step in flight samples:
         ``sampled_rows`` maps its request to that id's row in ``sampled_ids``."""
@@ -116,8 +117,9 @@ class InputBuffers:
         assert num_tokens <= self.max_tokens and num_reqs <= self.max_reqs, (num_tokens, num_reqs)
         t, r = num_tokens, num_reqs  # the sections' lengths: a graph's padded counts
         if graph_shape is not None:
-            size, per_request, prefill = graph_shape
+            size, per_request, prefill, bound = graph_shape
             fits = num_tokens <= per_request if prefill else (num_new == per_request).all()
+            fits = fits and not (bound and seq_lens.max() > bound)
             assert num_reqs <= size and fits, "the step does not fit the graph"
             t, r = size * per_request, size
         bs = self.block_size
@@ -169,7 +171,7 @@ class InputBuffers:
             bt[num_reqs:, :-(-per_request // bs)] = 0
             if num_reqs < r:
                 last_row_end = (r - 1) * self.max_blocks - (-per_request // bs)
-            max_seq_len = self.max_blocks * bs
+            max_seq_len = min(bound, self.max_blocks * bs) if bound else self.max_blocks * bs
         order[:] = np.argsort(-lens, kind="stable")
 
         end = int(bt.ctypes.data - self._np.ctypes.data) + 4 * last_row_end

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from engine.config import EngineArgs
-from engine.cuda_graph import GraphShape, StepGraphs, capture_sizes, prefill_capture_sizes
+from engine.cuda_graph import SHORT_GRAPH_MAX_BATCH, GraphShape, StepGraphs, capture_sizes, prefill_capture_sizes
 from engine.input_buffers import InputBuffers
+from engine.kernels.decode_attention import SHORT_SEQ_LEN
 from engine.sampling_params import SamplingParams
 from scheduler.outputs import ScheduledRequest
 
@@ -34,8 +35,13 @@ def test_shape_for_picks_decode_verify_and_prefill_graphs() -> None:
     graphs = StepGraphs(None, buffers, None, max_batch_size=8, num_speculative_tokens=2, max_verify_batch_size=4,
                         max_prefill_tokens=100)  # capped by the buffers' 64 tokens
     assert graphs.prefill_sizes == [16, 32, 64]
-    decode = [_request(f"d{i}", [5], 3) for i in range(3)]
-    assert graphs.shape_for(decode) == GraphShape(4, 1)
+    decode = [_request(f"d{i}", [5], 3) for i in range(2)]
+    assert graphs.shape_for(decode) == GraphShape(2, 1, max_seq_len=SHORT_SEQ_LEN)
+    # One request longer than the short graphs' bound: the graph for any length.
+    long = _request("long", [5], SHORT_SEQ_LEN, table=range(SHORT_SEQ_LEN // 16 + 1))
+    assert graphs.shape_for(decode[:1] + [long]) == GraphShape(2, 1)
+    assert graphs.shape_for([_request("d", [5], SHORT_SEQ_LEN - 1)]) == GraphShape(1, 1, max_seq_len=SHORT_SEQ_LEN)
+    assert graphs.shape_for(decode + [long]) == GraphShape(4, 1)
     verify = [_request(f"v{i}", [5, 6, 7], 3, drafts=[6, 7]) for i in range(3)]
     assert graphs.shape_for(verify) == GraphShape(4, 3)
     assert graphs.shape_for([_request("p", list(range(2, 22)))]) == GraphShape(1, 32, prefill=True)
@@ -45,8 +51,30 @@ def test_shape_for_picks_decode_verify_and_prefill_graphs() -> None:
     # Eager: longer than the largest graph; two requests' prompts; a lone decode takes its decode graph.
     assert graphs.shape_for([_request("p", [2] * 65)]) is None
     assert graphs.shape_for([_request("p", [2] * 9), _request("q", [2] * 9)]) is None
-    assert graphs.shape_for([_request("d", [5], 3)]) == GraphShape(1, 1)
+    assert graphs.shape_for([_request("d", [5], 3)]) == GraphShape(1, 1, max_seq_len=SHORT_SEQ_LEN)
     assert StepGraphs(None, buffers, None, max_batch_size=8).shape_for([_request("p", [2] * 9)]) is None
+
+
+def test_short_decode_graphs_come_with_the_small_batch_sizes_only() -> None:
+    """Decode graphs of up to SHORT_GRAPH_MAX_BATCH requests are captured twice (any length, and
+    requests of at most SHORT_SEQ_LEN tokens); larger batches and verify graphs once. A short
+    graph's steps carry its bound as ``max_seq_len``, and a longer request does not fit it."""
+    buffers = InputBuffers(max_tokens=128, max_reqs=64, max_blocks=256, block_size=16, device=torch.device("cpu"))
+    graphs = StepGraphs(None, buffers, None, max_batch_size=64, num_speculative_tokens=1, max_verify_batch_size=8)
+    short = sorted(s.batch_size for s in graphs.shapes if s.max_seq_len)
+    assert short == [s for s in capture_sizes(64) if s <= SHORT_GRAPH_MAX_BATCH] == [1, 2]
+    assert all(s.tokens_per_request == 1 and s.max_seq_len == SHORT_SEQ_LEN for s in graphs.shapes if s.max_seq_len)
+    assert graphs.shape_for([_request(f"d{i}", [5], 3) for i in range(3)]) == GraphShape(4, 1)
+    assert graphs.shape_for([_request(f"v{i}", [5, 6], 3, drafts=[6]) for i in range(2)]) == GraphShape(2, 2)
+    graphs.one_token_ahead = True  # a small model's: its one-request decode graphs place kernels ahead, both
+    ahead = [s for s in graphs.shapes if graphs.places_ahead(s)]
+    assert ahead == [GraphShape(1, 1), GraphShape(1, 1, max_seq_len=SHORT_SEQ_LEN)]
+    inputs = buffers.prepare([_request("d", [5], 100, table=range(7))], graph_shape=GraphShape(2, 1, max_seq_len=1024))
+    assert inputs.metadata.max_seq_len == 1024 and inputs.metadata.seq_lens.tolist() == [101, 0]
+    assert buffers.prepare([_request("d", [5], 100, table=range(7))], graph_shape=GraphShape(2, 1)).metadata \
+        .max_seq_len == 256 * 16
+    with pytest.raises(AssertionError, match="does not fit the graph"):
+        buffers.prepare([_request("d", [5], 1024, table=range(65))], graph_shape=GraphShape(2, 1, max_seq_len=1024))
 
 
 def test_graph_padding_of_a_prefill_step() -> None:

@@ -56,8 +56,8 @@ def test_short_block_tables_end_in_null_blocks_up_to_the_longest() -> None:
     assert inputs.metadata.block_tables[:, :3].tolist() == [[3, 0, 0], [1, 2, 4]]
 
 
-@pytest.mark.parametrize(("num_tokens", "num_reqs", "graph_shape"), [(1, 1, None), (3, 2, None), (7, 5, None),
-                                                                     (1, 1, (2, 1, False)), (4, 2, (3, 2, False))])
+@pytest.mark.parametrize(("num_tokens", "num_reqs", "graph_shape"),
+                         [(1, 1, None), (3, 2, None), (7, 5, None), (1, 1, (2, 1, False, 0)), (4, 2, (3, 2, False, 0))])
 def test_every_section_starts_16_byte_aligned(num_tokens: int, num_reqs: int, graph_shape) -> None:
     """Triton specializes kernels on 16-byte pointer alignment: a section that moved off it with
     the batch would compile new variants mid-serving."""
@@ -77,13 +77,13 @@ def test_graph_padding_rows_read_block_zero() -> None:
     over block 0, whatever an earlier step left in that part of the area."""
     buffers = _buffers()
     buffers.prepare([_request(f"r{i}", list(range(2, 10)), 0, [4, 3]) for i in range(4)])  # fills the area
-    inputs = buffers.prepare([_request("a", [5, 6], 3, [2, 1])], graph_shape=(4, 2, False))
+    inputs = buffers.prepare([_request("a", [5, 6], 3, [2, 1])], graph_shape=(4, 2, False, 0))
     meta = inputs.metadata
     assert meta.seq_lens.tolist() == [5, 2, 2, 2]
     assert meta.query_start_loc.tolist() == [0, 2, 4, 6, 8]
     assert meta.slot_mapping.tolist()[2:] == [-1] * 6 and inputs.input_ids.tolist()[2:] == [0] * 6
     assert meta.block_tables[1:, 0].tolist() == [0, 0, 0]
-    decode = buffers.prepare([_request("a", [5], 3, [2, 1])], graph_shape=(4, 1, False)).metadata
+    decode = buffers.prepare([_request("a", [5], 3, [2, 1])], graph_shape=(4, 1, False, 0)).metadata
     assert decode.seq_lens.tolist() == [4, 0, 0, 0] and decode.block_tables[1:, 0].tolist() == [0, 0, 0]
 
 

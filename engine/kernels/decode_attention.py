@@ -31,6 +31,14 @@ from engine.kernels.pdl import pdl_args, pdl_prologue
 
 # Hopper H200/H100 SXM; used when there is no CUDA device to ask (the interpreter).
 DEFAULT_NUM_SMS = 132
+# Where a request's keys are cut into MAX_SPLITS and no request is longer than SHORT_SEQ_LEN (by
+# the ``max_seq_len`` bound), split programs take 32-key tiles instead of 64: most then fold one
+# tile (H200, Llama-3.1-8B heads, one request, 16 splits, bench/results/decode_attention_tiles_s31.json:
+# 256 / 384 / 1,100 keys 4.2 / 4.5 / 6.7 us against 5.4-5.6 / 5.3-5.5 / 7.0; but 4,096 keys 12.1-12.3
+# against 10.2-10.4, and an eager step's few long splits at 256 keys 7.2 against 6.4-6.5). The
+# decode CUDA graphs of one and two requests are captured for this bound too (engine/cuda_graph.py).
+SHORT_SEQ_LEN = 2048
+MAX_SPLITS = 16
 
 
 @triton.jit
@@ -212,14 +220,15 @@ def decode_num_splits(
     sms: int = DEFAULT_NUM_SMS,
     waves: int = 2,
     min_split_len: int = 128,
-    max_splits: int = 16,
+    max_splits: int = MAX_SPLITS,
 ) -> int:
     """Splits per (request, kv head) so that about ``waves * sms`` programs run, at most
     ``max_splits`` (at batch 1 on an H200, 16 splits stream 4,096 keys as fast as 33 and 1,024
     faster: the partials' reduction grows with them), no split shorter than ``min_split_len``
     keys, and big batches (which fill the GPU alone) get one.
-    ``max_seq_len=None`` (a CUDA graph, replayed at any length) drops the length bound: the
-    surplus splits of short sequences exit at once."""
+    ``max_seq_len`` is a bound on the lengths (None: none); a CUDA graph's, replayed at any length
+    under it (the block tables' full length, or SHORT_SEQ_LEN), leaves surplus splits to short
+    sequences, which exit at once."""
     programs = max(num_reqs * num_kv_heads, 1)
     splits = min(triton.cdiv(waves * sms, programs), max_splits)
     if max_seq_len is not None:
@@ -250,7 +259,8 @@ def decode_attention(
     key and value). ``query`` is ``[num_reqs, num_heads, head_dim]``; or, given
     ``query_start_loc``, a mixed batch ``[num_tokens, num_heads, head_dim]`` of which only the
     rows of requests with exactly one new token are computed (and written to ``out``).
-    ``num_splits`` defaults to ``decode_num_splits(..., max_seq_len)``. ``order`` (int32
+    ``num_splits`` defaults to ``decode_num_splits(..., max_seq_len)``, and the tiles' width
+    (``block_n``) to one by the split count and ``max_seq_len``. ``order`` (int32
     ``[num_reqs]``, a permutation) is the order in which requests' programs start: longest first
     balances a batch of mixed lengths. No host syncs."""
     check_paged_shapes(query, key_cache, value_cache)
@@ -272,8 +282,11 @@ def decode_attention(
     if num_splits is None:
         num_splits = decode_num_splits(num_reqs, num_kv_heads, max_seq_len, sms=sms)
     # One split per program (big batches): long tiles, 2% faster than 64 on a mixed-length batch of 256
-    # (bench/results/decode_attention_order_sweep_h200.json); split programs keep shorter ones.
-    block_n = block_n or (32 if head_dim > 128 else 128 if num_splits == 1 else 64)
+    # (bench/results/decode_attention_order_sweep_h200.json); split programs keep shorter ones, and
+    # shorter still where every request is short (SHORT_SEQ_LEN).
+    if not block_n:
+        short = max_seq_len is not None and max_seq_len <= SHORT_SEQ_LEN and num_splits == MAX_SPLITS
+        block_n = 32 if head_dim > 128 or short else 128 if num_splits == 1 else 64
     if num_splits > 1:
         part_out = query.new_empty((num_reqs, num_heads, num_splits, head_dim), dtype=torch.float32)
         part_lse = query.new_empty((num_reqs, num_heads, num_splits), dtype=torch.float32)
