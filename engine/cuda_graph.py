@@ -71,9 +71,9 @@ class GraphShape(NamedTuple):
 # Decode graphs of up to this many requests come twice: for any length, and for requests of at
 # most SHORT_SEQ_LEN tokens, whose attention then takes the short-context tiling of the Triton
 # kernels (engine/kernels/decode_attention.py: where the keys are cut into its MAX_SPLITS, as at
-# batch 1 and 2 with 8 kv heads). Llama-3.1-8B AWQ on an H200, 128 + 256 tokens: 1.941 -> 1.915 ms
-# a token (docs/benchmarks.md, session 31).
-SHORT_GRAPH_MAX_BATCH = 2
+# batch 1, and 2, with 8 kv heads). Measured at one request: Llama-3.1-8B AWQ on an H200, 128 + 256
+# tokens, 1.941 -> 1.915 ms a token (docs/benchmarks.md, session 31).
+SHORT_GRAPH_MAX_BATCH = 1
 # The graph that one request's decode replays while it is at most SHORT_SEQ_LEN tokens long.
 ONE_REQUEST_DECODE = GraphShape(1, 1, max_seq_len=SHORT_SEQ_LEN)
 

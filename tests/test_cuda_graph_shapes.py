@@ -35,13 +35,12 @@ def test_shape_for_picks_decode_verify_and_prefill_graphs() -> None:
     graphs = StepGraphs(None, buffers, None, max_batch_size=8, num_speculative_tokens=2, max_verify_batch_size=4,
                         max_prefill_tokens=100)  # capped by the buffers' 64 tokens
     assert graphs.prefill_sizes == [16, 32, 64]
-    decode = [_request(f"d{i}", [5], 3) for i in range(2)]
-    assert graphs.shape_for(decode) == GraphShape(2, 1, max_seq_len=SHORT_SEQ_LEN)
-    # One request longer than the short graphs' bound: the graph for any length.
-    long = _request("long", [5], SHORT_SEQ_LEN, table=range(SHORT_SEQ_LEN // 16 + 1))
-    assert graphs.shape_for(decode[:1] + [long]) == GraphShape(2, 1)
+    decode = [_request(f"d{i}", [5], 3) for i in range(3)]
+    assert graphs.shape_for(decode) == GraphShape(4, 1)
+    # One request: the graph for requests of at most SHORT_SEQ_LEN tokens while it is that short.
     assert graphs.shape_for([_request("d", [5], SHORT_SEQ_LEN - 1)]) == GraphShape(1, 1, max_seq_len=SHORT_SEQ_LEN)
-    assert graphs.shape_for(decode + [long]) == GraphShape(4, 1)
+    long = _request("long", [5], SHORT_SEQ_LEN, table=range(SHORT_SEQ_LEN // 16 + 1))
+    assert graphs.shape_for([long]) == GraphShape(1, 1)
     verify = [_request(f"v{i}", [5, 6, 7], 3, drafts=[6, 7]) for i in range(3)]
     assert graphs.shape_for(verify) == GraphShape(4, 3)
     assert graphs.shape_for([_request("p", list(range(2, 22)))]) == GraphShape(1, 32, prefill=True)
@@ -55,17 +54,17 @@ def test_shape_for_picks_decode_verify_and_prefill_graphs() -> None:
     assert StepGraphs(None, buffers, None, max_batch_size=8).shape_for([_request("p", [2] * 9)]) is None
 
 
-def test_short_decode_graphs_come_with_the_small_batch_sizes_only() -> None:
-    """Decode graphs of up to SHORT_GRAPH_MAX_BATCH requests are captured twice (any length, and
-    requests of at most SHORT_SEQ_LEN tokens); larger batches and verify graphs once. A short
+def test_short_decode_graphs_come_with_the_smallest_batch_sizes_only() -> None:
+    """Decode graphs of up to SHORT_GRAPH_MAX_BATCH requests (one) are captured twice (any length,
+    and requests of at most SHORT_SEQ_LEN tokens); larger batches and verify graphs once. A short
     graph's steps carry its bound as ``max_seq_len``, and a longer request does not fit it."""
     buffers = InputBuffers(max_tokens=128, max_reqs=64, max_blocks=256, block_size=16, device=torch.device("cpu"))
     graphs = StepGraphs(None, buffers, None, max_batch_size=64, num_speculative_tokens=1, max_verify_batch_size=8)
     short = sorted(s.batch_size for s in graphs.shapes if s.max_seq_len)
-    assert short == [s for s in capture_sizes(64) if s <= SHORT_GRAPH_MAX_BATCH] == [1, 2]
+    assert short == [s for s in capture_sizes(64) if s <= SHORT_GRAPH_MAX_BATCH] == [1]
     assert all(s.tokens_per_request == 1 and s.max_seq_len == SHORT_SEQ_LEN for s in graphs.shapes if s.max_seq_len)
-    assert graphs.shape_for([_request(f"d{i}", [5], 3) for i in range(3)]) == GraphShape(4, 1)
-    assert graphs.shape_for([_request(f"v{i}", [5, 6], 3, drafts=[6]) for i in range(2)]) == GraphShape(2, 2)
+    assert graphs.shape_for([_request(f"d{i}", [5], 3) for i in range(2)]) == GraphShape(2, 1)
+    assert graphs.shape_for([_request("v", [5, 6], 3, drafts=[6])]) == GraphShape(1, 2)
     graphs.one_token_ahead = True  # a small model's: its one-request decode graphs place kernels ahead, both
     ahead = [s for s in graphs.shapes if graphs.places_ahead(s)]
     assert ahead == [GraphShape(1, 1), GraphShape(1, 1, max_seq_len=SHORT_SEQ_LEN)]

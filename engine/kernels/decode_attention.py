@@ -36,7 +36,7 @@ DEFAULT_NUM_SMS = 132
 # tile (H200, Llama-3.1-8B heads, one request, 16 splits, bench/results/decode_attention_tiles_s31.json:
 # 256 / 384 / 1,100 keys 4.2 / 4.5 / 6.7 us against 5.4-5.6 / 5.3-5.5 / 7.0; but 4,096 keys 12.1-12.3
 # against 10.2-10.4, and an eager step's few long splits at 256 keys 7.2 against 6.4-6.5). The
-# decode CUDA graphs of one and two requests are captured for this bound too (engine/cuda_graph.py).
+# decode CUDA graph of one request is captured for this bound too (engine/cuda_graph.py).
 SHORT_SEQ_LEN = 2048
 MAX_SPLITS = 16
 
