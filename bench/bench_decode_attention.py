@@ -22,7 +22,7 @@ import triton
 from triton.testing import do_bench_cudagraph
 
 from bench.common import write_result
-from engine.kernels.decode_attention import decode_attention, decode_num_splits, num_sms
+from engine.kernels.decode_attention import SHORT_SEQ_LEN, decode_attention, decode_num_splits, num_sms
 
 # name -> (query heads, kv heads, requests, context length)
 CASES = {
@@ -96,10 +96,13 @@ def main() -> None:
         heads, kv_heads, reqs, ctx = CASES[name]
         case = make_case(heads, kv_heads, reqs, ctx)
         t0 = time.perf_counter()
-        # As the engine calls it in a CUDA graph (max_seq_len unknown) and in an eager step.
+        # As the engine calls it in a CUDA graph (max_seq_len unknown, or SHORT_SEQ_LEN in the graph
+        # for short requests) and in an eager step.
         row = {"case": name, "kv_bytes": case["kv_bytes"],
                "graph_default_us": time_us(case), "eager_default_us": time_us(case, max_seq_len=case["max_seq_len"]),
                "graph_longest_first_us": time_us(case, order=case["order"])}
+        if case["max_seq_len"] <= SHORT_SEQ_LEN:
+            row["graph_short_us"] = time_us(case, max_seq_len=SHORT_SEQ_LEN)
         if args.sweep:
             timed = []
             orders = [None, case["order"]] if isinstance(ctx, tuple) else [None]
@@ -112,7 +115,8 @@ def main() -> None:
             row["best"] = [{"us": us, **cfg} for us, cfg in timed[:5]]
         rows.append(row)
         best = row.get("best", [{"us": float("nan")}])[0]
-        print(f"{name:28s} graph {row['graph_default_us']:7.1f} us  "
+        short = f"  short graph {row['graph_short_us']:5.1f} us" if "graph_short_us" in row else ""
+        print(f"{name:28s} graph {row['graph_default_us']:7.1f} us{short}  "
               f"longest first {row['graph_longest_first_us']:7.1f} us  eager {row['eager_default_us']:7.1f} us  "
               f"({case['kv_bytes'] / row['eager_default_us'] / 1e6:5.2f} TB/s)  best {best['us']:7.1f} us "
               f"{ {k: v for k, v in best.items() if k != 'us'} }  [{time.perf_counter() - t0:.0f} s]", flush=True)
