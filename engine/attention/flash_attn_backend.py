@@ -18,8 +18,9 @@ FlashAttention-4 splits the KV of a sequence across CTAs only on sm100+; on sm90
 too small to give every SM a (request, kv head) goes to our split-KV decode kernel instead.
 
 Graph safety: every argument is a device tensor or a host int fixed by the shapes; in a CUDA
-graph ``max_seq_len`` is the block tables' full length, so the split count chosen at capture
-serves every replay.
+graph ``max_seq_len`` is a bound on every replay's lengths (the block tables' full length, or the
+short-context decode graph's SHORT_SEQ_LEN, engine/cuda_graph.py), so the split count chosen at
+capture serves every replay.
 """
 
 from __future__ import annotations
