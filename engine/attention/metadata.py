@@ -34,7 +34,9 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [num_reqs] int32: KV length of each request after this step
     block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with 0
     max_query_len: int
-    max_seq_len: int  # a bound on seq_lens: exact in eager steps; in CUDA graphs, the longest possible
+    # A bound on seq_lens: exact in eager steps; in a CUDA graph, the graph's (the longest possible,
+    # or a short-context decode graph's SHORT_SEQ_LEN, engine/cuda_graph.py).
+    max_seq_len: int
     # [num_reqs] int32: the requests by decreasing seq_len, the order decode kernels start them in
     # (the longest first leaves short ones to fill the last wave); None: batch order.
     decode_order: torch.Tensor | None = None
