@@ -177,6 +177,28 @@ def test_kernel_compiles_for_sm90_without_spills(block_t: int, halves: int, dtyp
     assert len(re.findall(r"\bSTS\b", sass)) <= 1
 
 
+@pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
+def test_descriptor_prefetched_before_the_wait_is_the_one_loaded_after_it() -> None:
+    """The kernel prefetches its first parameter's TMA descriptor before its PDL wait by the name
+    Triton gives that parameter in the PTX; the first tensor load after the wait (the activations')
+    must read that same descriptor, or the prefetch warms the wrong one."""
+    consts = dict(N=256, K=1024, GROUP=128, BLOCK_T=8, HALVES=1, NUM_STAGES=2, PARTIALS_ONLY=False, USE_PDL=True)
+    ptx, _ = sm90_sass("engine.kernels.awq_mma", "_awq_mma_kernel", 8, [128], consts, torch.bfloat16, mma.WARPS)
+    prefetched = re.findall(r"prefetch\.param\.tensormap \[(\w+)\]", ptx)
+    assert len(prefetched) == 1, prefetched
+    param = re.escape(prefetched[0])
+    assert re.search(rf"\.param \.align 64 \.b8 {param}\[128\]", ptx), "the prefetched parameter is no descriptor"
+    # The parameter's address as the loads take it: a mov of the symbol, then (Triton 3.9) a widening
+    # cvt, then the cvta to a generic address.
+    derived = set(re.findall(rf"mov\.b(?:32|64)\s+(%r\w+), {param};", ptx))
+    for _ in range(2):
+        derived |= {dst for dst, src in re.findall(r"(?:cvt|cvta)\.\S+\s+(%r\w+), (%r\w+);", ptx) if src in derived}
+    after_wait = ptx[ptx.index("griddepcontrol.wait"):]
+    first_load = re.search(r"cp\.async\.bulk\.tensor\S* \[%r\d+\], \[(%rd\d+),", after_wait).group(1)
+    assert first_load in derived, (first_load, derived)
+    assert ptx.index("prefetch.param.tensormap") < ptx.index("griddepcontrol.wait")
+
+
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(

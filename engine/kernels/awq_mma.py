@@ -278,6 +278,17 @@ if HAVE_GLUON:
                                   is_pure=False, pack=1)
 
     @gluon.jit
+    def _prefetch_x_descriptor():
+        """Bring the activations' TMA descriptor (the kernel's first parameter, ``x_desc``) into
+        the TMA unit's cache: its first load comes after the PDL wait, on the critical path, where
+        the weight descriptor's first load is requested before the wait (Llama-3.1-8B AWQ's
+        one-token step 1.915 -> 1.908 ms on an H200, docs/benchmarks.md, session 32). The
+        parameter is named as Triton names it in the PTX; tests/test_awq_mma.py checks that the
+        first load after the wait uses it."""
+        gl.inline_asm_elementwise("prefetch.param.tensormap [_awq_mma_kernel_param_0]; // $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _sum_rows(out_ptr, partial_ptr, t0, c0, M, N, split_k, R: gl.constexpr, C: gl.constexpr,
                   UNROLL: gl.constexpr, RL: gl.constexpr):
         """Tokens t0 .. t0 + R - 1 (those below M) of output columns c0 .. c0 + C - 1: the sum of
@@ -342,10 +353,12 @@ if HAVE_GLUON:
         Pipeline: each stage is one TMA load of the packed weight [128 HALVES, 16 words] (64-byte
         rows, 64-byte swizzle: the threads' reads are conflict-free) and one of the activations
         [BLOCK_T, 128 HALVES] (rows past M read 0) on one mbarrier, NUM_STAGES - 1 stages ahead;
-        the first weight stages are requested before the PDL wait (weights are never written).
-        The zero points and scales of the next stage load a step ahead into registers. Per
-        128-row tile a warp issues 32 mma.sync (4 per 16-row slice: 64 columns x BLOCK_T tokens)
-        plus 8 against a tile of ones for the activations' sums (``_group``).
+        the first weight stages are requested before the PDL wait (weights are never written),
+        and the activations' TMA descriptor prefetched (its first load follows the wait). The zero
+        points and scales of the next stage load a step ahead into registers (before the wait, the
+        first stage's made the step slower: docs/experiments.md). Per 128-row tile a warp issues
+        32 mma.sync (4 per 16-row slice: 64 columns x BLOCK_T tokens) plus 8 against a tile of
+        ones for the activations' sums (``_group``).
 
         With split_k > 1 the programs of a column block store fp32 partials and the last to
         arrive (counter ``lock_ptr[p]``, reset by it) sums them in order: deterministic. For up
@@ -378,6 +391,7 @@ if HAVE_GLUON:
             mbarrier.expect(bars.index(i), STAGE_BYTES, pred=i < n_tiles)
             _tma_load(w_desc, [k_lo + i * TILE_K, w0], bars.index(i), w_smem.index(i), pred=i < n_tiles)
         if USE_PDL:
+            _prefetch_x_descriptor()
             _pdl_wait()
         for i in gl.static_range(NUM_STAGES - 1):
             _tma_load(x_desc, [0, k_lo + i * TILE_K], bars.index(i), x_smem.index(i), pred=i < n_tiles)
