@@ -40,7 +40,8 @@ launch surely waits.
 What may be read before the wait is what no kernel of the step writes: weights, the step's
 inputs that the host copied in before the first kernel, and the KV cache of earlier steps (the
 decode split kernel reads its first tile of keys and values there, the rotary kernels their
-positions and cos/sin rows, the GEMV its weight slab; the AWQ kernels request weight tiles).
+positions and cos/sin rows, the GEMV its weight slab, RMSNorm its weight; the AWQ kernels request
+weight tiles).
 The AWQ kernels (Gluon) always wait first. Kernels that are not Triton's (cuBLAS, PyTorch) launch
 as before and are waited for in full. ``SLUICE_PDL=0`` turns PDL off.
 """

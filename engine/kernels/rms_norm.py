@@ -27,12 +27,14 @@ def _rms_norm_kernel(
     ``[BLOCK_H, BLOCK_D]`` tile (rows = heads, 1 for a hidden-state norm; both padded to powers of
     two and masked). Assumes the last dim is contiguous; token and head strides are free.
     With HAS_RESIDUAL (one row per token) it first forms ``x + residual`` in x's dtype and writes
-    it back over ``residual``."""
-    pdl_prologue(USE_PDL)
+    it back over ``residual``. The weight, never written, is read before the PDL wait: after a
+    layer's weight stream it is likely a DRAM miss, where x, just written, is likely in L2."""
     tok = tl.program_id(0).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < num_heads) & (dims < dim)
+    weight = tl.load(weight_ptr + dims, mask=dims < dim, other=0.0)
+    pdl_prologue(USE_PDL)
     x = tl.load(x_ptr + tok * stride_x_tok + heads * stride_x_head + dims, mask=mask, other=0.0)
     dtype = x.dtype
     if HAS_RESIDUAL:
@@ -43,8 +45,7 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / dim + eps)
     normed = (xf * rstd[:, None]).to(dtype)
-    weight = tl.load(weight_ptr + dims, mask=dims < dim, other=0.0).to(dtype)
-    out = normed.to(tl.float32) * weight.to(tl.float32)
+    out = normed.to(tl.float32) * weight.to(dtype).to(tl.float32)
     tl.store(out_ptr + tok * stride_out_tok + heads * stride_out_head + dims, out.to(dtype), mask=mask)
 
 
