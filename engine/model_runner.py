@@ -219,10 +219,11 @@ class ModelRunner:
                            sampled_rows=self._sampled_rows)
 
     def _profile_peak_bytes(self) -> int:
-        """Peak device memory, less the KV cache, of a forward over a full token budget."""
+        """Peak device memory, less the KV cache, of a forward over the most tokens a step can
+        take: the token budget, or fewer where ``max_num_seqs`` whole contexts are fewer."""
         assert self.model is not None
-        budget = self.args.max_num_batched_tokens
         max_len = self.model_config.max_model_len
+        budget = min(self.args.max_num_batched_tokens, self.args.max_num_seqs * max_len)
         lengths = [min(max_len, budget - done) for done in range(0, budget, max_len)]
         num_blocks = -(-max(lengths) // self.block_size)
         # Every dummy request writes the same blocks: only memory, not values, matters here.

@@ -37,12 +37,15 @@ def compile_sass(module: str, kernel: str, block_t: int, descriptor_args: list, 
                                       torch.zeros(k, n // 8, dtype=torch.int32), block_t, *descriptor_args)
     out_ty = "*bf16" if torch_dtype == torch.bfloat16 else "*fp16"
     types = dict(x_desc=mangle_type(x_desc), w_desc=mangle_type(w_desc), qzeros_ptr="*i32", scales_ptr="*fp16",
-                 out_ptr=out_ty, partial_ptr="*fp32", lock_ptr="*i32")
+                 out_ptr=out_ty, partial_ptr="*fp32", lock_ptr="*i32", attn_out_ptr="*fp32", attn_lse_ptr="*fp32",
+                 seq_lens_ptr="*i32")
     if "s_desc" in fn.arg_names:  # awq_wgmma's scale and zero-point descriptors
         groups = k // consts["GROUP"]
         s_desc, z_desc = mod._param_descriptors(torch.zeros(groups, n, dtype=torch.float16),
                                                 torch.zeros(groups, n // 8, dtype=torch.int32))
         types |= dict(s_desc=mangle_type(s_desc), z_desc=mangle_type(z_desc))
+    # constexpr parameters not in ``consts`` take their defaults, as a launch that leaves them out does
+    consts = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default} | consts
     signature = {a: "constexpr" if a in consts else types.get(a, "i32") for a in fn.arg_names}
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in types
              if a in fn.arg_names and types[a].startswith("*")}

@@ -306,6 +306,19 @@ def test_one_request_decode_graph_with_kernels_placed_ahead_equals_eager(tiny_mo
     assert outputs[False] == outputs[True]
 
 
+def test_kv_cache_sized_from_memory_with_fewer_sequences_than_the_budget_holds(tiny_models) -> None:
+    """The memory-profiling forward runs at most ``max_num_seqs`` requests (the input buffers hold
+    no more): a token budget of 8 whole contexts with 2 sequences allowed profiles 2 contexts, and
+    the cache is sized from free memory."""
+    path = tiny_models["qwen3"]
+    config = ModelConfig.from_pretrained(path, dtype="bfloat16", device="cuda", max_model_len=256)
+    runner = ModelRunner(config, EngineArgs(model=str(path), block_size=16, dtype="bfloat16", max_num_seqs=2,
+                                            max_model_len=256, max_num_batched_tokens=2048, enforce_eager=True,
+                                            attention_backend="triton", gpu_memory_utilization=0.3))
+    runner.load_model()
+    assert runner.initialize_kv_cache() > 2 * 256 // 16
+
+
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_linear_takes_the_norm_before_it_into_its_gemv(monkeypatch, with_residual: bool) -> None:
     """One token through a bf16 linear whose GEMV programs hold their whole slab (Qwen3-0.6B's
