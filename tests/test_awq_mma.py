@@ -8,6 +8,7 @@ against a float64 reference of the dequantized weight, random data drawn fresh e
 
 from __future__ import annotations
 
+import math
 import os
 import re
 
@@ -199,6 +200,23 @@ def test_descriptor_prefetched_before_the_wait_is_the_one_loaded_after_it() -> N
     assert ptx.index("prefetch.param.tensormap") < ptx.index("griddepcontrol.wait")
 
 
+@pytest.mark.skipif(not mma.HAVE_GLUON, reason="this Triton has no Gluon")
+def test_kernel_combining_decode_splits_reads_them_after_the_wait() -> None:
+    """With ``splits`` the kernel compiles for sm_90 without spills, issues the same MMAs a tile,
+    and reads before its PDL wait only the request's length (a host copy). The partials, which
+    the kernel ahead writes, are read after it."""
+    consts = dict(N=256, K=4096, GROUP=128, BLOCK_T=8, HALVES=1, NUM_STAGES=2, USE_PDL=True, ATTN_SPLITS=16,
+                  ATTN_SPLITS_P2=16, ATTN_BLOCK_N=32, ATTN_TILES=2)
+    ptx, sass = sm90_sass("engine.kernels.awq_mma", "_awq_mma_kernel", 8, [128], consts, torch.bfloat16, mma.WARPS)
+    assert not re.search(r"\b(STL|LDL)\b", sass), "register spills"
+    assert len(re.findall(r"HMMA\.16816", sass)) == 40
+    before_wait = ptx[: ptx.index("griddepcontrol.wait")]
+    assert len(re.findall(r"\bld\.global", before_wait)) == 1
+    assert "cp.async.bulk.tensor" in before_wait  # the first weight tile, as without splits
+    # two heads' 16 partial outputs (8 bytes a thread each) and log-sum-exps
+    assert len(re.findall(r"\bld\.global", ptx[len(before_wait):])) >= 2 * 16 * 2
+
+
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(
@@ -257,6 +275,50 @@ def test_mma_partials_sum_to_the_output(m, k, n, config, dtype) -> None:
     assert torch.equal(total.to(dtype), out), f"seed {seed}"
     assert torch.equal(silu_and_mul_partials(partials, dtype), silu_and_mul(out)), f"seed {seed}"
     assert not ARRIVALS[x.device].any()
+
+
+@needs_hopper
+@pytest.mark.parametrize("window", [0, 150])
+def test_mma_combines_decode_attention_splits(window: int) -> None:
+    """``splits=``: awq_mma of decode attention's output left as its splits' partials (Llama-3.1-8B's
+    o projection shape; one request using every split, a few, one, none) is the float64 product
+    of the split reduction's output within rounding, and bit for bit awq_mma of that output; the
+    partials of splits without keys (poisoned with NaN here) are never read; and
+    ``awq_linear_decode_splits`` leaves two requests to the reduction."""
+    from engine.kernels.decode_attention import decode_attention
+
+    seed = _seed()
+    gen = torch.Generator().manual_seed(seed)
+    heads, kv_heads, head_dim, block = 32, 8, 128, 16
+    k, n = heads * head_dim, 4096
+    qweight, qzeros, scales, w64 = _random_weight(k, n, 128, seed)
+    blocks = 5 * 2048 // block
+    caches = [torch.randn(blocks, block, kv_heads, head_dim, generator=gen).to("cuda", torch.bfloat16)
+              for _ in range(2)]
+    for lens in ([300], [2048], [7], [1], [0], [900, 33]):
+        m = len(lens)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        tables = torch.randperm(blocks, generator=gen)[: m * 128].view(m, 128).to("cuda", torch.int32)
+        q = torch.randn(m, heads, head_dim, generator=gen).to("cuda", torch.bfloat16)
+        splits = decode_attention(q, *caches, tables, seq_lens, head_dim**-0.5, window or None, max_seq_len=2048,
+                                  combine=False)
+        num_splits = splits.part_out.shape[2]
+        for r, length in enumerate(lens):
+            kv_len = min(length, window) if window else length
+            split_len = math.ceil(math.ceil(kv_len / num_splits) / splits.block_n) * splits.block_n
+            used = math.ceil(kv_len / max(split_len, 1))
+            splits.part_out[r, :, used:] = float("nan")
+            splits.part_lse[r, :, used:] = float("nan")
+        got = awq_kernels.awq_linear_decode_splits(splits, qweight, qzeros, scales)
+        x = splits.combine().view(m, k)
+        assert torch.isfinite(x).all()
+        if m > 1:
+            assert got is None
+            continue
+        _check_matmul(got, x, w64, seed)
+        # the reduction's bits (its arithmetic, in its order), so the product's too
+        assert torch.equal(got, awq_mma(x, qweight, qzeros, scales)), f"seed {seed}, lengths {lens}"
+        assert not ARRIVALS[x.device].any()
 
 
 def _awq_layer(k: int, sizes: dict, seed: int, bias: bool = False) -> FusedLinear:
@@ -324,7 +386,8 @@ def test_awq_model_greedy_tokens_the_same_with_partials(tmp_path, monkeypatch) -
     """A Llama-shape AWQ model (random packed weights, bf16, triton attention) decodes three
     requests (steps of 1-3 tokens through awq_mma) to the same greedy tokens whether its gate/up
     and q/k/v projections hand their split-K partials to SiLU-and-mul and rotary + cache write
-    (with CUDA graphs) or sum them themselves (``apply_partials`` off, eager)."""
+    (with CUDA graphs) or sum them themselves (``apply_partials`` and ``apply_decode_splits`` off,
+    eager)."""
     import transformers
 
     from engine.config import EngineArgs
@@ -346,6 +409,7 @@ def test_awq_model_greedy_tokens_the_same_with_partials(tmp_path, monkeypatch) -
     for partials in (True, False):
         if not partials:
             monkeypatch.setattr(AWQLinearMethod, "apply_partials", LinearMethod.apply_partials)
+            monkeypatch.setattr(AWQLinearMethod, "apply_decode_splits", LinearMethod.apply_decode_splits)
         args = EngineArgs(model=str(tmp_path), load_format="dummy", dtype="bfloat16", block_size=16,
                           num_kv_blocks=64, attention_backend="triton", enforce_eager=not partials, max_num_seqs=8)
         runner = ModelRunner(ModelConfig.from_pretrained(tmp_path, dtype="bfloat16", device="cuda"), args)
@@ -359,6 +423,45 @@ def test_awq_model_greedy_tokens_the_same_with_partials(tmp_path, monkeypatch) -
         outputs[partials] = {rid: out[:12] for rid, out in driver.outputs.items()}
     assert outputs[True] == outputs[False]
     assert len({tuple(out) for out in outputs[True].values()}) > 1, "the random model says one thing"
+
+
+@needs_hopper
+def test_awq_lone_request_decode_graph_same_tokens_with_o_combining_splits(tmp_path, monkeypatch) -> None:
+    """One request alone decodes, through the one-request CUDA graphs, to the same greedy tokens
+    whether its o projection combines decode attention's splits as it loads them or the split
+    reduction's kernel runs first (``apply_decode_splits`` off): the two give the same bits."""
+    import transformers
+
+    from engine.config import EngineArgs
+    from engine.layers.linear import LinearMethod
+    from engine.model_config import ModelConfig
+    from engine.model_runner import ModelRunner
+    from engine.quantization.awq import AWQLinearMethod
+    from tests.test_model_runner import Driver
+
+    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=1, head_dim=128, vocab_size=512,
+                                      bos_token_id=0, eos_token_id=1)
+    config.architectures = ["LlamaForCausalLM"]
+    config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+                                  "version": "gemm"}
+    config.save_pretrained(tmp_path)
+    outputs = []
+    for combine_in_o in (True, False):
+        if not combine_in_o:
+            monkeypatch.setattr(AWQLinearMethod, "apply_decode_splits", LinearMethod.apply_decode_splits)
+        args = EngineArgs(model=str(tmp_path), load_format="dummy", dtype="bfloat16", block_size=16,
+                          num_kv_blocks=64, attention_backend="triton", max_num_seqs=4)
+        runner = ModelRunner(ModelConfig.from_pretrained(tmp_path, dtype="bfloat16", device="cuda"), args)
+        runner.load_model()
+        runner.initialize_kv_cache()
+        driver = Driver(runner, budget=64, seed=2)
+        driver.add("alone", [(11 * i) % 500 + 2 for i in range(30)])
+        while len(driver.outputs["alone"]) < 40:
+            driver.step()
+        outputs.append(driver.outputs["alone"][:40])
+    assert outputs[0] == outputs[1]
+    assert len(set(outputs[0])) > 1, "the random model says one thing"
 
 
 @needs_hopper

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from engine.kernels import decode_attention, decode_num_splits, prefill_attention, reshape_and_cache
+from engine.kernels import DecodeSplits, decode_attention, decode_num_splits, prefill_attention, reshape_and_cache
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-4
@@ -238,6 +238,25 @@ def test_decode_in_any_request_order_gives_the_same_rows(num_splits: int) -> Non
                                out=nan_like(b.query), num_splits=num_splits, block_n=16,
                                order=torch.tensor(order, dtype=torch.int32, device=b.query.device))
         assert torch.equal(out, natural), f"seed {seed}, order {order}"
+
+
+def test_decode_left_as_splits_combines_to_the_same_rows() -> None:
+    """``combine=False``: split decode returns its partials (``DecodeSplits``) without reducing
+    them, ``combine()`` writes the rows the default call writes; one split, which writes the rows
+    itself, returns them."""
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    seq_lens = [rng.randint(1, 90) for _ in range(3)]
+    b = make_batch(rng, [n - 1 for n in seq_lens], [1] * 3, num_kv_heads=2, group=2, head_dim=32, block_size=16,
+                   sliding_window=30)
+    args = (b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, 0.2, 30)
+    whole = decode_attention(*args, out=nan_like(b.query), num_splits=3, block_n=16)
+    splits = decode_attention(*args, out=nan_like(b.query), num_splits=3, block_n=16, combine=False)
+    assert isinstance(splits, DecodeSplits) and splits.part_out.shape == (3, 4, 3, 32)
+    assert splits.out.isnan().all(), "written before combine()"
+    assert torch.equal(splits.combine(), whole), f"seed {seed}"
+    one = decode_attention(*args, out=nan_like(b.query), num_splits=1, block_n=16, combine=False)
+    assert_close(one, reference_attention(b, 0.2, 30), TOL, seed)
 
 
 @pytest.mark.parametrize("sliding_window", [None, 20])

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from engine.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from engine.kernels.decode_attention import DecodeSplits
 
 # name -> "module:Class"; imported on first use so that optional packages load only when chosen.
 _BACKENDS: dict[str, str] = {
@@ -39,6 +42,10 @@ class AttentionBackend(ABC):
     A backend with ``accepts_cached_kv`` reads the new tokens' keys and values from the cache
     only; the model may then write them itself (fused with rotary) and pass ``k = v = None``.
 
+    ``leave_splits``: a backend whose decode step splits the keys (engine/kernels/decode_attention.py)
+    may return the splits' partials (``DecodeSplits``) instead of the output, for the caller to
+    combine (``combine()``) or to hand to a kernel that combines them as it loads its input.
+
     Constructors take no arguments and must not touch the device: the registry instantiates a
     backend before asking ``is_available``.
     """
@@ -65,7 +72,8 @@ class AttentionBackend(ABC):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
-    ) -> torch.Tensor: ...
+        leave_splits: bool = False,
+    ) -> torch.Tensor | DecodeSplits: ...
 
 
 def attention_backend_names() -> list[str]:

@@ -33,7 +33,7 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
-from engine.kernels.decode_attention import decode_attention, num_sms
+from engine.kernels.decode_attention import DecodeSplits, decode_attention, num_sms
 from engine.kernels.reshape_and_cache import reshape_and_cache
 
 
@@ -82,7 +82,8 @@ class FlashAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
-    ) -> torch.Tensor:
+        leave_splits: bool = False,
+    ) -> torch.Tensor | DecodeSplits:
         k_cache, v_cache = kv_cache
         if k is not None:
             reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
@@ -92,7 +93,7 @@ class FlashAttentionBackend(AttentionBackend):
             # One CTA per (request, kv head) would leave most SMs idle: split the KV instead.
             paged = (k_cache, v_cache, metadata.block_tables, metadata.seq_lens)
             return decode_attention(q, *paged, scale, sliding_window, torch.empty_like(q),
-                                    max_seq_len=metadata.max_seq_len)
+                                    max_seq_len=metadata.max_seq_len, combine=not leave_splits)
         window = (sliding_window - 1, 0) if sliding_window is not None else (None, None)
         if self._api == "flash_attn.cute":
             return self._fa4(varlen, q, k_cache, v_cache, metadata, scale, window, self._num_splits)

@@ -22,6 +22,7 @@ Two computations of the same thing:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
+
+if TYPE_CHECKING:
+    from engine.kernels.decode_attention import DecodeSplits
 
 
 def write_kv_cache(
@@ -267,7 +271,8 @@ class TorchAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
-    ) -> torch.Tensor:
+        leave_splits: bool = False,
+    ) -> torch.Tensor | DecodeSplits:
         k_cache, v_cache = kv_cache
         write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
         if self.reference or q.device.type != "cpu":

@@ -2,7 +2,8 @@
 
 ::
 
-    every request has 1 new token      -> split-KV decode kernel (+ split reduction)
+    every request has 1 new token      -> split-KV decode kernel (+ split reduction, or with
+                                           leave_splits the partials for the o projection)
     otherwise (prefill, chunks, verify) -> prefill-with-prefix kernel for requests with > 1 new
                                            token, and the decode kernel (reading its rows through
                                            query_start_loc) for those with exactly 1
@@ -19,7 +20,7 @@ from torch import nn
 
 from engine.attention.backend import AttentionBackend
 from engine.attention.metadata import AttentionMetadata
-from engine.kernels.decode_attention import decode_attention
+from engine.kernels.decode_attention import DecodeSplits, decode_attention
 from engine.kernels.prefill_attention import prefill_attention
 from engine.kernels.reshape_and_cache import reshape_and_cache
 
@@ -44,7 +45,8 @@ class TritonAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
-    ) -> torch.Tensor:
+        leave_splits: bool = False,
+    ) -> torch.Tensor | DecodeSplits:
         k_cache, v_cache = kv_cache
         if k is not None:
             reshape_and_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
@@ -53,7 +55,7 @@ class TritonAttentionBackend(AttentionBackend):
         max_seq_len = metadata.max_seq_len
         if metadata.max_query_len == 1 and metadata.num_tokens == metadata.num_reqs:
             return decode_attention(q, *paged, scale, sliding_window, out, max_seq_len=max_seq_len,
-                                    order=metadata.decode_order)
+                                    order=metadata.decode_order, combine=not leave_splits)
         prefill_attention(
             q, *paged, metadata.query_start_loc, scale, sliding_window, out,
             skip_decode=metadata.num_reqs > 1, max_query_len=metadata.max_query_len,

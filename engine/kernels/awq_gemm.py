@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import triton
@@ -41,6 +41,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from engine.kernels.counters import arrival_counters
 from engine.kernels.pdl import pdl_args, pdl_prologue
+
+if TYPE_CHECKING:
+    from engine.kernels.decode_attention import DecodeSplits
 
 # The interpreter computes bf16 arithmetic (and tl.dot) on the raw 16-bit patterns: there the
 # fused kernel takes bf16 activations through its fp32 path (q - z from fp16, exact).
@@ -634,6 +637,19 @@ def awq_linear_partials(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Te
     if (x.dim() == 2 and x.stride(1) == 1 and 0 < x.shape[0] <= _awq_mma.MMA_MAX_TOKENS
             and _awq_mma.mma_supported(x, qweight, qweight.shape[0] // scales.shape[0])):
         return _awq_mma.awq_mma(x, qweight, qzeros, scales, return_partials=True)
+    return None
+
+
+def awq_linear_decode_splits(splits: DecodeSplits, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor
+                             ) -> torch.Tensor | None:
+    """``awq_linear`` of decode attention's output ``[T, H * D]`` given as its splits' partials,
+    where the tensor-core kernel runs it and can combine them as it loads its activations (one
+    request: ``awq_mma(..., splits=...)``, ``splits_fit``); else None (combine, then ``awq_linear``)."""
+    x = splits.out.view(splits.out.shape[0], -1)
+    if (0 < x.shape[0] <= _awq_mma.MMA_MAX_TOKENS
+            and _awq_mma.mma_supported(x, qweight, qweight.shape[0] // scales.shape[0])
+            and _awq_mma.splits_fit(qweight, splits)):
+        return _awq_mma.awq_mma(x, qweight, qzeros, scales, splits=splits)
     return None
 
 

@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import triton
 
 from engine.kernels.counters import arrival_counters
 from engine.kernels.pdl import pdl_args
+
+if TYPE_CHECKING:
+    from engine.kernels.decode_attention import DecodeSplits
 
 # Above this many tokens the fused kernel (awq_gemm) takes over.
 MMA_MAX_TOKENS = 16
@@ -131,14 +134,33 @@ def _descriptors(x: torch.Tensor, qweight: torch.Tensor, block_t: int, tile_k: i
     return x_desc, w_desc
 
 
+def splits_fit(qweight: torch.Tensor, splits: DecodeSplits) -> bool:
+    """Whether ``awq_mma(..., splits=splits)`` takes decode attention's partials for this weight:
+    one request (one token), 128-row stages, and each program's K rows whole heads of 128, two of
+    them at most (Llama-3.1-8B's o projection: 16 programs of two heads a column block). At 2-4
+    requests each program would read 2-4 times the partials, and at 4 the step was slower than
+    with the reduction's kernel (H200, docs/benchmarks.md, session 33)."""
+    k, n = qweight.shape[0], qweight.shape[1] * 8
+    cfg = mma_config(1, n, k, _num_sms(qweight.device))
+    k_per_split = triton.cdiv(k // BLOCK_K, cfg.split_k) * BLOCK_K
+    num_reqs, num_heads, num_splits, head_dim = splits.part_out.shape
+    return (num_reqs == 1 and cfg.halves == 1 and head_dim == BLOCK_K and num_heads * head_dim == k
+            and k % k_per_split == 0 and k_per_split <= 2 * BLOCK_K and num_splits <= 16)
+
+
 def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-            config: MmaConfig | None = None, return_partials: bool = False) -> torch.Tensor:
+            config: MmaConfig | None = None, return_partials: bool = False,
+            splits: DecodeSplits | None = None) -> torch.Tensor:
     """``x`` [M, K] (fp16 or bf16, M <= 16) times the AWQ weight -> [M, N] in x's dtype, on the
     tensor cores (see the module docstring). Needs ``mma_supported``; ``config`` overrides
     ``mma_config``. ``return_partials``: the split-K partial sums instead, fp32 [split_k, M, N]
     (split_k may be 1), for a next kernel that adds them in split order as it loads its input
     (``silu_and_mul_partials``, ``rope_and_cache_partials``; engine/layers/partials.py): the
-    linear then ends with its last main loop, without the last-arriving program's sum."""
+    linear then ends with its last main loop, without the last-arriving program's sum.
+    ``splits`` (``splits_fit``): ``x`` is one request's decode attention output buffer
+    ``splits.out``, not yet written, and each program forms its activations from the splits'
+    partials of the heads its K rows cover after the PDL wait, in place of the split reduction's
+    kernel."""
     m, k_x = x.shape
     k, n, group_size = _check_shapes(qweight, qzeros, scales)
     assert 1 <= m <= MMA_MAX_TOKENS, f"awq_mma takes 1 to {MMA_MAX_TOKENS} tokens, got {m}"
@@ -155,10 +177,21 @@ def awq_mma(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) \
         if split_k > 1 or return_partials else out
+    attn = {}
+    if splits is not None:
+        assert config is None and splits_fit(qweight, splits), "awq_mma cannot combine these decode splits"
+        assert splits.out.data_ptr() == x.data_ptr()
+        attn = dict(ATTN_SPLITS=splits.part_out.shape[2],
+                    ATTN_SPLITS_P2=triton.next_power_of_2(splits.part_out.shape[2]), ATTN_BLOCK_N=splits.block_n,
+                    ATTN_WINDOW=bool(splits.window), ATTN_TILES=k_per_split // tile_k)
+        attn_args = (splits.part_out, splits.part_lse, splits.seq_lens, splits.window)
+    else:
+        attn_args = (partial, partial, partial, 0)  # not read
     _awq_mma_kernel[(n_tiles, split_k)](
         x_desc, w_desc, qzeros, scales, out, partial, arrival_counters(x.device, n_tiles), m, k_per_split, split_k,
+        *attn_args,
         N=n, K=k, GROUP=group_size, BLOCK_T=block_t, HALVES=cfg.halves, NUM_STAGES=cfg.num_stages,
-        PARTIALS_ONLY=return_partials, num_warps=WARPS, **pdl_args(x.device),
+        PARTIALS_ONLY=return_partials, num_warps=WARPS, **attn, **pdl_args(x.device),
     )
     return partial if return_partials else out
 
@@ -289,6 +322,38 @@ if HAVE_GLUON:
                                   dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def _split_span(seq_lens_ptr, window, S: gl.constexpr, BLOCK_N: gl.constexpr, WINDOW: gl.constexpr):
+        """decode_attention.py's ``_split_span`` for request 0: how many of its S splits hold keys."""
+        seq_len = gl.load(seq_lens_ptr)
+        if WINDOW:
+            kv_lo = gl.maximum(seq_len - window, 0)
+        else:
+            kv_lo = 0
+        split_len = gl.cdiv(gl.cdiv(seq_len - kv_lo, S), BLOCK_N) * BLOCK_N
+        return gl.cdiv(seq_len - kv_lo, gl.maximum(split_len, 1))
+
+    @gluon.jit
+    def _combine_head(part_out_ptr, part_lse_ptr, head, used, S: gl.constexpr, S_P2: gl.constexpr, L: gl.constexpr):
+        """Head ``head`` of request 0's attention output [128] (layout SliceLayout(0, L), each
+        thread every split of its columns): its first ``used`` splits' outputs weighted by
+        exp2(lse - max lse) and normalised, zeros without keys. The bits of decode_attention.py's
+        ``_decode_reduce_kernel`` (one warp there): each column's weighted sum in split order
+        within a thread, and the weights' sum across one split a lane (a butterfly over the lanes,
+        as there); the two layouts compute the same weights."""
+        s = gl.arange(0, S_P2, layout=gl.SliceLayout(1, L))
+        d = gl.arange(0, _BLOCK_K, layout=gl.SliceLayout(0, L))
+        part = head * S + s
+        lse = gl.load(part_lse_ptr + part, mask=s < used, other=float("-inf"))
+        parts = gl.load(part_out_ptr + part[:, None] * _BLOCK_K + d[None, :], mask=(s < used)[:, None], other=0.0)
+        lse_max = gl.maximum(gl.max(lse, 0), -1.0e30)
+        LANES: gl.constexpr = gl.BlockedLayout([1], [32], [_WARPS], [0])
+        s_lane = gl.arange(0, S_P2, layout=LANES)
+        lse_lane = gl.load(part_lse_ptr + head * S + s_lane, mask=s_lane < used, other=float("-inf"))
+        total = gl.sum(gl.exp2(lse_lane - lse_max), 0)
+        weight = gl.exp2(lse - lse_max)
+        return gl.sum(weight[:, None] * parts, 0) / gl.where(total > 0.0, total, 1.0)
+
+    @gluon.jit
     def _sum_rows(out_ptr, partial_ptr, t0, c0, M, N, split_k, R: gl.constexpr, C: gl.constexpr,
                   UNROLL: gl.constexpr, RL: gl.constexpr):
         """Tokens t0 .. t0 + R - 1 (those below M) of output columns c0 .. c0 + C - 1: the sum of
@@ -341,10 +406,12 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _awq_mma_kernel(x_desc, w_desc, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, lock_ptr,
-                        M, k_per_split, split_k,
+                        M, k_per_split, split_k, attn_out_ptr, attn_lse_ptr, seq_lens_ptr, attn_window,
                         N: gl.constexpr, K: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr,
                         HALVES: gl.constexpr, NUM_STAGES: gl.constexpr, PARTIALS_ONLY: gl.constexpr = False,
-                        USE_PDL: gl.constexpr = False):
+                        ATTN_SPLITS: gl.constexpr = 0, ATTN_SPLITS_P2: gl.constexpr = 1,
+                        ATTN_BLOCK_N: gl.constexpr = 1, ATTN_WINDOW: gl.constexpr = False,
+                        ATTN_TILES: gl.constexpr = 1, USE_PDL: gl.constexpr = False):
         """Grid ``(N / 128, split_k)``, 2 warps a program. Program (p, s) owns output columns
         128 p .. 128 p + 127 (warp g the 64 from 128 p + 64 g) for up to BLOCK_T (8 or 16) tokens
         and the K rows s * k_per_split ..; K % (128 HALVES) == 0, and a 128-row tile lies in one
@@ -365,7 +432,16 @@ if HAVE_GLUON:
         to 4 tokens it loads their rows alone, 16 partials at a time (one round trip to L2
         instead of four at split-K 16: a layer's four linears at one token 50.0 -> 47.5 us on an
         H200, bench/results/awq_mma_s19_one_token_sum.json; at 4 tokens o 7.82 -> 6.27 us, down
-        14.21 -> 12.96, awq_split_k_sum_s20.json)."""
+        14.21 -> 12.96, awq_split_k_sum_s20.json).
+
+        With ATTN_SPLITS (M == 1) the activation row is one request's decode attention output,
+        left as its splits' partials (``attn_out_ptr`` [1, H, ATTN_SPLITS, 128], ``attn_lse_ptr``
+        [1, H, ATTN_SPLITS]): the program's ATTN_TILES 128-row K tiles are whole heads, and after
+        the PDL wait it combines each head's splits (``_combine_head``) into shared memory, the
+        other token rows zero, where TMA would have put them; its stages then carry weights
+        alone. This takes the split reduction's kernel out of the layer (Llama-3.1-8B AWQ one
+        token 1.909 -> 1.878 ms a step on an H200, session 33): the o projection's programs read
+        16 KB of partials each instead of 512 bytes of activations."""
         DTYPE: gl.constexpr = x_desc.dtype
         W: gl.constexpr = _WARPS
         MMA: gl.constexpr = _mma_layout(W)
@@ -374,7 +450,8 @@ if HAVE_GLUON:
         TILE_K: gl.constexpr = _BLOCK_K * HALVES
         # Two MMA chains a tile where registers allow (8 tokens, 128-row stages: 1-4% faster on an H200).
         KSPLIT: gl.constexpr = 2 if BLOCK_T == 8 and HALVES == 1 else 1
-        STAGE_BYTES: gl.constexpr = TILE_K * BLOCK_W * 4 + BLOCK_T * TILE_K * 2
+        X_BYTES: gl.constexpr = 0 if ATTN_SPLITS else BLOCK_T * TILE_K * 2
+        STAGE_BYTES: gl.constexpr = TILE_K * BLOCK_W * 4 + X_BYTES
         pid_n = gl.program_id(0)
         pid_s = gl.program_id(1)
         w0 = pid_n * BLOCK_W
@@ -382,7 +459,8 @@ if HAVE_GLUON:
         n_tiles = (gl.minimum(k_lo + k_per_split, K) - k_lo) // TILE_K
 
         w_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, TILE_K, BLOCK_W], w_desc.layout)
-        x_smem = gl.allocate_shared_memory(DTYPE, [NUM_STAGES, BLOCK_T, TILE_K], x_desc.layout)
+        x_smem = gl.allocate_shared_memory(DTYPE, [ATTN_TILES if ATTN_SPLITS else NUM_STAGES, BLOCK_T, TILE_K],
+                                           x_desc.layout)
         bars = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(NUM_STAGES):
             mbarrier.init(bars.index(i), count=1)
@@ -390,11 +468,26 @@ if HAVE_GLUON:
         for i in gl.static_range(NUM_STAGES - 1):
             mbarrier.expect(bars.index(i), STAGE_BYTES, pred=i < n_tiles)
             _tma_load(w_desc, [k_lo + i * TILE_K, w0], bars.index(i), w_smem.index(i), pred=i < n_tiles)
-        if USE_PDL:
-            _prefetch_x_descriptor()
-            _pdl_wait()
-        for i in gl.static_range(NUM_STAGES - 1):
-            _tma_load(x_desc, [0, k_lo + i * TILE_K], bars.index(i), x_smem.index(i), pred=i < n_tiles)
+        if ATTN_SPLITS:
+            # Before the wait: how many splits hold keys, from this step's length (a host copy).
+            used = _split_span(seq_lens_ptr, attn_window, ATTN_SPLITS, ATTN_BLOCK_N, ATTN_WINDOW)
+            if USE_PDL:
+                _pdl_wait()
+            AL: gl.constexpr = gl.BlockedLayout([ATTN_SPLITS_P2, 2], [1, 32], [1, W], [1, 0])
+            XL: gl.constexpr = gl.BlockedLayout([BLOCK_T, 2], [1, 32], [1, W], [1, 0])
+            token = gl.arange(0, BLOCK_T, layout=gl.SliceLayout(1, XL))[:, None]
+            for i in gl.static_range(ATTN_TILES):
+                x = _combine_head(attn_out_ptr, attn_lse_ptr, k_lo // _BLOCK_K + i, used, ATTN_SPLITS,
+                                  ATTN_SPLITS_P2, AL)
+                tile = gl.where(token == 0, gl.convert_layout(x, gl.SliceLayout(0, XL))[None, :], 0.0)
+                x_smem.index(i).store(tile.to(DTYPE))
+            _cta_barrier()  # both warps' rows are in shared memory before either reads them
+        else:
+            if USE_PDL:
+                _prefetch_x_descriptor()
+                _pdl_wait()
+            for i in gl.static_range(NUM_STAGES - 1):
+                _tma_load(x_desc, [0, k_lo + i * TILE_K], bars.index(i), x_smem.index(i), pred=i < n_tiles)
 
         rows = gl.arange(0, 64 * W, layout=gl.SliceLayout(1, MMA))
         word = w0 + 8 * ((rows // 16) % W) + rows % 8
@@ -416,8 +509,9 @@ if HAVE_GLUON:
             mbarrier.expect(bars.index(nt % NUM_STAGES), STAGE_BYTES, pred=nt < n_tiles)
             _tma_load(w_desc, [k_lo + nt * TILE_K, w0], bars.index(nt % NUM_STAGES), w_smem.index(nt % NUM_STAGES),
                       pred=nt < n_tiles)
-            _tma_load(x_desc, [0, k_lo + nt * TILE_K], bars.index(nt % NUM_STAGES), x_smem.index(nt % NUM_STAGES),
-                      pred=nt < n_tiles)
+            if not ATTN_SPLITS:
+                _tma_load(x_desc, [0, k_lo + nt * TILE_K], bars.index(nt % NUM_STAGES),
+                          x_smem.index(nt % NUM_STAGES), pred=nt < n_tiles)
             za, sa, zb, sb = za_next, sa_next, zb_next, sb_next
             k_ahead = gl.minimum(k_lo + (t + 1) * TILE_K, K - TILE_K)  # in bounds; unused after the last
             za_next = gl.load(qzeros_ptr + (k_ahead // GROUP) * N_WORDS + word)
@@ -428,7 +522,7 @@ if HAVE_GLUON:
 
             mbarrier.wait(bars.index(t % NUM_STAGES), (t // NUM_STAGES) & 1)
             w_tile = w_smem.index(t % NUM_STAGES)
-            x_tile = x_smem.index(t % NUM_STAGES)
+            x_tile = x_smem.index(t if ATTN_SPLITS else t % NUM_STAGES)
             acc = _group(acc, w_tile.slice(0, _BLOCK_K), x_tile.slice(0, _BLOCK_K, dim=1), za, sa, zero_shift, ones,
                          DTYPE, W, BLOCK_T, MMA, KSPLIT)
             if HALVES == 2:

@@ -13,6 +13,7 @@ computed on the device from ``seq_lens``, so one captured launch serves any leng
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -253,7 +254,8 @@ def decode_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     order: torch.Tensor | None = None,
-) -> torch.Tensor:
+    combine: bool = True,
+) -> torch.Tensor | DecodeSplits:
     """Attention of one new token per request at position ``seq_lens[r] - 1`` over the paged
     caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` (which already hold that token's
     key and value). ``query`` is ``[num_reqs, num_heads, head_dim]``; or, given
@@ -262,7 +264,10 @@ def decode_attention(
     ``num_splits`` defaults to ``decode_num_splits(..., max_seq_len)``, and the tiles' width
     (``block_n``) to one by the split count and ``max_seq_len``. ``order`` (int32
     ``[num_reqs]``, a permutation) is the order in which requests' programs start: longest first
-    balances a batch of mixed lengths. No host syncs."""
+    balances a batch of mixed lengths. ``combine=False``: where the keys are split (and not
+    ``query_start_loc``), the splits' partials as ``DecodeSplits`` instead of the output, for the
+    kernel after to combine as it loads them (``DecodeSplits.combine()`` launches the reduction).
+    No host syncs."""
     check_paged_shapes(query, key_cache, value_cache)
     num_heads, head_dim = query.shape[1:]
     num_reqs = seq_lens.shape[0]
@@ -309,11 +314,44 @@ def decode_attention(
         HAS_ORDER=order is not None, num_warps=num_warps, num_stages=num_stages or 2,
         **pdl_args(query.device),
     )
-    if num_splits > 1:
-        _decode_reduce_kernel[(num_reqs, num_heads)](
-            part_out, part_lse, out, qsl, seq_lens, num_heads, sliding_window or 0, out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, BLOCK_N=block_n,
-            USE_WINDOW=bool(sliding_window), MIXED=mixed, num_warps=4 if head_dim * num_splits >= 4096 else 1,
-            **pdl_args(part_out.device),
-        )
+    if num_splits == 1:
+        return out
+    splits = DecodeSplits(out, part_out, part_lse, seq_lens, sliding_window or 0, block_n)
+    if not combine and not mixed:
+        return splits
+    _combine(splits, query_start_loc)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSplits:
+    """The split kernel's partials for one new token a request (request r's row r, no mixed
+    batch): ``part_out`` fp32 ``[R, H, S, D]`` (normalised), ``part_lse`` fp32 ``[R, H, S]``
+    (log2-sum-exp), of which request r's first ``cdiv(seq_len - kv_lo, split_len)`` splits hold
+    keys (``_split_span`` with ``window`` and ``block_n``); ``out`` ``[R, H, D]``, the output's
+    buffer, unwritten until ``combine()``."""
+
+    out: torch.Tensor
+    part_out: torch.Tensor
+    part_lse: torch.Tensor
+    seq_lens: torch.Tensor
+    window: int
+    block_n: int
+
+    def combine(self) -> torch.Tensor:
+        """Launch the reduction into ``out`` and return it."""
+        _combine(self, None)
+        return self.out
+
+
+def _combine(splits: DecodeSplits, query_start_loc: torch.Tensor | None) -> None:
+    out, part_out = splits.out, splits.part_out
+    num_reqs, num_heads, num_splits, head_dim = part_out.shape
+    mixed = query_start_loc is not None
+    _decode_reduce_kernel[(num_reqs, num_heads)](
+        part_out, splits.part_lse, out, query_start_loc if mixed else splits.seq_lens, splits.seq_lens, num_heads,
+        splits.window, out.stride(0), out.stride(1),
+        NUM_SPLITS=num_splits, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+        BLOCK_N=splits.block_n, USE_WINDOW=bool(splits.window), MIXED=mixed,
+        num_warps=4 if head_dim * num_splits >= 4096 else 1, **pdl_args(part_out.device),
+    )

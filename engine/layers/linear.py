@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,9 @@ from engine.layers.activation import SiluAndMul
 from engine.layers.cpu_linear import pack, packed_linear
 from engine.layers.norm import RMSNorm
 from engine.layers.partials import SplitKPartials
+
+if TYPE_CHECKING:
+    from engine.kernels.decode_attention import DecodeSplits
 
 # One token through a 16-bit weight up to this size goes through our GEMV kernel
 # (engine/kernels/gemv.py): on an H200 it streamed every decoder linear of Qwen3-0.6B and
@@ -68,6 +71,11 @@ class LinearMethod(ABC):
         """``apply``, or where the method can, its output left as split-K partial sums for the
         kernel after it to add up (engine/layers/partials.py)."""
         return self.apply(layer, x)
+
+    def apply_decode_splits(self, layer: nn.Module, splits: DecodeSplits) -> torch.Tensor | None:
+        """``apply`` of decode attention's output ``[T, H * D]`` given as its splits' partials, where
+        the method combines them as its matmul loads its input; else None (combined first)."""
+        return None
 
     def apply_normed(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                      partials: bool = False) -> tuple[torch.Tensor | SplitKPartials, torch.Tensor]:
@@ -230,6 +238,15 @@ class LinearBase(nn.Module):
         if self.packed_weight is not None and x.dtype == torch.float32 and not x.is_cuda:
             return packed_linear(x, self.packed_weight, self.bias, self.out_features)
         return self.quant_method.apply(self, x)
+
+    def forward_decode_splits(self, splits: DecodeSplits) -> torch.Tensor:
+        """``forward`` of decode attention's output ``[T, H * D]`` left as its splits' partials
+        (``AttentionBackend.forward(..., leave_splits=True)``)."""
+        out = self.quant_method.apply_decode_splits(self, splits)
+        if out is None:
+            x = splits.combine()
+            out = self.forward(x.reshape(x.shape[0], -1))
+        return out
 
     def forward_gated(self, gate_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``forward(act(gate_up))``, with the activation fused into the matmul where the method can."""

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from engine.attention.metadata import get_forward_context
+from engine.kernels.decode_attention import DecodeSplits
 from engine.kernels.rotary import rope_and_cache, rope_and_cache_partials
 from engine.layers.activation import SiluAndMul
 from engine.layers.linear import FusedLinear, LinearBase
@@ -85,9 +86,13 @@ class LlamaAttention(nn.Module):
                 if self.qk_norm:
                     q, k = self.q_norm(q), self.k_norm(k)
                 q, k = self.rotary(positions, q, k)
+        # A decode step's attention may come back as its splits' partials: the o projection
+        # combines them (in its kernel where it can).
         out = context.backend.forward(
-            self, q, k, v, self.kv_cache, context.metadata, self.scale, self.sliding_window
+            self, q, k, v, self.kv_cache, context.metadata, self.scale, self.sliding_window, leave_splits=True
         )
+        if isinstance(out, DecodeSplits):
+            return self.o_proj.forward_decode_splits(out), residual
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim)), residual
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from engine.layers.linear import (
     set_weight_attrs,
 )
 from engine.layers.partials import SplitKPartials
+
+if TYPE_CHECKING:
+    from engine.kernels.decode_attention import DecodeSplits
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +223,15 @@ class AWQLinearMethod(LinearMethod):
             if partials is not None:
                 return SplitKPartials(partials, x.dtype)
         return self.apply(layer, x)
+
+    def apply_decode_splits(self, layer: nn.Module, splits: DecodeSplits) -> torch.Tensor | None:
+        # One request's token through awq_mma without a bias: its programs combine the splits of
+        # the heads their K rows cover as they load their activations (one kernel fewer a layer).
+        if layer.bias is not None:
+            return None
+        from engine.kernels.awq_gemm import awq_linear_decode_splits
+
+        return awq_linear_decode_splits(splits, layer.qweight, layer.qzeros, layer.scales)
 
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
