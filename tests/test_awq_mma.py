@@ -381,6 +381,30 @@ def test_layer_partials_through_silu_and_mul_and_rope_and_cache() -> None:
     assert not ARRIVALS[hidden.device].any()
 
 
+def _awq_llama_runner(path, hidden: int, heads: int, **engine_args):
+    """A ModelRunner (CUDA, bf16, triton attention, 64 KV blocks of 16) of a two-layer Llama-shape
+    AWQ model with random packed weights, written to ``path``."""
+    import transformers
+
+    from engine.config import EngineArgs
+    from engine.model_config import ModelConfig
+    from engine.model_runner import ModelRunner
+
+    config = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=heads, num_key_value_heads=1, head_dim=128, vocab_size=512,
+                                      bos_token_id=0, eos_token_id=1)
+    config.architectures = ["LlamaForCausalLM"]
+    config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+                                  "version": "gemm"}
+    config.save_pretrained(path)
+    args = EngineArgs(model=str(path), load_format="dummy", dtype="bfloat16", block_size=16, num_kv_blocks=64,
+                      attention_backend="triton", **engine_args)
+    runner = ModelRunner(ModelConfig.from_pretrained(path, dtype="bfloat16", device="cuda"), args)
+    runner.load_model()
+    runner.initialize_kv_cache()
+    return runner
+
+
 @needs_hopper
 def test_awq_model_greedy_tokens_the_same_with_partials(tmp_path, monkeypatch) -> None:
     """A Llama-shape AWQ model (random packed weights, bf16, triton attention) decodes three
@@ -388,33 +412,17 @@ def test_awq_model_greedy_tokens_the_same_with_partials(tmp_path, monkeypatch) -
     and q/k/v projections hand their split-K partials to SiLU-and-mul and rotary + cache write
     (with CUDA graphs) or sum them themselves (``apply_partials`` and ``apply_decode_splits`` off,
     eager)."""
-    import transformers
-
-    from engine.config import EngineArgs
     from engine.layers.linear import LinearMethod
-    from engine.model_config import ModelConfig
-    from engine.model_runner import ModelRunner
     from engine.quantization.awq import AWQLinearMethod
     from tests.test_model_runner import Driver
 
-    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=128, vocab_size=512,
-                                      bos_token_id=0, eos_token_id=1)
-    config.architectures = ["LlamaForCausalLM"]
-    config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
-                                  "version": "gemm"}
-    config.save_pretrained(tmp_path)
     prompts = {"a": [(7 * i) % 500 + 2 for i in range(27)], "b": list(range(2, 9)), "c": [5] * 40}
     outputs = {}
     for partials in (True, False):
         if not partials:
             monkeypatch.setattr(AWQLinearMethod, "apply_partials", LinearMethod.apply_partials)
             monkeypatch.setattr(AWQLinearMethod, "apply_decode_splits", LinearMethod.apply_decode_splits)
-        args = EngineArgs(model=str(tmp_path), load_format="dummy", dtype="bfloat16", block_size=16,
-                          num_kv_blocks=64, attention_backend="triton", enforce_eager=not partials, max_num_seqs=8)
-        runner = ModelRunner(ModelConfig.from_pretrained(tmp_path, dtype="bfloat16", device="cuda"), args)
-        runner.load_model()
-        runner.initialize_kv_cache()
+        runner = _awq_llama_runner(tmp_path, 256, 2, enforce_eager=not partials, max_num_seqs=8)
         driver = Driver(runner, budget=64, seed=1)
         for rid, prompt in prompts.items():
             driver.add(rid, prompt)
@@ -430,31 +438,15 @@ def test_awq_lone_request_decode_graph_same_tokens_with_o_combining_splits(tmp_p
     """One request alone decodes, through the one-request CUDA graphs, to the same greedy tokens
     whether its o projection combines decode attention's splits as it loads them or the split
     reduction's kernel runs first (``apply_decode_splits`` off): the two give the same bits."""
-    import transformers
-
-    from engine.config import EngineArgs
     from engine.layers.linear import LinearMethod
-    from engine.model_config import ModelConfig
-    from engine.model_runner import ModelRunner
     from engine.quantization.awq import AWQLinearMethod
     from tests.test_model_runner import Driver
 
-    config = transformers.LlamaConfig(hidden_size=512, intermediate_size=512, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=1, head_dim=128, vocab_size=512,
-                                      bos_token_id=0, eos_token_id=1)
-    config.architectures = ["LlamaForCausalLM"]
-    config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
-                                  "version": "gemm"}
-    config.save_pretrained(tmp_path)
     outputs = []
     for combine_in_o in (True, False):
         if not combine_in_o:
             monkeypatch.setattr(AWQLinearMethod, "apply_decode_splits", LinearMethod.apply_decode_splits)
-        args = EngineArgs(model=str(tmp_path), load_format="dummy", dtype="bfloat16", block_size=16,
-                          num_kv_blocks=64, attention_backend="triton", max_num_seqs=4)
-        runner = ModelRunner(ModelConfig.from_pretrained(tmp_path, dtype="bfloat16", device="cuda"), args)
-        runner.load_model()
-        runner.initialize_kv_cache()
+        runner = _awq_llama_runner(tmp_path, 512, 4, max_num_seqs=4)
         driver = Driver(runner, budget=64, seed=2)
         driver.add("alone", [(11 * i) % 500 + 2 for i in range(30)])
         while len(driver.outputs["alone"]) < 40:
