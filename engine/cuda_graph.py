@@ -96,7 +96,8 @@ class StepGraphs:
     """Decode graphs up to ``max_batch_size`` requests; with ``num_speculative_tokens`` k > 0,
     verify graphs of 1 + k tokens per request up to ``max_verify_batch_size`` requests (as many
     as the input buffers hold); with ``max_prefill_tokens``, single-request prefill graphs up to
-    that many tokens (as many as the input buffers hold)."""
+    that many tokens (as many as the input buffers hold, and no more than one context: a block
+    table row's worth)."""
 
     def __init__(self, model: nn.Module, buffers: InputBuffers, backend: AttentionBackend,
                  max_batch_size: int, num_speculative_tokens: int = 0, max_verify_batch_size: int = 0,
@@ -109,7 +110,8 @@ class StepGraphs:
         max_verify = min(max_verify_batch_size, buffers.max_tokens // per_request)
         if num_speculative_tokens and max_verify >= 1:
             self.sizes[per_request] = capture_sizes(max_verify)
-        self.prefill_sizes = prefill_capture_sizes(min(max_prefill_tokens, buffers.max_tokens))
+        self.prefill_sizes = prefill_capture_sizes(
+            min(max_prefill_tokens, buffers.max_tokens, buffers.max_blocks * buffers.block_size))
         self.one_token_ahead = False  # set by capture()
         self._graphs: dict[GraphShape, torch.cuda.CUDAGraph] = {}
         self._logits: dict[GraphShape, torch.Tensor] = {}
@@ -149,21 +151,16 @@ class StepGraphs:
         self.one_token_ahead = bool(pdl_args(self.buffers.device)) and one_token_weights_ahead(self.model)
         # Largest first, so that smaller graphs reuse the pool's blocks.
         for shape in sorted(self.shapes, key=lambda s: s.batch_size * s.tokens_per_request, reverse=True):
-            size, per_request, prefill, _ = shape
-            num_blocks = -(-per_request // self.buffers.block_size)
-            drafts = [] if prefill else [0] * (per_request - 1)
-            dummy = [ScheduledRequest(f"graph-{i}", [0] * per_request, 0, [0] * num_blocks, True, None, [], [],
-                                      drafts) for i in range(size)]
-            inputs = self.buffers.prepare(dummy, graph_shape=shape)
+            inputs = self.buffers.prepare(self.capture_step(shape), graph_shape=shape)
             # Slot -1: capture writes nothing into the KV cache.
             inputs.metadata.slot_mapping.fill_(-1)
             ahead = trigger_before_wait() if self.places_ahead(shape) else nullcontext()
             with set_forward_context(inputs.metadata, self.backend), ahead:
-                self._forward(inputs, prefill)  # an eager run first compiles every kernel outside the capture
+                self._forward(inputs, shape.prefill)  # an eager run first compiles every kernel outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self._forward(inputs, prefill)
+                    logits = self._forward(inputs, shape.prefill)
             self._graphs[shape], self._logits[shape] = graph, logits
         torch.cuda.synchronize()
         kinds = [f"{'decode' if per_request == 1 else f'verify ({per_request} tokens)'} batch sizes {sizes}"
@@ -178,6 +175,15 @@ class StepGraphs:
         if self.one_token_ahead:
             logger.info("decode graph of one request: every linear's weight is requested before its PDL wait, "
                         "kernels placed ahead")
+
+    def capture_step(self, shape: GraphShape) -> list[ScheduledRequest]:
+        """The step a graph of ``shape`` is captured with: its batch of requests at position 0,
+        each ``tokens_per_request`` tokens (with drafts to verify) in null blocks."""
+        size, per_request, prefill, _ = shape
+        num_blocks = -(-per_request // self.buffers.block_size)
+        drafts = [] if prefill else [0] * (per_request - 1)
+        return [ScheduledRequest(f"graph-{i}", [0] * per_request, 0, [0] * num_blocks, True, None, [], [], drafts)
+                for i in range(size)]
 
     def places_ahead(self, shape: GraphShape) -> bool:
         """Whether the graph of ``shape`` is captured with its kernels placed ahead: a decode graph

@@ -54,6 +54,21 @@ def test_shape_for_picks_decode_verify_and_prefill_graphs() -> None:
     assert StepGraphs(None, buffers, None, max_batch_size=8).shape_for([_request("p", [2] * 9)]) is None
 
 
+@pytest.mark.parametrize("max_model_len", [256, 4096])
+def test_every_graph_is_captured_with_a_step_the_buffers_hold(max_model_len: int) -> None:
+    """The step each graph is captured with fits the input buffers: a context shorter than the
+    largest prefill graph (512 tokens) caps the prefill graphs at one block table row (256 tokens
+    in 16 blocks), where a 512-token graph's table used to overflow the row at start-up."""
+    block = 16
+    buffers = InputBuffers(max_tokens=2048, max_reqs=4, max_blocks=max_model_len // block, block_size=block,
+                           device=torch.device("cpu"))
+    graphs = StepGraphs(None, buffers, None, max_batch_size=4, num_speculative_tokens=2, max_verify_batch_size=4,
+                        max_prefill_tokens=512)
+    assert graphs.prefill_sizes[-1] == min(512, max_model_len)
+    for shape in graphs.shapes:
+        buffers.prepare(graphs.capture_step(shape), graph_shape=shape)
+
+
 def test_short_decode_graphs_come_with_the_smallest_batch_sizes_only() -> None:
     """Decode graphs of up to SHORT_GRAPH_MAX_BATCH requests (one) are captured twice (any length,
     and requests of at most SHORT_SEQ_LEN tokens); larger batches and verify graphs once. A short
