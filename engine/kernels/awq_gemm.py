@@ -646,9 +646,7 @@ def awq_linear_decode_splits(splits: DecodeSplits, qweight: torch.Tensor, qzeros
     where the tensor-core kernel runs it and can combine them as it loads its activations (one
     request: ``awq_mma(..., splits=...)``, ``splits_fit``); else None (combine, then ``awq_linear``)."""
     x = splits.out.view(splits.out.shape[0], -1)
-    if (0 < x.shape[0] <= _awq_mma.MMA_MAX_TOKENS
-            and _awq_mma.mma_supported(x, qweight, qweight.shape[0] // scales.shape[0])
-            and _awq_mma.splits_fit(qweight, splits)):
+    if _awq_mma.mma_supported(x, qweight, qweight.shape[0] // scales.shape[0]) and _awq_mma.splits_fit(qweight, splits):
         return _awq_mma.awq_mma(x, qweight, qzeros, scales, splits=splits)
     return None
 
