@@ -381,9 +381,9 @@ def test_layer_partials_through_silu_and_mul_and_rope_and_cache() -> None:
     assert not ARRIVALS[hidden.device].any()
 
 
-def _awq_llama_runner(path, hidden: int, heads: int, **engine_args):
-    """A ModelRunner (CUDA, bf16, triton attention, 64 KV blocks of 16) of a two-layer Llama-shape
-    AWQ model with random packed weights, written to ``path``."""
+def _awq_llama_runner(path, hidden: int, heads: int, attention_backend: str = "triton", **engine_args):
+    """A ModelRunner (CUDA, bf16, 64 KV blocks of 16; triton attention unless told) of a two-layer
+    Llama-shape AWQ model with random packed weights, written to ``path``."""
     import transformers
 
     from engine.config import EngineArgs
@@ -398,7 +398,7 @@ def _awq_llama_runner(path, hidden: int, heads: int, **engine_args):
                                   "version": "gemm"}
     config.save_pretrained(path)
     args = EngineArgs(model=str(path), load_format="dummy", dtype="bfloat16", block_size=16, num_kv_blocks=64,
-                      attention_backend="triton", **engine_args)
+                      attention_backend=attention_backend, **engine_args)
     runner = ModelRunner(ModelConfig.from_pretrained(path, dtype="bfloat16", device="cuda"), args)
     runner.load_model()
     runner.initialize_kv_cache()
@@ -434,19 +434,24 @@ def test_awq_model_greedy_tokens_the_same_with_partials(tmp_path, monkeypatch) -
 
 
 @needs_hopper
-def test_awq_lone_request_decode_graph_same_tokens_with_o_combining_splits(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("backend", ["triton", "flash_attn"])
+def test_awq_lone_request_decode_graph_same_tokens_with_o_combining_splits(tmp_path, monkeypatch, backend) -> None:
     """One request alone decodes, through the one-request CUDA graphs, to the same greedy tokens
     whether its o projection combines decode attention's splits as it loads them or the split
-    reduction's kernel runs first (``apply_decode_splits`` off): the two give the same bits."""
+    reduction's kernel runs first (``apply_decode_splits`` off): the two give the same bits. The
+    flash_attn backend's one-request decode takes the same split kernel and hands on its splits."""
+    from engine.attention import get_attention_backend
     from engine.layers.linear import LinearMethod
     from engine.quantization.awq import AWQLinearMethod
     from tests.test_model_runner import Driver
 
+    if not get_attention_backend(backend).is_available(torch.device("cuda")):
+        pytest.skip(f"{backend} is not importable here")
     outputs = []
     for combine_in_o in (True, False):
         if not combine_in_o:
             monkeypatch.setattr(AWQLinearMethod, "apply_decode_splits", LinearMethod.apply_decode_splits)
-        runner = _awq_llama_runner(tmp_path, 512, 4, max_num_seqs=4)
+        runner = _awq_llama_runner(tmp_path, 512, 4, backend, max_num_seqs=4)
         driver = Driver(runner, budget=64, seed=2)
         driver.add("alone", [(11 * i) % 500 + 2 for i in range(30)])
         while len(driver.outputs["alone"]) < 40:
