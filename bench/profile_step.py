@@ -17,6 +17,9 @@ when programmatic dependent launch overlaps a kernel's start with the kernel ahe
 ``--offline`` (with ``--async-scheduling``): bench_offline's workload; per step, by the number
 of requests it samples, the wall time and how much of it the host spent waiting for the device
 (none: the host is the bottleneck; most: the device is).
+``--full-batch``: ``--num-requests`` prompts (lengths as bench_offline's) decoding together once
+every prompt is in: the decode step's wall time, its host functions (cProfile) and its kernels
+(torch.profiler, with the sum of their device time a step).
 """
 
 from __future__ import annotations
@@ -69,6 +72,8 @@ def main() -> None:
     parser.add_argument("--offline", action="store_true",
                         help="bench_offline's workload: step wall time and the host's wait for the device, by batch")
     parser.add_argument("--max-cuda-graph-prefill-tokens", type=int, default=EngineArgs.max_cuda_graph_prefill_tokens)
+    parser.add_argument("--full-batch", action="store_true",
+                        help="decode steps of --num-requests requests at once: wall, host functions, kernels")
     parser.add_argument("--out", type=Path, default=None, help="--offline: write the table as JSON")
     parser.add_argument("--single-after", action="store_true",
                         help="after the run, profile one greedy stream (128 prompt, 256 new tokens) instead")
@@ -86,6 +91,8 @@ def main() -> None:
         return prompt_step(engine, args.top)
     if args.offline:
         return offline_waits(engine, args)
+    if args.full_batch:
+        return full_batch(engine, args)
     _add(engine, args, 4, "warm")
     while engine.has_unfinished_requests():
         engine.step()
@@ -282,6 +289,51 @@ def offline_waits(engine: LLMEngine, args: argparse.Namespace) -> None:
 
         write_result(args.out, {"benchmark": "offline_waits", "settings": vars(args) | {"out": str(args.out)},
                                 "offline_throughput": offline, "rows": rows})
+
+
+def full_batch(engine: LLMEngine, args: argparse.Namespace, steps: int = 20) -> None:
+    """``args.num_requests`` requests decoding together after their prompts: ``steps`` decode steps
+    timed, ``steps`` more under cProfile, then half as many under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _add(engine, args, 8, "warm")
+    while engine.has_unfinished_requests():
+        engine.step()
+    rng = random.Random(args.seed)
+    vocab = engine.model_config.vocab_size
+    for i in range(args.num_requests):  # outputs long enough that nobody finishes while measured
+        prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(args.min_len, args.max_len))]
+        engine.add_request(f"batch-{i}", prompt, SamplingParams(
+            temperature=args.temperature, max_tokens=args.max_len, ignore_eos=True, detokenize=False))
+    while engine.scheduler.num_waiting or engine.scheduler.num_running < args.num_requests:
+        engine.step()
+    for _ in range(4):  # the last prompt's chunk, then decode alone
+        engine.step()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    _sync()
+    print(f"decode step wall at {args.num_requests} requests: {1000 * (time.perf_counter() - start) / steps:.2f} ms")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
+    print(text.getvalue())
+    if torch.cuda.is_available():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps // 2):
+                engine.step()
+            _sync()
+        events = prof.key_averages()
+        device_us = sum(e.self_device_time_total for e in events)
+        print(f"kernels' device time a step: {device_us / (steps // 2) / 1000:.2f} ms")
+        print(events.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=70))
+    engine.abort_request([f"batch-{i}" for i in range(args.num_requests)])
+    engine.step()
 
 
 def _sync() -> None:
