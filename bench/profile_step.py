@@ -19,7 +19,7 @@ of requests it samples, the wall time and how much of it the host spent waiting 
 (none: the host is the bottleneck; most: the device is).
 ``--full-batch``: ``--num-requests`` prompts (lengths as bench_offline's) decoding together once
 every prompt is in: the decode step's wall time, its host functions (cProfile) and its kernels
-(torch.profiler, with the sum of their device time a step).
+(torch.profiler: by device time, and by place in a layer as ``--single``'s chain table).
 """
 
 from __future__ import annotations
@@ -293,9 +293,8 @@ def offline_waits(engine: LLMEngine, args: argparse.Namespace) -> None:
 
 def full_batch(engine: LLMEngine, args: argparse.Namespace, steps: int = 20) -> None:
     """``args.num_requests`` requests decoding together after their prompts: ``steps`` decode steps
-    timed, ``steps`` more under cProfile, then half as many under torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-
+    timed, ``steps`` more under cProfile, then half as many under torch.profiler (kernels by device
+    time, and by how far each pushed the timeline: ``chain_table``)."""
     _add(engine, args, 8, "warm")
     while engine.has_unfinished_requests():
         engine.step()
@@ -324,14 +323,7 @@ def full_batch(engine: LLMEngine, args: argparse.Namespace, steps: int = 20) -> 
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
     print(text.getvalue())
     if torch.cuda.is_available():
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps // 2):
-                engine.step()
-            _sync()
-        events = prof.key_averages()
-        device_us = sum(e.self_device_time_total for e in events)
-        print(f"kernels' device time a step: {device_us / (steps // 2) / 1000:.2f} ms")
-        print(events.table(sort_by="self_cuda_time_total", row_limit=args.top, max_name_column_width=70))
+        _profile_steps(engine, warm=0, steps=steps // 2, top=args.top, chain=True)
     engine.abort_request([f"batch-{i}" for i in range(args.num_requests)])
     engine.step()
 
