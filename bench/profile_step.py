@@ -304,8 +304,13 @@ def full_batch(engine: LLMEngine, args: argparse.Namespace, steps: int = 20) -> 
         prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(args.min_len, args.max_len))]
         engine.add_request(f"batch-{i}", prompt, SamplingParams(
             temperature=args.temperature, max_tokens=args.max_len, ignore_eos=True, detokenize=False))
-    while engine.scheduler.num_waiting or engine.scheduler.num_running < args.num_requests:
+    batch = min(args.num_requests, engine.scheduler.config.max_num_seqs)
+    for _ in range(10_000):
+        if engine.scheduler.num_running >= batch:
+            break
         engine.step()
+    else:
+        raise SystemExit(f"{batch} requests never ran at once (too few KV blocks?)")
     for _ in range(4):  # the last prompt's chunk, then decode alone
         engine.step()
     _sync()
@@ -313,7 +318,7 @@ def full_batch(engine: LLMEngine, args: argparse.Namespace, steps: int = 20) -> 
     for _ in range(steps):
         engine.step()
     _sync()
-    print(f"decode step wall at {args.num_requests} requests: {1000 * (time.perf_counter() - start) / steps:.2f} ms")
+    print(f"decode step wall at {batch} requests: {1000 * (time.perf_counter() - start) / steps:.2f} ms")
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(steps):
