@@ -42,12 +42,14 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 
-def _add(engine: LLMEngine, args: argparse.Namespace, num: int, tag: str) -> None:
+def _add(engine: LLMEngine, args: argparse.Namespace, num: int, tag: str, max_tokens: int | None = None) -> None:
+    """``num`` requests of bench_offline's lengths (outputs of ``max_tokens`` if given)."""
     rng = random.Random(args.seed)
     vocab = engine.model_config.vocab_size
     for i in range(num):
         prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(args.min_len, args.max_len))]
-        params = SamplingParams(temperature=args.temperature, max_tokens=rng.randint(args.min_len, args.max_len),
+        out = rng.randint(args.min_len, args.max_len)
+        params = SamplingParams(temperature=args.temperature, max_tokens=max_tokens or out,
                                 ignore_eos=True, detokenize=False)
         engine.add_request(f"{tag}-{i}", prompt, params)
 
@@ -298,12 +300,7 @@ def full_batch(engine: LLMEngine, args: argparse.Namespace, steps: int = 20) -> 
     _add(engine, args, 8, "warm")
     while engine.has_unfinished_requests():
         engine.step()
-    rng = random.Random(args.seed)
-    vocab = engine.model_config.vocab_size
-    for i in range(args.num_requests):  # outputs long enough that nobody finishes while measured
-        prompt = [rng.randrange(2, vocab) for _ in range(rng.randint(args.min_len, args.max_len))]
-        engine.add_request(f"batch-{i}", prompt, SamplingParams(
-            temperature=args.temperature, max_tokens=args.max_len, ignore_eos=True, detokenize=False))
+    _add(engine, args, args.num_requests, "batch", max_tokens=args.max_len)  # nobody finishes while measured
     batch = min(args.num_requests, engine.scheduler.config.max_num_seqs)
     for _ in range(10_000):
         if engine.scheduler.num_running >= batch:
