@@ -183,8 +183,9 @@ def test_prefill_with_prefix_matches_reference(
         (64, 1, 50, 3, 32),
     ],
 )
+@pytest.mark.parametrize("early_tile", [True, False])  # the first tile read before the PDL wait, or after
 def test_split_kv_decode_matches_reference(
-    block_size: int, group: int, sliding_window: int | None, num_splits: int, block_n: int
+    block_size: int, group: int, sliding_window: int | None, num_splits: int, block_n: int, early_tile: bool
 ) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
@@ -194,15 +195,16 @@ def test_split_kv_decode_matches_reference(
                    head_dim=32, block_size=block_size, sliding_window=sliding_window)
     scale = 32**-0.5
     out = decode_attention(b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, scale,
-                           sliding_window, out=nan_like(b.query), num_splits=num_splits, block_n=block_n)
+                           sliding_window, out=nan_like(b.query), num_splits=num_splits, block_n=block_n,
+                           early_tile=early_tile)
     assert_close(out, reference_attention(b, scale, sliding_window), TOL, seed)
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_decode_reads_the_new_tokens_key_and_value_the_kernel_ahead_wrote(num_splits: int) -> None:
-    """The split kernel reads its first tile of cached keys and values before its PDL wait, while
-    the kernel ahead may still be writing the new token's key and value: it must take those two
-    rows after the wait. Their slots hold NaN until ``reshape_and_cache``, launched just ahead,
+@pytest.mark.parametrize(("num_splits", "early_tile"), [(1, True), (1, False), (4, True)])
+def test_decode_reads_the_new_tokens_key_and_value_the_kernel_ahead_wrote(num_splits: int, early_tile: bool) -> None:
+    """With ``early_tile`` the split kernel reads its first tile of cached keys and values before
+    its PDL wait, while the kernel ahead may still be writing the new token's key and value: it
+    must take those two rows after the wait. Their slots hold NaN until ``reshape_and_cache``, launched just ahead,
     writes them (on a GPU both kernels run under PDL; interpreted, one after the other)."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
@@ -214,7 +216,7 @@ def test_decode_reads_the_new_tokens_key_and_value_the_kernel_ahead_wrote(num_sp
         cache.view(-1, *cache.shape[2:])[b.slot_mapping] = float("nan")
     reshape_and_cache(b.key, b.value, b.key_cache, b.value_cache, b.slot_mapping)
     out = decode_attention(b.query, b.key_cache, b.value_cache, b.block_tables, b.seq_lens, 0.2,
-                           out=nan_like(b.query), num_splits=num_splits, block_n=16)
+                           out=nan_like(b.query), num_splits=num_splits, block_n=16, early_tile=early_tile)
     assert_close(out, reference_attention(b, 0.2, None), TOL, seed)
 
 

@@ -66,7 +66,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, MIXED: tl.constexpr, HAS_ORDER: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    EARLY_TILE: tl.constexpr = True, USE_PDL: tl.constexpr = False,
 ):
     """Grid ``(num_reqs, num_kv_heads, NUM_SPLITS)``. Program p takes request p, or with HAS_ORDER
     request ``order[p]``: the GPU starts programs about in order, so an order by decreasing
@@ -76,10 +76,13 @@ def _decode_split_kernel(
     do not have exactly one new token are left to the prefill kernel.
 
     A program takes the GROUP query heads of one kv head as BLOCK_H (>= 16, padded) rows, so each
-    K/V tile is read once per group, and walks its split BLOCK_N keys at a time; only the split's
-    first tile (read before the PDL wait but for the new token's key and value) and its last,
-    partial one are masked. With NUM_SPLITS == 1 it writes the final output directly;
-    otherwise the normalised partial output and its log2-sum-exp go to ``part_out``
+    K/V tile is read once per group, and walks its split BLOCK_N keys at a time. With EARLY_TILE
+    the split's first tile is read before the PDL wait (but for the new token's key and value,
+    which the kernel ahead writes): it and the last, partial tile are masked. Without it every
+    load follows the wait and only the last tile is masked: a program that folds many tiles gains
+    nothing from the early tile, and holding it through the wait costs the loop registers (4 warps,
+    128-key tiles, sm_90: 255 registers and a spill against 168). With NUM_SPLITS == 1 it writes
+    the final output directly; otherwise the normalised partial output and its log2-sum-exp go to ``part_out``
     ``[num_reqs, num_heads, NUM_SPLITS, HEAD_DIM]`` and ``part_lse`` ``[num_reqs, num_heads,
     NUM_SPLITS]``; a split without keys exits at once, writing nothing (the reduction reads only
     the splits that have keys).
@@ -114,11 +117,17 @@ def _decode_split_kernel(
 
     block_table_ptr = block_tables_ptr + req * stride_bt_req
     new = seq_len - 1  # the new token's position
-    k, v = load_kv_tile(key_cache_ptr, value_cache_ptr, block_table_ptr, split_lo, split_lo,
-                        tl.minimum(first_hi, new), kv_head, stride_kc_block, stride_kc_slot, stride_kc_head,
-                        stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_N, HEAD_DIM, BLOCK_SIZE, True)
-    holds_new = (new >= split_lo) & (new < first_hi)
-    new_block = tl.load(block_table_ptr + tl.where(holds_new, new, 0) // BLOCK_SIZE).to(tl.int64)
+    if EARLY_TILE:
+        k, v = load_kv_tile(key_cache_ptr, value_cache_ptr, block_table_ptr, split_lo, split_lo,
+                            tl.minimum(first_hi, new), kv_head, stride_kc_block, stride_kc_slot, stride_kc_head,
+                            stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_N, HEAD_DIM, BLOCK_SIZE, True)
+        holds_new = (new >= split_lo) & (new < first_hi)
+        new_block = tl.load(block_table_ptr + tl.where(holds_new, new, 0) // BLOCK_SIZE).to(tl.int64)
+    else:  # never read (dead code): both branches must define each name with one type
+        k = tl.zeros([HEAD_DIM, BLOCK_N], dtype=key_cache_ptr.dtype.element_ty)
+        v = tl.zeros([BLOCK_N, HEAD_DIM], dtype=value_cache_ptr.dtype.element_ty)
+        holds_new = new < 0
+        new_block = new.to(tl.int64)
 
     pdl_prologue(USE_PDL)
     rows = tl.arange(0, BLOCK_H)
@@ -128,29 +137,33 @@ def _decode_split_kernel(
     q_rows = row * stride_q_row + head * stride_q_head
     q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + new
-    new_slot = new % BLOCK_SIZE
-    new_d = offs_d < tl.where(holds_new, HEAD_DIM, 0)  # all of the row, or none
-    k_new = tl.load(key_cache_ptr + new_block * stride_kc_block + new_slot * stride_kc_slot + kv_head * stride_kc_head
-                    + offs_d, mask=new_d, other=0.0)
-    v_new = tl.load(value_cache_ptr + new_block * stride_vc_block + new_slot * stride_vc_slot
-                    + kv_head * stride_vc_head + offs_d, mask=new_d, other=0.0)
-    is_new = split_lo + tl.arange(0, BLOCK_N) == new
-    k = tl.where(is_new[None, :], k_new[:, None], k)
-    v = tl.where(is_new[:, None], v_new[None, :], v)
 
     acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     m_i = tl.full([BLOCK_H], MASKED_MAX, dtype=tl.float32)
-    acc, l_i, m_i = fold_kv_tile(acc, l_i, m_i, q, q_pos, k, v, split_lo, split_lo, first_hi, qk_scale, window,
-                                 BLOCK_N, True, USE_WINDOW, DOT_PRECISION)
-    for start in range(split_lo + BLOCK_N, full_hi, BLOCK_N):
+    if EARLY_TILE:
+        new_slot = new % BLOCK_SIZE
+        new_d = offs_d < tl.where(holds_new, HEAD_DIM, 0)  # all of the row, or none
+        k_new = tl.load(key_cache_ptr + new_block * stride_kc_block + new_slot * stride_kc_slot
+                        + kv_head * stride_kc_head + offs_d, mask=new_d, other=0.0)
+        v_new = tl.load(value_cache_ptr + new_block * stride_vc_block + new_slot * stride_vc_slot
+                        + kv_head * stride_vc_head + offs_d, mask=new_d, other=0.0)
+        is_new = split_lo + tl.arange(0, BLOCK_N) == new
+        k = tl.where(is_new[None, :], k_new[:, None], k)
+        v = tl.where(is_new[:, None], v_new[None, :], v)
+        acc, l_i, m_i = fold_kv_tile(acc, l_i, m_i, q, q_pos, k, v, split_lo, split_lo, first_hi, qk_scale,
+                                     window, BLOCK_N, True, USE_WINDOW, DOT_PRECISION)
+        loop_lo = split_lo + BLOCK_N
+    else:
+        loop_lo = split_lo
+    for start in range(loop_lo, full_hi, BLOCK_N):
         acc, l_i, m_i = attend_kv_tile(
             acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
             start, split_lo, split_hi, kv_head,
             stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
             qk_scale, window, BLOCK_N, HEAD_DIM, BLOCK_SIZE, False, USE_WINDOW, DOT_PRECISION,
         )
-    for start in range(tl.maximum(full_hi, split_lo + BLOCK_N), split_hi, BLOCK_N):
+    for start in range(tl.maximum(full_hi, loop_lo), split_hi, BLOCK_N):
         acc, l_i, m_i = attend_kv_tile(
             acc, l_i, m_i, q, q_pos, key_cache_ptr, value_cache_ptr, block_table_ptr,
             start, split_lo, split_hi, kv_head,
@@ -255,6 +268,7 @@ def decode_attention(
     num_stages: int | None = None,
     order: torch.Tensor | None = None,
     combine: bool = True,
+    early_tile: bool | None = None,
 ) -> torch.Tensor | DecodeSplits:
     """Attention of one new token per request at position ``seq_lens[r] - 1`` over the paged
     caches ``[num_blocks, block_size, num_kv_heads, head_dim]`` (which already hold that token's
@@ -267,6 +281,8 @@ def decode_attention(
     balances a batch of mixed lengths. ``combine=False``: where the keys are split (and not
     ``query_start_loc``), the splits' partials as ``DecodeSplits`` instead of the output, for the
     kernel after to combine as it loads them (``DecodeSplits.combine()`` launches the reduction).
+    ``early_tile``: a program reads its first tile before the PDL wait (default: where the keys
+    are split, so programs are short; one split a program means long programs, a big batch).
     No host syncs."""
     check_paged_shapes(query, key_cache, value_cache)
     num_heads, head_dim = query.shape[1:]
@@ -311,7 +327,8 @@ def decode_attention(
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], NUM_SPLITS=num_splits,
         USE_WINDOW=bool(sliding_window), DOT_PRECISION=dot_precision(query.dtype), MIXED=mixed,
-        HAS_ORDER=order is not None, num_warps=num_warps, num_stages=num_stages or 2,
+        HAS_ORDER=order is not None, EARLY_TILE=num_splits > 1 if early_tile is None else early_tile,
+        num_warps=num_warps, num_stages=num_stages or 2,
         **pdl_args(query.device),
     )
     if num_splits == 1:
