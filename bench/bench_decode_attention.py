@@ -34,6 +34,9 @@ CASES = {
     "llama-3.1-8b b1 ctx4096": (32, 8, 1, 4096),
     # The offline workload's decode steps: contexts uniform in [100, 1124] (prompt + output so far).
     "llama-3.1-8b b256 ctx100-1124": (32, 8, 256, (100, 1124)),
+    # Its later steps: fewer, longer requests (grids of 256 and 512 programs at one split).
+    "llama-3.1-8b b32 ctx1536": (32, 8, 32, 1536),
+    "llama-3.1-8b b64 ctx2048": (32, 8, 64, 2048),
     "qwen3-0.6b b256 ctx100-1124": (16, 8, 256, (100, 1124)),
 }
 HEAD_DIM, BLOCK_SIZE = 128, 16
@@ -76,13 +79,16 @@ def time_us(case: dict, **kwargs) -> float:
 
 
 def sweep_grid(reqs: int, kv_heads: int) -> list[dict]:
-    """Tilings to try (each split count and tile shape is a compile: keep it small)."""
+    """Tilings to try (each split count, tile shape and early-tile choice is a compile: keep it
+    small). 4 warps and 2 stages only: 8 warps or 3-4 stages were slower on every case of
+    bench/results/decode_attention_tiling_s35.json."""
     if reqs * kv_heads < 1024:
         default = decode_num_splits(reqs, kv_heads, None, sms=num_sms(torch.device("cuda")))
-        space = (sorted({4, 8, 16, default}), (32, 64), (4,), (2,))
+        splits = sorted({1, 2, 4, 8, 16, default})
     else:
-        space = ((1, 2), (32, 64, 128), (4, 8), (2, 3))
-    return [dict(num_splits=s, block_n=bn, num_warps=w, num_stages=st) for s, bn, w, st in itertools.product(*space)]
+        splits = [1, 2]
+    return [dict(num_splits=s, block_n=bn, early_tile=e, num_warps=4, num_stages=2)
+            for s, bn, e in itertools.product(splits, (32, 64, 128), (True, False))]
 
 
 def main() -> None:

@@ -82,15 +82,15 @@ def _decode_split_kernel(
     load follows the wait and only the last tile is masked: a program that folds many tiles gains
     nothing from the early tile, and holding it through the wait costs the loop registers (4 warps,
     128-key tiles, sm_90: 255 registers and a spill against 168). With NUM_SPLITS == 1 it writes
-    the final output directly; otherwise the normalised partial output and its log2-sum-exp go to ``part_out``
-    ``[num_reqs, num_heads, NUM_SPLITS, HEAD_DIM]`` and ``part_lse`` ``[num_reqs, num_heads,
-    NUM_SPLITS]``; a split without keys exits at once, writing nothing (the reduction reads only
-    the splits that have keys).
+    the final output directly; otherwise the normalised partial output and its log2-sum-exp go
+    to ``part_out`` ``[num_reqs, num_heads, NUM_SPLITS, HEAD_DIM]`` and ``part_lse`` ``[num_reqs,
+    num_heads, NUM_SPLITS]``; a split without keys exits at once, writing nothing (the reduction
+    reads only the splits that have keys).
     """
     # Up to the PDL wait the program reads only what this step's host-to-device copies wrote (the
-    # order, rows, lengths and block tables) and what earlier steps wrote to the cache (every key
-    # and value but the new token's): its first tile's loads overlap the kernel ahead, which
-    # writes q and the new token's key and value. Those are read after the wait.
+    # order, rows, lengths and block tables) and, with EARLY_TILE, what earlier steps wrote to the
+    # cache (every key and value but the new token's): its first tile's loads overlap the kernel
+    # ahead, which writes q and the new token's key and value. Those are read after the wait.
     if HAS_ORDER:
         req = tl.load(order_ptr + tl.program_id(0))
     else:
