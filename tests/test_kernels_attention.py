@@ -301,7 +301,8 @@ def test_decode_agrees_with_prefill_kernel() -> None:
     assert (decode - prefill).norm() / prefill.norm() < TOL, f"seed {seed}"
 
 
-def test_mixed_batch_splits_rows_between_prefill_and_decode_kernels() -> None:
+@pytest.mark.parametrize("num_splits", [1, 3])  # one split: no early tile (the default there)
+def test_mixed_batch_splits_rows_between_prefill_and_decode_kernels(num_splits: int) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     query_lens = [1, rng.randint(2, 20), 1, rng.randint(2, 9), 1]
@@ -313,7 +314,7 @@ def test_mixed_batch_splits_rows_between_prefill_and_decode_kernels() -> None:
                             max_query_len=max(query_lens), block_n=16)
     is_decode_row = torch.tensor([n == 1 for n in query_lens for _ in range(n)], device=out.device)
     assert out[is_decode_row].isnan().all() and not out[~is_decode_row].isnan().any(), f"seed {seed}"
-    decode_attention(*args, 0.3, 30, out, query_start_loc=b.query_start_loc, num_splits=3, block_n=16)
+    decode_attention(*args, 0.3, 30, out, query_start_loc=b.query_start_loc, num_splits=num_splits, block_n=16)
     assert_close(out, reference_attention(b, 0.3, 30), TOL, seed)
 
 
