@@ -55,6 +55,25 @@ def _split_span(seq_lens_ptr, req, window, NUM_SPLITS: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
+def _wait_then_query(q_ptr, row, kv_head, new, stride_q_row, stride_q_head,
+                     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, USE_PDL: tl.constexpr):
+    # The PDL wait (the kernel ahead writes q), then the kv head's GROUP query rows padded to
+    # BLOCK_H, their position, and an empty online-softmax state.
+    pdl_prologue(USE_PDL)
+    rows = tl.arange(0, BLOCK_H)
+    head = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = row * stride_q_row + head * stride_q_head
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + new
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    m_i = tl.full([BLOCK_H], MASKED_MAX, dtype=tl.float32)
+    return q, q_pos, head, row_ok, offs_d, acc, l_i, m_i
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, order_ptr,
@@ -123,25 +142,8 @@ def _decode_split_kernel(
                             stride_vc_block, stride_vc_slot, stride_vc_head, BLOCK_N, HEAD_DIM, BLOCK_SIZE, True)
         holds_new = (new >= split_lo) & (new < first_hi)
         new_block = tl.load(block_table_ptr + tl.where(holds_new, new, 0) // BLOCK_SIZE).to(tl.int64)
-    else:  # never read (dead code): both branches must define each name with one type
-        k = tl.zeros([HEAD_DIM, BLOCK_N], dtype=key_cache_ptr.dtype.element_ty)
-        v = tl.zeros([BLOCK_N, HEAD_DIM], dtype=value_cache_ptr.dtype.element_ty)
-        holds_new = new < 0
-        new_block = new.to(tl.int64)
-
-    pdl_prologue(USE_PDL)
-    rows = tl.arange(0, BLOCK_H)
-    head = kv_head * GROUP + rows
-    row_ok = rows < GROUP
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_rows = row * stride_q_row + head * stride_q_head
-    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + new
-
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    m_i = tl.full([BLOCK_H], MASKED_MAX, dtype=tl.float32)
-    if EARLY_TILE:
+        q, q_pos, head, row_ok, offs_d, acc, l_i, m_i = _wait_then_query(
+            q_ptr, row, kv_head, new, stride_q_row, stride_q_head, GROUP, BLOCK_H, HEAD_DIM, USE_PDL)
         new_slot = new % BLOCK_SIZE
         new_d = offs_d < tl.where(holds_new, HEAD_DIM, 0)  # all of the row, or none
         k_new = tl.load(key_cache_ptr + new_block * stride_kc_block + new_slot * stride_kc_slot
@@ -155,6 +157,8 @@ def _decode_split_kernel(
                                      window, BLOCK_N, True, USE_WINDOW, DOT_PRECISION)
         loop_lo = split_lo + BLOCK_N
     else:
+        q, q_pos, head, row_ok, offs_d, acc, l_i, m_i = _wait_then_query(
+            q_ptr, row, kv_head, new, stride_q_row, stride_q_head, GROUP, BLOCK_H, HEAD_DIM, USE_PDL)
         loop_lo = split_lo
     for start in range(loop_lo, full_hi, BLOCK_N):
         acc, l_i, m_i = attend_kv_tile(
