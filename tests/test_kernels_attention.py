@@ -204,8 +204,9 @@ def test_split_kv_decode_matches_reference(
 def test_decode_reads_the_new_tokens_key_and_value_the_kernel_ahead_wrote(num_splits: int, early_tile: bool) -> None:
     """With ``early_tile`` the split kernel reads its first tile of cached keys and values before
     its PDL wait, while the kernel ahead may still be writing the new token's key and value: it
-    must take those two rows after the wait. Their slots hold NaN until ``reshape_and_cache``, launched just ahead,
-    writes them (on a GPU both kernels run under PDL; interpreted, one after the other)."""
+    must take those two rows after the wait. Their slots hold NaN until ``reshape_and_cache``,
+    launched just ahead, writes them (on a GPU both kernels run under PDL; interpreted, one after
+    the other)."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     # New tokens at a tile's first, middle and last column, and alone in a request.
