@@ -19,7 +19,7 @@ import torch
 
 from bench.bench_gemm_layout import SHAPES
 from bench.common import write_result
-from engine.kernels.cublaslt import LtMatmul, time_product
+from bench.cublaslt import LtMatmul, time_product
 
 
 def main() -> None:

@@ -132,8 +132,6 @@ def main() -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--tune-gemms", action=argparse.BooleanOptionalAction, default=EngineArgs.tune_gemms,
-                        help="pick cuBLASLt algorithms for the dense linears before capturing CUDA graphs")
     parser.add_argument("--max-cuda-graph-prefill-tokens", type=int, default=EngineArgs.max_cuda_graph_prefill_tokens,
                         help="0: prompt steps of one request run eagerly")
     parser.add_argument("--async-scheduling", action="store_true")
@@ -151,8 +149,7 @@ def main() -> None:
             model=str(model_dir), load_format="dummy", dtype=args.dtype, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, num_kv_blocks=args.num_kv_blocks,
             max_model_len=2 * args.max_len + 16, attention_backend=args.attention_backend,
-            enforce_eager=args.enforce_eager, tune_gemms=args.tune_gemms,
-            max_cuda_graph_prefill_tokens=args.max_cuda_graph_prefill_tokens,
+            enforce_eager=args.enforce_eager, max_cuda_graph_prefill_tokens=args.max_cuda_graph_prefill_tokens,
             gpu_memory_utilization=args.gpu_memory_utilization,
             async_scheduling=args.async_scheduling,
         ))

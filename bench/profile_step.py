@@ -63,7 +63,6 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--enforce-eager", action="store_true")
-    parser.add_argument("--tune-gemms", action=argparse.BooleanOptionalAction, default=EngineArgs.tune_gemms)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=25)
@@ -85,7 +84,7 @@ def main() -> None:
         engine = LLMEngine(EngineArgs(
             model=str(write_shape_dir(args.shape, Path(tmp), awq=args.awq)), load_format="dummy",
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=2 * args.max_len + 16,
-            attention_backend=args.attention_backend, enforce_eager=args.enforce_eager, tune_gemms=args.tune_gemms,
+            attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
             async_scheduling=args.async_scheduling, max_cuda_graph_prefill_tokens=args.max_cuda_graph_prefill_tokens,
         ))
     if args.single:

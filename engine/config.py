@@ -46,10 +46,6 @@ class EngineArgs:
     # model: one stream 45 -> 64-80 tok/s, 8 streams 142-153 -> 357-382 (docs/benchmarks.md).
     cpu_onednn_linear: bool = True
     max_cuda_graph_batch_size: int | None = None  # largest captured decode batch; default max_num_seqs
-    # Before the CUDA graphs are captured, time cuBLAS's own kernel against cuBLASLt's other
-    # candidates for each 16-bit dense linear shape at each graph's token count, and keep the
-    # fastest (engine/kernels/cublaslt.py; a few seconds at start-up).
-    tune_gemms: bool = True
     # Steps of one request with up to this many new tokens (a short prompt at low load) replay a
     # CUDA graph padded to the next power of two (engine/cuda_graph.py); 0: such steps run eagerly.
     max_cuda_graph_prefill_tokens: int = 512

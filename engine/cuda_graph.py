@@ -52,7 +52,7 @@ from engine.attention.metadata import set_forward_context
 from engine.input_buffers import InputBuffers, StepInputs
 from engine.kernels.decode_attention import SHORT_SEQ_LEN
 from engine.kernels.pdl import pdl_args, trigger_before_wait
-from engine.layers.linear import one_token_weights_ahead, tune_dense_linears
+from engine.layers.linear import one_token_weights_ahead
 from scheduler.outputs import ScheduledRequest
 
 logger = logging.getLogger(__name__)
@@ -101,9 +101,8 @@ class StepGraphs:
 
     def __init__(self, model: nn.Module, buffers: InputBuffers, backend: AttentionBackend,
                  max_batch_size: int, num_speculative_tokens: int = 0, max_verify_batch_size: int = 0,
-                 max_prefill_tokens: int = 0, tune_gemms: bool = False) -> None:
+                 max_prefill_tokens: int = 0) -> None:
         self.model = model
-        self.tune_gemms = tune_gemms
         self.buffers = buffers
         self.backend = backend
         self.sizes: dict[int, list[int]] = {1: capture_sizes(max_batch_size)}
@@ -145,9 +144,6 @@ class StepGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        if self.tune_gemms:
-            logger.info("GEMM tuning: %s", tune_dense_linears(
-                self.model, sorted({s.batch_size * s.tokens_per_request for s in self.shapes})))
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         # The decode graph of one request, where every linear's weight is requested before its

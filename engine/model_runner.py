@@ -131,8 +131,7 @@ class ModelRunner:
         if self.uses_cuda_graphs:
             self.graphs = StepGraphs(self.model, self.buffers, self.attention_backend, self.max_graph_batch_size,
                                        self.args.num_speculative_tokens if self.args.speculative else 0,
-                                       self.max_verify_batch_size, self.args.max_cuda_graph_prefill_tokens,
-                                       self.args.tune_gemms)
+                                       self.max_verify_batch_size, self.args.max_cuda_graph_prefill_tokens)
             self.graphs.capture()
         return num_blocks
 

@@ -15,7 +15,6 @@ e.g. 8 for 4-bit values in int32), so shards land in the right slice whatever th
 
 from __future__ import annotations
 
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,6 @@ from engine.layers.norm import RMSNorm
 from engine.layers.partials import SplitKPartials
 
 if TYPE_CHECKING:
-    from engine.kernels.cublaslt import TunedGemm
     from engine.kernels.decode_attention import DecodeSplits
 
 # One token through a 16-bit weight up to this size goes through our GEMV kernel
@@ -106,10 +104,6 @@ class DenseLinearMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if _gemv_applies(x, layer.weight):
             return _gemv(layer, x)
-        if layer.tuned_gemm is not None:
-            out = layer.tuned_gemm.linear(x, layer.weight, layer.bias)
-            if out is not None:
-                return out
         return F.linear(x, layer.weight, layer.bias)
 
     def apply_gated(self, layer: nn.Module, gate_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
@@ -159,41 +153,6 @@ def one_token_weights_ahead(model: nn.Module) -> bool:
         if _gemv_takes(weight) and not slab_fits(*weight.shape):
             return False
     return True
-
-
-def tune_dense_linears(model: nn.Module, row_counts: list[int]) -> str:
-    """Pick cuBLASLt algorithms (engine/kernels/cublaslt.py) for the 16-bit dense linears of
-    ``model`` on CUDA at each of ``row_counts`` (the CUDA graphs' token counts), one pick per
-    weight shape, shared by the layers of that shape; one row stays with the GEMV where it takes
-    the weight. Returns a summary for the log."""
-    from engine.kernels.cublaslt import LtMatmul, tune
-
-    by_shape: dict[tuple, list[LinearBase]] = {}
-    for layer in model.modules():
-        weight = getattr(layer, "weight", None)
-        if (isinstance(layer, LinearBase) and isinstance(layer.quant_method, DenseLinearMethod)
-                and weight is not None and weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)):
-            by_shape.setdefault((*weight.shape, weight.dtype), []).append(layer)
-    if not by_shape:
-        return "no 16-bit dense linears on CUDA"
-    start = time.perf_counter()
-    try:
-        lt = LtMatmul(next(iter(by_shape.values()))[0].weight.device)
-    except (OSError, RuntimeError, AttributeError) as e:  # no cuBLASLt library, or one without the calls
-        return f"skipped, cuBLASLt unavailable ({e}); cuBLAS picks every kernel"
-    picked, total, parts = 0, 0, []
-    for (n, k, _), layers in by_shape.items():
-        weights = list({layer.weight.data_ptr(): layer.weight for layer in layers}.values())[:8]
-        rows = [m for m in row_counts if m > 1 or not _gemv_takes(weights[0])]
-        tuned = tune(lt, weights, rows)
-        for layer in layers:
-            layer.tuned_gemm = tuned
-        total += len(rows)
-        picked += len(tuned.algos)
-        if tuned.algos:
-            parts.append(f"[{n}, {k}] at " + ", ".join(f"{m} ({s:.2f}x)" for m, s in tuned.speedups.items()))
-    return (f"cuBLASLt's algorithm for {picked} of {total} (weight shape, rows) products, in "
-            f"{time.perf_counter() - start:.1f} s" + "".join(f"; {part}" for part in parts))
 
 
 def normed_then(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
@@ -266,7 +225,6 @@ class LinearBase(nn.Module):
         for param in self.parameters(recurse=False):
             set_weight_attrs(param, weight_loader=self.weight_loader)
         self.packed_weight: torch.Tensor | None = None  # oneDNN's copy of the weight (CPU, fp32)
-        self.tuned_gemm: TunedGemm | None = None  # cuBLASLt algorithms by row count (tune_dense_linears)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         assert shard_id is None, f"{type(self).__name__} has no shards, got {shard_id!r}"

@@ -2,13 +2,12 @@
 fp16 with float32 accumulation (``x [M, K]``, ``w [N, K]``, ``out [M, N]``, all row-major and
 contiguous), with the algorithm chosen by the caller instead of by cuBLAS's heuristic.
 
-cuBLAS picks one kernel per problem shape by a heuristic. At the decode batch sizes of a big model
-(16-512 rows) another of the algorithms ``cublasLtMatmulAlgoGetHeuristic`` lists (tile shapes,
-split-K) is often faster: on an H200, Llama-3.1-8B's gate_up at 64 rows 59.3 against 64.7 µs, o at
-192 rows 15.3 against 18.1, timed in CUDA graphs (bench/results/cublaslt_algos_s36.json). ``tune``
-times cuBLAS's own pick and cuBLASLt's first candidates for each row count a weight shape is run
-at, the way the engine runs them (in a CUDA graph, weights streamed from memory), and keeps a
-candidate only where it is clearly faster: ``TunedGemm``.
+cuBLAS picks one kernel per problem shape by a heuristic; ``cublasLtMatmulAlgoGetHeuristic`` lists
+others for the same problem (tile shapes, split-K). bench/bench_cublaslt.py times them against
+cuBLAS's pick. Timed alone, some are faster at decode batch sizes (Llama-3.1-8B's gate_up at 64
+rows 59.3 against 64.7 µs on an H200); picked that way for the engine's linears (session 36), they
+gained 0.1-0.5% on the 8B offline run and cost 5.3% on the Qwen3-0.6B one (docs/experiments.md),
+so the engine calls cuBLAS and this binding serves the benchmark only.
 
 Row-major ``out [M, N] = x [M, K] @ w[N, K].T`` is column-major ``out.T [N, M] = w.T @ x.T``:
 cuBLASLt's A is ``w`` read transposed (``K x N``, ld K), B is ``x`` (``K x M``, ld K) and D is
@@ -189,60 +188,3 @@ def time_product(lt: LtMatmul, x: torch.Tensor, weights: Sequence[torch.Tensor],
             lt.matmul(x, w, out, algo)
 
     return graph_us(call, calls, replays)
-
-
-class TunedGemm:
-    """The cuBLASLt algorithm picked for each row count of one weight shape; row counts without
-    one (and inputs that are not contiguous 2-D rows on 256-byte boundaries, which the candidates
-    assume) stay with cuBLAS (``linear`` returns None)."""
-
-    def __init__(self, lt: LtMatmul):
-        self.lt = lt
-        self.algos: dict[int, _HeuristicResult] = {}
-        self.speedups: dict[int, float] = {}  # cuBLAS's time / the pick's, as tuned
-
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        algo = self.algos.get(x.shape[0]) if x.dim() == 2 else None
-        if algo is None or not x.is_contiguous() or x.data_ptr() % 256 or weight.data_ptr() % 256:
-            return None
-        out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-        self.lt.matmul(x, weight, out, algo)
-        return out if bias is None else out.add_(bias)
-
-
-def tune(lt: LtMatmul, weights: Sequence[torch.Tensor], row_counts: Sequence[int], *, candidates: int = 8,
-         min_speedup: float = 1.03, stream_bytes: int = 256 << 20) -> TunedGemm:
-    """A ``TunedGemm`` for weights of one shape ``[N, K]`` (the model's layers of that shape: the
-    timed calls take them in turn, at least 8 and as many as stream ``stream_bytes``, so that each
-    reads its weight from memory rather than L2, with a small kernel between them). At each row
-    count, cuBLAS's pick against cuBLASLt's first ``candidates``; the fastest replaces it only when
-    it is at least ``min_speedup`` times faster, and again when both are timed a second time."""
-    n, k = weights[0].shape
-    dtype, device = weights[0].dtype, weights[0].device
-    calls = max(8, min(16, -(-stream_bytes // (weights[0].numel() * weights[0].element_size()))))
-    spacer = torch.zeros(1 << 20, device=device)
-    tuned = TunedGemm(lt)
-    generator = torch.Generator(device=device).manual_seed(0)
-    for m in row_counts:
-        x = torch.randn(m, k, device=device, dtype=dtype, generator=generator)
-        out = torch.empty(m, n, device=device, dtype=dtype)
-
-        def timed(algo: _HeuristicResult | None, x: torch.Tensor = x, out: torch.Tensor = out) -> float:
-            return time_product(lt, x, weights, out, algo, calls, between=lambda: spacer.add_(1.0))
-
-        default = timed(None)
-        best, best_us = None, default / min_speedup
-        for algo in lt.algos(m, n, k, dtype, candidates):
-            try:
-                us = timed(algo)
-            except RuntimeError:  # a candidate the library lists but will not run here
-                continue
-            if us < best_us:
-                best, best_us = algo, us
-        if best is None:
-            continue
-        speedup = (default + timed(None)) / (best_us + timed(best))
-        if speedup >= min_speedup:
-            tuned.algos[m] = best
-            tuned.speedups[m] = speedup
-    return tuned
