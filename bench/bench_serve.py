@@ -11,7 +11,10 @@ each rate, so no run hits what an earlier one cached.
 Per request: TTFT (send to the first message carrying tokens); ITL, the gap before each later
 message carrying tokens (a message carries several tokens when the client reads more slowly
 than the engine produces; its gap then counts once, for the message); TPOT = (e2e - TTFT) /
-(output tokens - 1); e2e (send to the final message).
+(output tokens - 1); e2e (send to the final message). From the server's side (the final message's
+usage, timed from when the server accepted the request): its TTFT, and its queue wait (until the
+engine first scheduled the request). The client's TTFT minus the server's is the time the request
+took to reach the server plus the first token's trip back.
 
 Without ``--address`` it starts ``sluice serve`` on a free loopback port with the shape's config
 and dummy weights (or ``--model``'s checkpoint) and stops it at the end. Every flag this script
@@ -62,6 +65,8 @@ class RequestRecord:
     e2e: float = math.nan
     itl: list[float] = field(default_factory=list)
     error: str | None = None
+    server_ttft: float = math.nan  # the final message's usage: from the server's acceptance
+    server_queue_wait: float = math.nan
 
     @property
     def tpot(self) -> float | None:
@@ -69,9 +74,13 @@ class RequestRecord:
 
 
 def record_of(send: float, messages: Sequence[tuple[float, int]], prompt_tokens: int, max_tokens: int,
-              error: str | None = None) -> RequestRecord:
-    """A request's record from its send time and the (arrival time, token count) of each message."""
+              error: str | None = None, usage: pb.Usage | None = None) -> RequestRecord:
+    """A request's record from its send time, the (arrival time, token count) of each message and
+    the final message's usage."""
     record = RequestRecord(prompt_tokens, max_tokens, error=error)
+    if usage is not None:
+        record.server_ttft = usage.time_to_first_token_seconds
+        record.server_queue_wait = usage.queue_wait_seconds
     token_times = [t for t, n in messages if n > 0]
     if not token_times:
         record.error = error or "no tokens"
@@ -130,6 +139,8 @@ def summarize(records: Sequence[RequestRecord], duration: float) -> dict:
         "tpot_ms": _stats_ms([r.tpot for r in done if r.tpot is not None]),
         "itl_ms": _stats_ms([gap for r in done for gap in r.itl]),
         "e2e_ms": _stats_ms([r.e2e for r in done]),
+        "server_ttft_ms": _stats_ms([r.server_ttft for r in done if not math.isnan(r.server_ttft)]),
+        "server_queue_wait_ms": _stats_ms([r.server_queue_wait for r in done if not math.isnan(r.server_queue_wait)]),
     }
 
 
@@ -158,19 +169,21 @@ def _progress(total: int, desc: str):
 async def _send(client: AsyncSluiceClient, request: pb.GenerateRequest, limit: asyncio.Semaphore | None,
                 progress=None) -> RequestRecord:
     messages: list[tuple[float, int]] = []
-    error = None
+    error = usage = None
     async with limit or contextlib.nullcontext():
         send = time.perf_counter()
         try:
             async for delta in client.generate(request):
                 messages.append((time.perf_counter(), len(delta.token_ids)))
+                if delta.HasField("usage"):
+                    usage = delta.usage
                 if delta.finish_reason in FAILED_REASONS:
                     error = f"{pb.FinishReason.Name(delta.finish_reason)}: {delta.error.message}"
         except grpc.RpcError as exc:
             error = f"{exc.code().name}: {exc.details()}"
     if progress is not None:
         progress.update(1)
-    return record_of(send, messages, len(request.token_ids), request.max_tokens, error)
+    return record_of(send, messages, len(request.token_ids), request.max_tokens, error, usage)
 
 
 def _request(prompt: list[int], max_tokens: int) -> pb.GenerateRequest:
@@ -299,12 +312,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
 
 
 def print_table(runs: list[dict]) -> None:
-    latencies = ("TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "e2e p50")
+    latencies = ("TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p50", "ITL p99", "e2e p50", "srvTTFT50")
     print(f"{'rate':>6} {'done':>5} {'fail':>5} {'dur s':>7} {'req/s':>7} {'out tok/s':>10} "
           + " ".join(f"{name:>9}" for name in latencies) + "  (ms)")
     for r in runs:
         cells = [r[m][q] for m, q in (("ttft_ms", "p50"), ("ttft_ms", "p99"), ("tpot_ms", "p50"),
-                                      ("tpot_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p99"), ("e2e_ms", "p50"))]
+                                      ("tpot_ms", "p99"), ("itl_ms", "p50"), ("itl_ms", "p99"), ("e2e_ms", "p50"),
+                                      ("server_ttft_ms", "p50"))]
         print(f"{r['request_rate']!s:>6} {r['completed']:>5} {r['failed']:>5} {r['duration_s']:>7.1f} "
               f"{r['request_throughput']:>7.2f} {r['output_token_throughput']:>10.1f} "
               + " ".join(f"{math.nan if c is None else c:>9.1f}" for c in cells))

@@ -12,6 +12,7 @@ from scipy import stats
 
 from bench import bench_serve
 from bench.bench_serve import arrival_offsets, record_of, sample_workload, summarize
+from sluice.v1 import generation_pb2 as pb
 from tests.service_fixtures import ServerProcess
 
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
@@ -24,7 +25,10 @@ def test_record_and_summary_arithmetic_on_a_hand_made_timeline() -> None:
     assert (first.ttft, first.e2e, first.output_tokens) == (0.25, 1.5, 5)
     assert first.itl == [0.25, 0.5, 0.5]  # one gap per message with tokens; the empty one has none
     assert first.tpot == pytest.approx((1.5 - 0.25) / 4)
-    short = record_of(0.0, [(0.5, 1), (0.625, 1), (0.625, 0)], prompt_tokens=6, max_tokens=3)
+    short = record_of(0.0, [(0.5, 1), (0.625, 1), (0.625, 0)], prompt_tokens=6, max_tokens=3,
+                      usage=pb.Usage(time_to_first_token_seconds=0.375, queue_wait_seconds=0.125))
+    assert (short.server_ttft, short.server_queue_wait) == (0.375, 0.125)
+    assert math.isnan(first.server_ttft)  # no usage: not counted below
     failed = record_of(0.0, [], prompt_tokens=9, max_tokens=4, error="UNAVAILABLE: draining")
     assert failed.error == "UNAVAILABLE: draining" and failed.tpot is None
     assert record_of(0.0, [(0.5, 0)], 3, 4).error == "no tokens"
@@ -45,6 +49,8 @@ def test_record_and_summary_arithmetic_on_a_hand_made_timeline() -> None:
     }
     for metric, (mean, p50, p99) in expected.items():
         assert report[metric] == pytest.approx({"mean": mean, "p50": p50, "p99": p99}), metric
+    assert report["server_ttft_ms"] == pytest.approx({"mean": 375.0, "p50": 375.0, "p99": 375.0})
+    assert report["server_queue_wait_ms"] == pytest.approx({"mean": 125.0, "p50": 125.0, "p99": 125.0})
 
 
 def test_arrivals_are_a_seeded_poisson_process() -> None:
@@ -66,6 +72,8 @@ def _check_run(run: dict, workload: list[tuple[list[int], int]]) -> None:
     for metric in LATENCIES:
         assert 0 < run[metric]["p50"] <= run[metric]["p99"], metric
     assert run["ttft_ms"]["p99"] <= run["e2e_ms"]["p99"]
+    # The server times from its acceptance, after the client sent, and before the token's trip back.
+    assert 0 < run["server_queue_wait_ms"]["p50"] <= run["server_ttft_ms"]["p50"] <= run["ttft_ms"]["p50"]
 
 
 def test_benchmark_starts_a_server_and_reports_every_rate(tmp_path: Path, monkeypatch) -> None:
