@@ -50,6 +50,9 @@ class EngineArgs:
     # CUDA graph padded to the next power of two (engine/cuda_graph.py); 0: such steps run eagerly.
     max_cuda_graph_prefill_tokens: int = 512
     max_waiting_requests: int | None = None  # bound on the waiting queue (None: unbounded)
+    # The server's engine loop logs its load and where its time went every LOG_STATS_INTERVAL_S
+    # while requests run (service/engine_core.py); this turns that off.
+    disable_log_stats: bool = False
     # Speculative decoding (off unless a method or a draft model is given).
     speculative_model: str | None = None  # draft model path; "default": the bundled sluice-pycoder-draft
     speculative_method: str | None = None  # ngram | draft (implied by speculative_model)

@@ -11,7 +11,9 @@
 
 Both run ``run_engine_loop``: the calls queued since the last step (``add_prepared_request``,
 ``abort_request``, ``get_load``, ``reset_prefix_cache``; ``crash`` for the fault tests), then one
-engine step while requests are unfinished, its outputs handed over in one batch. In its own
+engine step while requests are unfinished, its outputs handed over in one batch. Every
+LOG_STATS_INTERVAL_S while requests run, it logs the engine's load and where the loop's time went
+(``LoopStats``; ``EngineArgs.disable_log_stats`` turns it off). In its own
 process the engine holds a GIL of its own: the server's process can spend its time on gRPC
 messages (one per token per stream) without delaying the next step, which is what the default
 buys under load.
@@ -28,6 +30,7 @@ import pickle
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -78,17 +81,69 @@ class EngineInfo:
         return cls(engine.model_config, engine.vocab_size, engine.cache_info(), engine.preparer)
 
 
+LOG_STATS_INTERVAL_S = 10.0  # as vLLM's server
+
+
+class LoopStats:
+    """Where the engine loop's time went since its last report: how many steps, and per step the
+    model's step (``engine.step``: scheduling, the forward pass, sampling, detokenizing), handing
+    the outputs to the server, and taking and running the server's calls; the rest of the interval
+    the loop waited for work. ``report`` gives it, with the engine's load, once ``interval_s`` has
+    passed since the last report, if a step ran."""
+
+    def __init__(self, interval_s: float, now: float) -> None:
+        self.interval_s = interval_s
+        self._reset(now)
+
+    def _reset(self, now: float) -> None:
+        self.since, self.steps, self.calls_s, self.step_s, self.deliver_s = now, 0, 0.0, 0.0, 0.0
+
+    def add(self, calls_s: float, step_s: float, deliver_s: float) -> None:
+        self.steps += 1
+        self.calls_s += calls_s
+        self.step_s += step_s
+        self.deliver_s += deliver_s
+
+    def report(self, engine: Any, now: float) -> str | None:
+        elapsed = now - self.since
+        if elapsed < self.interval_s or not self.steps:
+            return None
+        load = engine.get_load()
+        busy = self.calls_s + self.step_s + self.deliver_s
+        ms = 1000 / self.steps
+        used = load["kv_blocks_used"] / load["kv_blocks_total"] if load["kv_blocks_total"] else 0.0
+        line = (f"engine loop: {self.steps} step{'s' * (self.steps != 1)} in {elapsed:.1f} s, "
+                f"{busy * ms:.2f} ms a step (model step {self.step_s * ms:.2f}, outputs {self.deliver_s * ms:.2f}, "
+                f"calls {self.calls_s * ms:.2f}), "
+                f"waited {elapsed - busy:.2f} s; running {load['num_running']}, waiting {load['num_waiting']}; "
+                f"KV cache {100 * used:.1f}% used; generation {load['generation_tokens_per_s']:.1f} tok/s; "
+                f"prefix cache hit rate {100 * load['prefix_cache_hit_rate']:.1f}%")
+        self._reset(now)
+        return line
+
+
+def log_stats_interval(args: EngineArgs | None) -> float:
+    """The stats interval of an engine with these arguments (0: none)."""
+    return 0.0 if args is None or args.disable_log_stats else LOG_STATS_INTERVAL_S
+
+
 def run_engine_loop(engine: Any, take_calls: Callable[[bool], tuple[list[Call], bool]],
                     reply: Callable[[int, Any, BaseException | None], None],
-                    deliver: Callable[[list[RequestOutput]], None]) -> None:
+                    deliver: Callable[[list[RequestOutput]], None], log_stats_interval_s: float = 0.0) -> None:
     """Run calls and steps until asked to stop with nothing unfinished. ``take_calls(block)``
     returns the calls queued since it was last asked and whether to stop; it waits for one when
     ``block`` (nothing to step). An exception from a step, or from a call that wants no answer,
-    ends the loop (the engine is then unusable)."""
+    ends the loop (the engine is then unusable). With ``log_stats_interval_s`` > 0, ``LoopStats``
+    are logged that often while steps run."""
     pending: collections.deque[Call] = collections.deque()
     stopping = False
+    stats = LoopStats(log_stats_interval_s, time.perf_counter()) if log_stats_interval_s > 0 else None
     while True:
-        calls, stop = take_calls(not (stopping or engine.has_unfinished_requests()))
+        block = not (stopping or engine.has_unfinished_requests())
+        start = time.perf_counter()
+        calls, stop = take_calls(block)
+        if block:  # the wait for work is not the calls' time
+            start = time.perf_counter()
         stopping |= stop
         pending.extend(calls)
         while pending:
@@ -102,9 +157,17 @@ def run_engine_loop(engine: Any, take_calls: Callable[[bool], tuple[list[Call], 
             elif error is not None:
                 raise error
         if engine.has_unfinished_requests():
+            stepped = time.perf_counter()
             outputs = engine.step()
+            delivered = time.perf_counter()
             if outputs:
                 deliver(outputs)
+            if stats is not None:
+                now = time.perf_counter()
+                stats.add(stepped - start, delivered - stepped, now - delivered)
+                line = stats.report(engine, now)
+                if line is not None:
+                    logger.info(line)
         elif stopping:
             return
 
@@ -159,7 +222,8 @@ class EngineThread:
 
     def _run(self, handlers: EngineHandlers) -> None:
         try:
-            run_engine_loop(self.engine, self._take_calls, handlers.reply, handlers.deliver)
+            run_engine_loop(self.engine, self._take_calls, handlers.reply, handlers.deliver,
+                            log_stats_interval(getattr(self.engine, "args", None)))
         except Exception as exc:
             logger.exception("the engine thread failed")
             handlers.dead(f"{type(exc).__name__}: {exc}")
@@ -308,7 +372,7 @@ def _child_main(args: EngineArgs, calls: Connection, answers: Connection, level:
     try:
         run_engine_loop(engine, take_calls,
                         lambda call_id, result, error: send(("reply", call_id, result, _portable(error))),
-                        lambda outputs: send(("out", pack_outputs(outputs))))
+                        lambda outputs: send(("out", pack_outputs(outputs))), log_stats_interval(args))
         send(("stopped",))
     except _ServerGone:
         logger.warning("the server's process went away: the engine process exits")
