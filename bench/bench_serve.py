@@ -17,7 +17,9 @@ engine first scheduled the request). The client's TTFT minus the server's is the
 took to reach the server plus the first token's trip back.
 
 Without ``--address`` it starts ``sluice serve`` on a free loopback port with the shape's config
-and dummy weights (or ``--model``'s checkpoint) and stops it at the end. Every flag this script
+and dummy weights (or ``--model``'s checkpoint) and stops it at the end; the result then keeps the
+engine loop's stats lines, logged every ``--server-stats-interval`` seconds (where the engine's
+time went: model step, outputs, calls, waiting), warm-up included. Every flag this script
 does not know goes to ``sluice serve``; ``--server-arg=FLAG`` passes one this script also has.
 
     python -m bench.bench_serve --shape qwen3-0.6b --request-rate inf 8 16 32 --attention-backend triton \\
@@ -252,8 +254,9 @@ def _health(address: str) -> str:
 
 
 @contextlib.contextmanager
-def sluice_serve(args: argparse.Namespace, server_flags: list[str]) -> Iterator[tuple[str, list[str]]]:
-    """Start ``sluice serve`` on loopback, wait for SERVING; yields (address, command); SIGTERM at exit."""
+def sluice_serve(args: argparse.Namespace, server_flags: list[str]) -> Iterator[tuple[str, list[str], list[str]]]:
+    """Start ``sluice serve`` on loopback, wait for SERVING; yields (address, command, stats); SIGTERM
+    at exit, when ``stats`` receives the log's engine-loop stats lines."""
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model).resolve() if args.model else write_shape_dir(args.shape, Path(tmp) / args.shape)
         port = _free_port()
@@ -261,8 +264,11 @@ def sluice_serve(args: argparse.Namespace, server_flags: list[str]) -> Iterator[
                "--port", str(port), *([] if args.model else ["--load-format", "dummy"]), *server_flags]
         log_path = Path(tmp) / "server.log"
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            if args.server_stats_interval > 0:
+                env["SLUICE_LOG_STATS_INTERVAL"] = str(args.server_stats_interval)
+            proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        stats: list[str] = []
         address = f"127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + args.server_start_timeout
@@ -271,7 +277,7 @@ def sluice_serve(args: argparse.Namespace, server_flags: list[str]) -> Iterator[
                     raise RuntimeError(f"sluice serve did not come up ({' '.join(cmd)}):\n"
                                        f"{log_path.read_text(errors='replace')[-4000:]}")
                 time.sleep(0.2)
-            yield address, cmd
+            yield address, cmd, stats
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -280,6 +286,8 @@ def sluice_serve(args: argparse.Namespace, server_flags: list[str]) -> Iterator[
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(10)
+            stats.extend(line[line.index("engine loop: "):] for line in
+                         log_path.read_text(errors="replace").splitlines() if "engine loop: " in line)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -298,6 +306,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="requests/s, one run each; inf sends all at once (default: inf)")
     parser.add_argument("--max-concurrency", type=int, default=None, help="most requests in flight at once")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--server-stats-interval", type=float, default=1.0,
+                        help="seconds between the started server's engine-loop stats lines (0: its default)")
     parser.add_argument("--full-warmup", action="store_true",
                         help="warm up on the whole workload at infinite rate before measuring")
     parser.add_argument("--server-start-timeout", type=float, default=900.0, help="seconds (default: 900)")
@@ -330,13 +340,14 @@ def print_table(runs: list[dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> dict:
     args, server_flags = parse_args(argv)
     with contextlib.ExitStack() as stack:
-        address, command = (args.address, None) if args.address else stack.enter_context(
+        address, command, stats = (args.address, None, []) if args.address else stack.enter_context(
             sluice_serve(args, server_flags))
         result = asyncio.run(benchmark(address, args))
     print_table(result["runs"])
     settings = vars(args) | {"out": str(args.out) if args.out else None, "server_flags": server_flags,
                              "request_rate": [_rate_label(r) for r in args.request_rate]}
-    result = {"benchmark": "serve", "settings": settings, "server_command": command, **result}
+    result = {"benchmark": "serve", "settings": settings, "server_command": command, **result,
+              "server_stats": stats}
     if args.out:
         write_result(args.out, result)
     return result

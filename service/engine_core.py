@@ -26,6 +26,7 @@ import contextlib
 import logging
 import multiprocessing
 import operator
+import os
 import pickle
 import queue
 import signal
@@ -81,7 +82,7 @@ class EngineInfo:
         return cls(engine.model_config, engine.vocab_size, engine.cache_info(), engine.preparer)
 
 
-LOG_STATS_INTERVAL_S = 10.0  # as vLLM's server
+LOG_STATS_INTERVAL_S = 10.0  # as vLLM's server; $SLUICE_LOG_STATS_INTERVAL (seconds) overrides it
 
 
 class LoopStats:
@@ -123,8 +124,20 @@ class LoopStats:
 
 
 def log_stats_interval(args: EngineArgs | None) -> float:
-    """The stats interval of an engine with these arguments (0: none)."""
-    return 0.0 if args is None or args.disable_log_stats else LOG_STATS_INTERVAL_S
+    """The stats interval of an engine with these arguments (0: none): LOG_STATS_INTERVAL_S, or
+    ``$SLUICE_LOG_STATS_INTERVAL`` seconds where set."""
+    if args is None or args.disable_log_stats:
+        return 0.0
+    value = os.environ.get("SLUICE_LOG_STATS_INTERVAL", "")
+    if not value:
+        return LOG_STATS_INTERVAL_S
+    try:
+        interval = float(value)
+    except ValueError:
+        interval = -1.0
+    if not interval > 0:
+        raise ValueError(f"SLUICE_LOG_STATS_INTERVAL must be a number of seconds > 0, got {value!r}")
+    return interval
 
 
 def run_engine_loop(engine: Any, take_calls: Callable[[bool], tuple[list[Call], bool]],
@@ -181,6 +194,7 @@ class EngineThread:
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
+        self._stats_interval = log_stats_interval(getattr(engine, "args", None))
         self._cond = threading.Condition()
         self._inbox: list[Call] = []
         self._stopping = False
@@ -222,8 +236,7 @@ class EngineThread:
 
     def _run(self, handlers: EngineHandlers) -> None:
         try:
-            run_engine_loop(self.engine, self._take_calls, handlers.reply, handlers.deliver,
-                            log_stats_interval(getattr(self.engine, "args", None)))
+            run_engine_loop(self.engine, self._take_calls, handlers.reply, handlers.deliver, self._stats_interval)
         except Exception as exc:
             logger.exception("the engine thread failed")
             handlers.dead(f"{type(exc).__name__}: {exc}")
@@ -337,6 +350,7 @@ def _child_main(args: EngineArgs, calls: Connection, answers: Connection, level:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(level, log_format)
     try:
+        stats_interval = log_stats_interval(args)
         engine = LLMEngine.from_engine_args(args)
     except Exception as exc:
         logger.exception("loading the model failed")
@@ -372,7 +386,7 @@ def _child_main(args: EngineArgs, calls: Connection, answers: Connection, level:
     try:
         run_engine_loop(engine, take_calls,
                         lambda call_id, result, error: send(("reply", call_id, result, _portable(error))),
-                        lambda outputs: send(("out", pack_outputs(outputs))), log_stats_interval(args))
+                        lambda outputs: send(("out", pack_outputs(outputs))), stats_interval)
         send(("stopped",))
     except _ServerGone:
         logger.warning("the server's process went away: the engine process exits")

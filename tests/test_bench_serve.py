@@ -81,8 +81,11 @@ def test_benchmark_starts_a_server_and_reports_every_rate(tmp_path: Path, monkey
     out = tmp_path / "serve.json"
     argv = ["--shape", "cpu-small", "--num-prompts", "6", "--input-len-range", "4", "16",
             "--output-len-range", "4", "8", "--request-rate", "inf", "10", "--seed", "7", "--out", str(out),
+            "--server-stats-interval", "0.05",
             "--block-size", "8", "--num-kv-blocks", "64", "--max-model-len", "64"]  # the last 6 go to sluice serve
     result = bench_serve.main(argv)
+    # The engine loop's stats lines from the server's log, every 0.05 s while it stepped.
+    assert result["server_stats"] and all(line.startswith("engine loop: ") for line in result["server_stats"])
 
     workload = sample_workload(6, (4, 16), (4, 8), result["model_info"]["vocab_size"], seed=7)
     assert [run["request_rate"] for run in result["runs"]] == ["inf", 10.0]
@@ -94,7 +97,7 @@ def test_benchmark_starts_a_server_and_reports_every_rate(tmp_path: Path, monkey
     assert result["settings"]["server_flags"] == argv[-6:]
 
     written = json.loads(out.read_text())
-    assert {"environment", "settings", "server_command", "model_info", "runs"} <= written.keys()
+    assert {"environment", "settings", "server_command", "model_info", "runs", "server_stats"} <= written.keys()
     assert written["runs"] == result["runs"]
     assert written["model_info"]["attention_backend"] == "torch"
     assert written["settings"]["request_rate"] == ["inf", 10.0]

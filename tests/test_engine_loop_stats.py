@@ -52,7 +52,15 @@ def test_the_loop_logs_a_line_per_interval_while_it_steps(caplog, interval: floa
     assert all(line.startswith("engine loop: 1 step in ") and "running 3, waiting 1" in line for line in logged)
 
 
-def test_disable_log_stats_turns_the_interval_off() -> None:
+def test_disable_log_stats_turns_the_interval_off_and_the_environment_sets_it(monkeypatch) -> None:
+    monkeypatch.delenv("SLUICE_LOG_STATS_INTERVAL", raising=False)
     assert log_stats_interval(EngineArgs(model="m")) == LOG_STATS_INTERVAL_S
     assert log_stats_interval(EngineArgs(model="m", disable_log_stats=True)) == 0.0
     assert log_stats_interval(None) == 0.0
+    monkeypatch.setenv("SLUICE_LOG_STATS_INTERVAL", "0.5")
+    assert log_stats_interval(EngineArgs(model="m")) == 0.5
+    assert log_stats_interval(EngineArgs(model="m", disable_log_stats=True)) == 0.0
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv("SLUICE_LOG_STATS_INTERVAL", bad)
+        with pytest.raises(ValueError, match="SLUICE_LOG_STATS_INTERVAL"):
+            log_stats_interval(EngineArgs(model="m"))
