@@ -170,14 +170,14 @@ def run_engine_loop(engine: Any, take_calls: Callable[[bool], tuple[list[Call], 
             elif error is not None:
                 raise error
         if engine.has_unfinished_requests():
-            stepped = time.perf_counter()
+            step_start = time.perf_counter()
             outputs = engine.step()
-            delivered = time.perf_counter()
+            deliver_start = time.perf_counter()
             if outputs:
                 deliver(outputs)
             if stats is not None:
                 now = time.perf_counter()
-                stats.add(stepped - start, delivered - stepped, now - delivered)
+                stats.add(step_start - start, deliver_start - step_start, now - deliver_start)
                 line = stats.report(engine, now)
                 if line is not None:
                     logger.info(line)
