@@ -6,8 +6,8 @@ cuBLAS picks one kernel per problem shape by a heuristic; ``cublasLtMatmulAlgoGe
 others for the same problem (tile shapes, split-K). bench/bench_cublaslt.py times them against
 cuBLAS's pick. Timed alone, some are faster at decode batch sizes (Llama-3.1-8B's gate_up at 64
 rows 59.3 against 64.7 µs on an H200); picked that way for the engine's linears (session 36), they
-gained 0.1-0.5% on the 8B offline run and cost 5.3% on the Qwen3-0.6B one (docs/experiments.md),
-so the engine calls cuBLAS and this binding serves the benchmark only.
+gained 0.1-0.5% on the 8B offline run and left the Qwen3-0.6B decode steps as they were
+(docs/experiments.md), so the engine calls cuBLAS and this binding serves the benchmark only.
 
 Row-major ``out [M, N] = x [M, K] @ w[N, K].T`` is column-major ``out.T [N, M] = w.T @ x.T``:
 cuBLASLt's A is ``w`` read transposed (``K x N``, ld K), B is ``x`` (``K x M``, ld K) and D is
